@@ -1,0 +1,94 @@
+"""Backend registry and selection for Evoformer attention.
+
+Each backend declares what it supports and answers *why* it cannot run a given call
+(the xformers pattern). ``backend="auto"`` takes the highest-priority backend with no
+reasons; an explicitly named backend that cannot run raises with its reasons. The choice is
+logged at debug level and reported by ``ds4sci info``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    """Name used in ``backend=...``."""
+    priority: int
+    """Higher wins under ``auto``; negative means never chosen by ``auto``."""
+    dtypes: frozenset[torch.dtype]
+    """Input dtypes it accepts."""
+    forward: Callable
+    """``(q, k, v, biases, tile_elements) -> (out, lse)``."""
+    backward: Callable
+    """``(grad_out, q, k, v, biases, out, lse, bias_needs_grad, tile_elements) -> [dq, dk, dv, *dbias]``."""
+    device_types: frozenset[str] | None = None
+    """Device types it runs on; None means any torch device."""
+    max_head_dim: int | None = None
+    """Largest head dim D it accepts; None means unbounded."""
+    environment_reasons: Callable[[], list[str]] = field(default=lambda: [])
+    """Reasons it cannot run on this machine at all (missing package, no GPU...)."""
+    description: str = ""
+    """One line for ``ds4sci info``."""
+
+    def not_supported_reasons(self, q: torch.Tensor, biases: Sequence[torch.Tensor]) -> list[str]:
+        reasons = list(self.environment_reasons())
+        if self.device_types is not None and q.device.type not in self.device_types:
+            reasons.append(f"device type {q.device.type!r} not in {sorted(self.device_types)}")
+        if q.dtype not in self.dtypes:
+            names = sorted(str(d).removeprefix("torch.") for d in self.dtypes)
+            reasons.append(f"dtype {q.dtype} not in {names}")
+        if self.max_head_dim is not None and q.shape[-1] > self.max_head_dim:
+            reasons.append(f"head dim D={q.shape[-1]} > {self.max_head_dim}")
+        return reasons
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register(backend: Backend) -> Backend:
+    _BACKENDS[backend.name] = backend
+    return backend
+
+
+def backends() -> list[Backend]:
+    """All registered backends, best first."""
+    return sorted(_BACKENDS.values(), key=lambda b: -b.priority)
+
+
+def get(name: str) -> Backend:
+    if name not in _BACKENDS:
+        raise ValueError(
+            f"evoformer_attention: backend={name!r} is unknown; expected 'auto' or one of "
+            f"{sorted(_BACKENDS)}"
+        )
+    return _BACKENDS[name]
+
+
+def select(name: str, q: torch.Tensor, biases: Sequence[torch.Tensor]) -> Backend:
+    """Resolve ``name`` (or ``"auto"``) to a backend that can run these inputs, or raise."""
+    if name != "auto":
+        backend = get(name)
+        reasons = backend.not_supported_reasons(q, biases)
+        if reasons:
+            raise RuntimeError(
+                f"evoformer_attention: backend={name!r} cannot run this call: " + "; ".join(reasons)
+            )
+        return backend
+    rejected = []
+    for backend in backends():
+        if backend.priority < 0:
+            continue
+        reasons = backend.not_supported_reasons(q, biases)
+        if not reasons:
+            log.debug("evoformer_attention: auto chose backend %r", backend.name)
+            return backend
+        rejected.append(f"{backend.name}: " + "; ".join(reasons))
+    raise RuntimeError("evoformer_attention: no backend can run this call: " + " | ".join(rejected))

@@ -1,0 +1,87 @@
+"""Reference Evoformer attention: the plain, fully materialised computation.
+
+This is the truth that every backend, test and benchmark is compared with. It builds the whole
+``[*, H, L_q, L_k]`` logits tensor, so it is only for small inputs.
+
+Legend: ``*`` batch-like leading dims (e.g. ``B, N``), ``L_q``/``L_k`` query/key length,
+``H`` heads, ``D`` head dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def evoformer_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    biases: Sequence[torch.Tensor] = (),
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + sum(biases)) v, computed in ``compute_dtype``.
+
+    q: ``[*, L_q, H, D]``; k, v: ``[*, L_k, H, D]``; each bias broadcasts to ``[*, H, L_q, L_k]``.
+    Returns ``[*, L_q, H, D]`` in ``compute_dtype``.
+
+    A row whose logits are all ``-inf`` (fully masked with an infinite mask) yields 0, not NaN;
+    this is the documented semantics that every backend follows. Finite masks (OpenFold's -1e9)
+    go through the softmax like any other value.
+    """
+    scale = q.shape[-1] ** -0.5
+    q_HQD = q.to(compute_dtype).transpose(-2, -3)
+    k_HKD = k.to(compute_dtype).transpose(-2, -3)
+    v_HKD = v.to(compute_dtype).transpose(-2, -3)
+    logits = (q_HQD * scale) @ k_HKD.transpose(-1, -2)
+    for bias in biases:
+        logits = logits + bias.to(compute_dtype)
+    row_max = logits.amax(dim=-1, keepdim=True)
+    fully_masked = row_max == float("-inf")
+    # Shift by a finite max so that exp never sees -inf - -inf.
+    probs = torch.exp(logits - torch.where(fully_masked, 0.0, row_max))
+    denom = probs.sum(dim=-1, keepdim=True)
+    probs = probs / torch.where(fully_masked, 1.0, denom)
+    return (probs @ v_HKD).transpose(-2, -3)
+
+
+def evoformer_attention_naive(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, biases: Sequence[torch.Tensor] = ()
+) -> torch.Tensor:
+    """What stock OpenFold does, in the inputs' own dtype: materialise logits, add biases, softmax.
+
+    Used as the "plain torch" yardstick: tests allow a backend at most twice this path's error,
+    and benchmarks compare against it. Fully masked ``-inf`` rows give NaN here, as in stock torch.
+    """
+    scale = q.shape[-1] ** -0.5
+    logits = (q.transpose(-2, -3) * scale) @ k.transpose(-2, -3).transpose(-1, -2)
+    for bias in biases:
+        logits = logits + bias
+    probs = torch.softmax(logits, dim=-1)
+    return (probs @ v.transpose(-2, -3)).transpose(-2, -3)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def forward(q, k, v, biases, tile_elements=None):
+    """Backend entry: materialised forward; ``tile_elements`` is ignored."""
+    out = evoformer_attention_reference(q, k, v, biases, compute_dtype=_compute_dtype(q.dtype))
+    lse = torch.zeros(*q.shape[:-3], q.shape[-2], q.shape[-3], dtype=torch.float32, device=q.device)
+    return out.to(q.dtype), lse
+
+
+def backward(grad_out, q, k, v, biases, out, lse, bias_needs_grad, tile_elements=None):
+    """Backend entry: autograd through the materialised reference."""
+    cdt = _compute_dtype(q.dtype)
+    with torch.enable_grad():
+        leaves = [t.detach().to(cdt).requires_grad_() for t in (q, k, v, *biases)]
+        ref = evoformer_attention_reference(*leaves[:3], leaves[3:], compute_dtype=cdt)
+        grads = torch.autograd.grad(ref, leaves, grad_out.to(cdt), allow_unused=True)
+    result = [g.to(t.dtype) for g, t in zip(grads[:3], (q, k, v))]
+    for g, b, needs in zip(grads[3:], biases, bias_needs_grad):
+        result.append(g.to(b.dtype) if needs else b.new_empty(0))
+    return result
