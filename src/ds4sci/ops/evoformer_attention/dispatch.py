@@ -26,9 +26,10 @@ class Backend:
     dtypes: frozenset[torch.dtype]
     """Input dtypes it accepts."""
     forward: Callable
-    """``(q, k, v, biases, tile_elements) -> (out, lse)``."""
+    """``(q, k, v, biases, tile_elements) -> (out, stats)``; ``stats`` is ``[*, H, L_q, 2]``:
+    per query row the logits' max and the log of the softmax denominator (fp32)."""
     backward: Callable
-    """``(grad_out, q, k, v, biases, out, lse, bias_needs_grad, tile_elements) -> [dq, dk, dv, *dbias]``."""
+    """``(grad_out, q, k, v, biases, out, stats, bias_needs_grad, tile_elements) -> [dq, dk, dv, *dbias]``."""
     device_types: frozenset[str] | None = None
     """Device types it runs on; None means any torch device."""
     max_head_dim: int | None = None

@@ -2,7 +2,7 @@
 
 Layers (flash-attention style): backend functions (``torch_tiled``, ``triton``...) →
 ``torch.library`` custom ops with fake implementations, so ``torch.compile`` treats the op as
-one opaque node → an ``autograd.Function`` that saves the logsumexp → ``evoformer_attention``.
+one opaque node → an ``autograd.Function`` that saves the softmax statistics → ``evoformer_attention``.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ def _fwd_op(
 
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, biases, backend, tile_elements):
-    lse = q.new_empty((*q.shape[:-3], q.shape[-2], q.shape[-3]), dtype=torch.float32)
-    return torch.empty_like(q, memory_format=torch.contiguous_format), lse
+    stats_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    stats = q.new_empty((*q.shape[:-3], q.shape[-2], q.shape[-3], 2), dtype=stats_dtype)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), stats
 
 
 @torch.library.custom_op("ds4sci::evoformer_attention_bwd", mutates_args=())
@@ -44,20 +45,20 @@ def _bwd_op(
     v: torch.Tensor,
     biases: list[torch.Tensor],
     out: torch.Tensor,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
     bias_needs_grad: list[bool],
     backend: str,
     tile_elements: int,
 ) -> list[torch.Tensor]:
     with torch.autocast(q.device.type, enabled=False):
         grads = dispatch.get(backend).backward(
-            grad_out, q, k, v, biases, out, lse, bias_needs_grad, tile_elements
+            grad_out, q, k, v, biases, out, stats, bias_needs_grad, tile_elements
         )
     return [g.contiguous() for g in grads]
 
 
 @_bwd_op.register_fake
-def _bwd_fake(grad_out, q, k, v, biases, out, lse, bias_needs_grad, backend, tile_elements):
+def _bwd_fake(grad_out, q, k, v, biases, out, stats, bias_needs_grad, backend, tile_elements):
     grads = [q.new_empty(t.shape) for t in (q, k, v)]
     grads += [b.new_empty(b.shape if needs else (0,)) for b, needs in zip(biases, bias_needs_grad)]
     return grads
@@ -66,17 +67,17 @@ def _bwd_fake(grad_out, q, k, v, biases, out, lse, bias_needs_grad, backend, til
 class EvoformerAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, backend, tile_elements, *biases):
-        out, lse = _fwd_op(q, k, v, list(biases), backend, tile_elements)
-        ctx.save_for_backward(q, k, v, out, lse, *biases)
+        out, stats = _fwd_op(q, k, v, list(biases), backend, tile_elements)
+        ctx.save_for_backward(q, k, v, out, stats, *biases)
         ctx.backend, ctx.tile_elements = backend, tile_elements
         ctx.bias_needs_grad = [ctx.needs_input_grad[5 + i] for i in range(len(biases))]
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, *biases = ctx.saved_tensors
+        q, k, v, out, stats, *biases = ctx.saved_tensors
         grads = _bwd_op(
-            grad_out.contiguous(), q, k, v, biases, out, lse,
+            grad_out.contiguous(), q, k, v, biases, out, stats,
             ctx.bias_needs_grad, ctx.backend, ctx.tile_elements,
         )
         dq, dk, dv, *dbiases = grads
@@ -166,7 +167,7 @@ def evoformer_attention(
             skipped. dtype: ``q``'s or float32. Each one that requires grad gets its gradient,
             summed over its broadcast dims.
         backend: ``"auto"`` or a name from ``ds4sci info`` (``"torch"``, ``"reference"``...).
-        tile_elements: upper bound on the elements of one logits tile (default 2**20); a tile
+        tile_elements: upper bound on the elements of one logits tile (default 2**18); a tile
             always holds at least one query row for all heads, ``H * L_k`` elements.
 
     Returns:

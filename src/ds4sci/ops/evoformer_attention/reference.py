@@ -59,7 +59,7 @@ def evoformer_attention_naive(
     logits = (q.transpose(-2, -3) * scale) @ k.transpose(-2, -3).transpose(-1, -2)
     for bias in biases:
         logits = logits + bias
-    probs = torch.softmax(logits, dim=-1)
+    probs = torch.softmax(logits, dim=-1).to(v.dtype)
     return (probs @ v.transpose(-2, -3)).transpose(-2, -3)
 
 
@@ -70,11 +70,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def forward(q, k, v, biases, tile_elements=None):
     """Backend entry: materialised forward; ``tile_elements`` is ignored."""
     out = evoformer_attention_reference(q, k, v, biases, compute_dtype=_compute_dtype(q.dtype))
-    lse = torch.zeros(*q.shape[:-3], q.shape[-2], q.shape[-3], dtype=torch.float32, device=q.device)
-    return out.to(q.dtype), lse
+    stats_shape = (*q.shape[:-3], q.shape[-2], q.shape[-3], 2)
+    stats = torch.zeros(stats_shape, dtype=_compute_dtype(q.dtype), device=q.device)  # unused
+    return out.to(q.dtype), stats
 
 
-def backward(grad_out, q, k, v, biases, out, lse, bias_needs_grad, tile_elements=None):
+def backward(grad_out, q, k, v, biases, out, stats, bias_needs_grad, tile_elements=None):
     """Backend entry: autograd through the materialised reference."""
     cdt = _compute_dtype(q.dtype)
     with torch.enable_grad():

@@ -2,7 +2,10 @@
 
 Follows the FlashAttention recipe (Dao et al., 2022) with Evoformer's broadcast biases: the
 logits are produced one tile of ``[n_b, H, t_q, L_k]`` at a time, softmax statistics are kept
-as a per-row logsumexp, and backward recomputes the probabilities tile by tile. The gradient of
+per row, and backward recomputes the probabilities tile by tile. The statistics are the row max
+``m`` and ``log(sum exp(s - m))`` kept apart, not summed into one logsumexp: with OpenFold's
+-1e9 masks, ``m`` is near -1e9 where fp32 spacing is 64, so ``m + log(denominator)`` would
+round the denominator away and a fully masked row would get wrong gradients. The gradient of
 each bias is reduced over its broadcast dims as the tiles go by, so no tensor of the full
 ``[*, H, L_q, L_k]`` size ever exists. Arithmetic inside a tile is fp32 (fp64 for fp64 inputs).
 
@@ -17,8 +20,16 @@ from dataclasses import dataclass
 
 import torch
 
-DEFAULT_TILE_ELEMENTS = 1 << 20
-"""Default bound on the elements of one logits tile (4 MiB in fp32)."""
+DEFAULT_TILE_ELEMENTS = 1 << 18
+"""Default bound on the elements of one logits tile (1 MiB in fp32, about an L2 cache)."""
+
+
+# exp() of inputs whose result underflows (masked logits at -1e9, -inf, denormal results) takes
+# a scalar slow path on CPU that is 20-70x slower than the vector path. Shifted logits are
+# clamped here first: exp(-87) ~ 1.6e-38 is below fp32 resolution of any row sum (>= 1), so
+# results are unchanged to fp32 rounding. Fully -inf rows are zeroed explicitly instead.
+_EXP_FLOOR = -87.0
+_EXP_FLOOR_VALUE = math.exp(_EXP_FLOOR) * 1.001
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -119,7 +130,10 @@ def _tile_logits(q_BHQD, k_BHDK, flat_biases, slices, n_b, q0, q1):
 
 
 def forward(q, k, v, biases, tile_elements: int = DEFAULT_TILE_ELEMENTS):
-    """Returns ``(out [*, L_q, H, D], lse [*, H, L_q] fp32)``; fully ``-inf`` rows get lse=+inf."""
+    """Returns ``(out [*, L_q, H, D], stats [*, H, L_q, 2])``, stats = (row max, log denominator).
+
+    Stats are fp32 (fp64 for fp64 inputs); a fully ``-inf`` row gets (0, +inf).
+    """
     lead, n_batch, (q3, k3, v3) = _flatten(q, k, v)
     l_q, heads, head_dim = q3.shape[1:]
     l_k = k3.shape[1]
@@ -127,7 +141,7 @@ def forward(q, k, v, biases, tile_elements: int = DEFAULT_TILE_ELEMENTS):
     scale = head_dim**-0.5
     flat_biases = [_FlatBias(b, lead, narrow_expanded=True) for b in biases]
     out = torch.empty_like(q3)
-    lse = torch.empty(n_batch, heads, l_q, dtype=torch.float32, device=q.device)
+    stats = torch.empty(n_batch, heads, l_q, 2, dtype=cdt, device=q.device)
     for b0, b1, q_tiles in _chunks(n_batch, l_q, l_k, heads, head_dim, tile_elements):
         n_b = b1 - b0
         slices = [fb.batch_slice(b0, b1) for fb in flat_biases]
@@ -137,24 +151,24 @@ def forward(q, k, v, biases, tile_elements: int = DEFAULT_TILE_ELEMENTS):
             q_BHQD = q3[b0:b1, q0:q1].permute(0, 2, 1, 3).to(cdt) * scale
             p = _tile_logits(q_BHQD, k_BHDK, flat_biases, slices, n_b, q0, q1)
             row_max = p.amax(dim=-1, keepdim=True)
-            row_max.masked_fill_(row_max == float("-inf"), 0.0)
-            p.sub_(row_max).exp_()
+            empty = row_max == float("-inf")  # every key masked with -inf
+            row_max.masked_fill_(empty, 0.0)
+            p.sub_(row_max).clamp_(min=_EXP_FLOOR).exp_()
             denom = p.sum(dim=-1, keepdim=True)
-            empty = denom == 0  # every key masked with -inf
-            o = torch.matmul(p, v_BHKD).div_(denom.masked_fill(empty, 1.0))
+            o = torch.matmul(p, v_BHKD).div_(denom).masked_fill_(empty, 0.0)
             out[b0:b1, q0:q1] = o.permute(0, 2, 1, 3)
-            row_lse = row_max.add_(denom.log_()).masked_fill_(empty, float("inf"))
-            lse[b0:b1, :, q0:q1] = row_lse.squeeze(-1)
-    return out.reshape(q.shape), lse.reshape(*lead, heads, l_q)
+            stats[b0:b1, :, q0:q1, 0:1] = row_max
+            stats[b0:b1, :, q0:q1, 1:2] = denom.log_().masked_fill_(empty, float("inf"))
+    return out.reshape(q.shape), stats.reshape(*lead, heads, l_q, 2)
 
 
-def backward(grad_out, q, k, v, biases, out, lse, bias_needs_grad,
+def backward(grad_out, q, k, v, biases, out, stats, bias_needs_grad,
              tile_elements: int = DEFAULT_TILE_ELEMENTS):
     """Returns ``[dq, dk, dv, *dbias]``; a bias that needs no gradient gets an empty tensor."""
     lead, n_batch, (q3, k3, v3) = _flatten(q, k, v)
     do3 = grad_out.reshape(q3.shape)
     o3 = out.reshape(q3.shape)
-    lse3 = lse.reshape(n_batch, *lse.shape[-2:])
+    stats3 = stats.reshape(n_batch, *stats.shape[-3:])
     l_q, heads, head_dim = q3.shape[1:]
     l_k = k3.shape[1]
     cdt = compute_dtype(q.dtype)
@@ -178,9 +192,17 @@ def backward(grad_out, q, k, v, biases, out, lse, bias_needs_grad,
             q_BHQD = q3[b0:b1, q0:q1].permute(0, 2, 1, 3).to(cdt) * scale
             do_BHQD = do3[b0:b1, q0:q1].permute(0, 2, 1, 3).to(cdt)
             o_BHQD = o3[b0:b1, q0:q1].permute(0, 2, 1, 3).to(cdt)
+            row_max = stats3[b0:b1, :, q0:q1, 0:1]
+            row_log_denom = stats3[b0:b1, :, q0:q1, 1:2]
+            # Fully masked rows (log denominator +inf) pass no gradient: with do = 0 there,
+            # every product with their (clamped, tiny) probabilities is exactly 0.
+            do_BHQD = do_BHQD.masked_fill(row_log_denom == float("inf"), 0.0)
             delta = (do_BHQD * o_BHQD).sum(dim=-1, keepdim=True)
             p = _tile_logits(q_BHQD, k_BHDK, flat_biases, slices, n_b, q0, q1)
-            p.sub_(lse3[b0:b1, :, q0:q1, None]).exp_()
+            p.sub_(row_max).sub_(row_log_denom).clamp_(min=_EXP_FLOOR).exp_()
+            # Exact zeros where the floor was hit, so ds = p * (dp - delta) makes no denormals
+            # (denormal arithmetic is as slow as the exp slow path).
+            torch.nn.functional.threshold_(p, _EXP_FLOOR_VALUE, 0.0)
             dv_acc += torch.matmul(p.transpose(-1, -2), do_BHQD)
             ds = torch.matmul(do_BHQD, v_BHKD.transpose(-1, -2)).sub_(delta).mul_(p)
             del p

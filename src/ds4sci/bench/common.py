@@ -1,0 +1,99 @@
+"""Shared benchmark plumbing: machine description, fresh-process cases, peak memory, outputs."""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+
+def machine_info() -> dict:
+    """Machine, versions and date, written beside every result."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        mem_gib = None
+    from ds4sci import __version__
+
+    info = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host_cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": round(mem_gib, 1) if mem_gib else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ds4sci": __version__,
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+    try:
+        info["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+            cwd=Path(__file__).parent, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        info["git_commit"] = None
+    return info
+
+
+def current_rss_bytes() -> int:
+    """Resident set size now (Linux ``/proc/self/statm``)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """High-water resident set size of this process (``ru_maxrss``, KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def limit_address_space(budget_bytes: int) -> None:
+    """Make allocations beyond the budget fail with an error instead of waking the OOM killer."""
+    resource.setrlimit(resource.RLIMIT_AS, (budget_bytes, budget_bytes))
+
+
+def run_worker(module: str, args: list[str], timeout: float) -> dict:
+    """Run ``python -m module --worker args...`` in a fresh process; it prints one JSON line last."""
+    cmd = [sys.executable, "-m", module, "--worker", *args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "error": f"exceeded {timeout:.0f} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    oom = proc.returncode in (-9, 137) or any("alloc" in t.lower() or "memory" in t.lower() for t in tail)
+    return {"status": "oom" if oom else "error", "error": " | ".join(tail)[-400:]}
+
+
+def write_rows(rows: list[dict], meta: dict, out_dir: Path, stem: str) -> tuple[Path, Path]:
+    """Write ``stem.json`` (meta + rows) and ``stem.csv`` (rows, meta columns prefixed)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = out_dir / f"{stem}.json", out_dir / f"{stem}.csv"
+    json_path.write_text(json.dumps({"machine": meta, "results": rows}, indent=2) + "\n")
+    fields = sorted({key for row in rows for key in row})
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields + ["machine_date", "machine_cpu", "torch"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "machine_date": meta["date"], "machine_cpu": meta["host_cpu"],
+                             "torch": meta["torch"]})
+    return json_path, csv_path

@@ -1,0 +1,233 @@
+"""Benchmark: Evoformer attention forward+backward, ours vs naive PyTorch vs SDPA.
+
+Every (contender, shape, dtype) case runs in a fresh process so its peak memory is its own.
+Peak memory is the rise of the resident set over the process's state after imports and a tiny
+warm-up call; the *floor* is the bytes that must exist anyway: q, k, v, both biases, the
+output, the upstream gradient and the returned gradients (q, k, v, pair bias). The mask bias
+needs no gradient, as in OpenFold; the pair bias (computed from the pair representation) does.
+
+Usage: ``python -m ds4sci.bench.evoformer_attention [--out DIR] [--quick]`` or
+``ds4sci bench evoformer-attention``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .common import (
+    current_rss_bytes, limit_address_space, machine_info, peak_rss_bytes, run_worker, write_rows,
+)
+
+# (B, N, L, H, D) with where it comes from.
+SHAPES = {
+    "ds-test-256": ((1, 256, 256, 4, 32), "DeepSpeed test shape"),
+    "ds-test-512": ((1, 512, 256, 8, 8), "DeepSpeed test shape"),
+    "of-init-extra-msa": ((1, 1024, 256, 8, 8), "OpenFold initial training, extra-MSA row attention"),
+    "of-ft-msa-row": ((1, 512, 384, 8, 32), "OpenFold fine-tuning, MSA row attention"),
+    "of-triangle": ((1, 384, 384, 4, 32), "OpenFold fine-tuning, triangle attention"),
+    "of-ft-extra-msa": ((1, 5120, 384, 8, 8), "OpenFold fine-tuning, extra-MSA row attention"),
+}
+QUICK_SHAPES = {"tiny": ((1, 8, 33, 2, 8), "smoke test")}
+CONTENDERS = ("ds4sci", "naive", "sdpa")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MEMORY_BUDGET = 20 * 2**30
+
+
+def _inputs(shape, dtype):
+    b, n, length, h, d = shape
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=gen, dtype=dtype).requires_grad_() for _ in range(3))
+    mask = torch.where(torch.rand(b, n, 1, 1, length, generator=gen) < 0.1, -1e9, 0.0).to(dtype)
+    pair = torch.randn(b, 1, h, length, length, generator=gen, dtype=dtype).requires_grad_()
+    grad_out = torch.randn(shape, generator=gen, dtype=dtype)
+    return q, k, v, mask, pair, grad_out
+
+
+def floor_bytes(shape, dtype) -> int:
+    b, n, length, h, d = shape
+    size = torch.finfo(dtype).bits // 8
+    per_qkv = b * n * length * h * d
+    # q, k, v, out, grad_out, dq, dk, dv; mask; pair and its gradient.
+    return size * (8 * per_qkv + b * n * length + 2 * b * h * length * length)
+
+
+def logits_bytes(shape, dtype) -> int:
+    b, n, length, h, _ = shape
+    return b * n * h * length * length * (torch.finfo(dtype).bits // 8)
+
+
+def _contender(name: str):
+    from ds4sci.ops.evoformer_attention import evoformer_attention, evoformer_attention_naive
+
+    if name == "ds4sci":
+        return lambda q, k, v, mask, pair: evoformer_attention(q, k, v, [mask, pair], backend="torch")
+    if name == "naive":
+        return lambda q, k, v, mask, pair: evoformer_attention_naive(q, k, v, [mask, pair])
+    if name == "sdpa":
+        def sdpa(q, k, v, mask, pair):
+            # SDPA wants [*, H, L, D] and one float mask: the summed bias is [B, N, H, L, L].
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(-2, -3), k.transpose(-2, -3), v.transpose(-2, -3), attn_mask=mask + pair
+            )
+            return out.transpose(-2, -3)
+        return sdpa
+    raise ValueError(f"unknown contender {name!r}; expected one of {CONTENDERS}")
+
+
+def _step(fn, inputs):
+    q, k, v, mask, pair, grad_out = inputs
+    out = fn(q, k, v, mask, pair)
+    out.backward(grad_out)
+    return out
+
+
+def worker(contender: str, shape: tuple, dtype_name: str, max_reps: int) -> dict:
+    """One case in this (fresh) process; returns the measurement as a dict."""
+    dtype = DTYPES[dtype_name]
+    fn = _contender(contender)
+    _step(fn, _inputs((1, 2, 5, 2, shape[-1]), dtype))  # load kernels and libraries
+    limit_address_space(MEMORY_BUDGET)
+    base = current_rss_bytes()
+    inputs = _inputs(shape, dtype)
+    times = []
+    try:
+        for rep in range(max_reps):
+            for t in (inputs[0], inputs[1], inputs[2], inputs[4]):
+                t.grad = None
+            start = time.perf_counter()
+            _step(fn, inputs)
+            times.append(time.perf_counter() - start)
+            if rep == 0:
+                peak = peak_rss_bytes() - base
+            if sum(times) > 20:
+                break
+    except RuntimeError as err:  # allocation beyond the budget
+        if "alloc" not in str(err).lower() and "memory" not in str(err).lower():
+            raise
+        return {"status": "oom", "error": str(err).splitlines()[0][:200]}
+    return {"status": "ok", "time_s": min(times), "reps": len(times), "peak_bytes": peak}
+
+
+def run(shapes: dict, dtypes: list[str], contenders: list[str], out_dir: Path,
+        stem: str = "evoformer_attention_cpu", max_reps: int = 3, progress=print) -> list[dict]:
+    rows = []
+    for dtype_name in dtypes:
+        for key, (shape, origin) in shapes.items():
+            floor = floor_bytes(shape, DTYPES[dtype_name])
+            for contender in contenders:
+                result = run_worker(
+                    "ds4sci.bench.evoformer_attention", [contender, ",".join(map(str, shape)), dtype_name, str(max_reps)],
+                    timeout=1800,
+                )
+                row = {
+                    "shape_key": key, "shape": "x".join(map(str, shape)), "origin": origin,
+                    "dtype": dtype_name, "contender": contender, "floor_bytes": floor,
+                    "logits_bytes": logits_bytes(shape, DTYPES[dtype_name]),
+                    "status": result["status"], "time_s": result.get("time_s"),
+                    "peak_bytes": result.get("peak_bytes"), "error": result.get("error"),
+                }
+                if row["peak_bytes"] is not None:
+                    row["peak_over_floor"] = row["peak_bytes"] / floor
+                rows.append(row)
+                progress(_format_row(row))
+    _add_ratios(rows)
+    meta = machine_info()
+    meta["memory_budget_bytes"] = MEMORY_BUDGET
+    json_path, csv_path = write_rows(rows, meta, out_dir, stem)
+    png = plot(rows, out_dir / f"{stem}.png", meta)
+    progress(f"wrote {json_path}, {csv_path}, {png}")
+    return rows
+
+
+def _add_ratios(rows):
+    """naive/ours and sdpa/ours ratios of time and peak memory, from the same run."""
+    ours = {(r["shape_key"], r["dtype"]): r for r in rows if r["contender"] == "ds4sci"}
+    for r in rows:
+        mine = ours.get((r["shape_key"], r["dtype"]))
+        if r["contender"] == "ds4sci" or not mine or mine["status"] != "ok" or r["status"] != "ok":
+            continue
+        r["time_ratio_vs_ds4sci"] = r["time_s"] / mine["time_s"]
+        r["peak_ratio_vs_ds4sci"] = r["peak_bytes"] / mine["peak_bytes"]
+
+
+def _format_row(r) -> str:
+    if r["status"] != "ok":
+        return f"{r['dtype']:>8} {r['shape_key']:<18} {r['contender']:<7} {r['status'].upper()}"
+    return (
+        f"{r['dtype']:>8} {r['shape_key']:<18} {r['contender']:<7} {r['time_s']:8.3f} s  "
+        f"peak {r['peak_bytes'] / 2**20:9.1f} MiB  floor {r['floor_bytes'] / 2**20:8.1f} MiB  "
+        f"({r['peak_over_floor']:.2f}x floor)"
+    )
+
+
+def plot(rows, path: Path, meta: dict) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = sorted({r["dtype"] for r in rows}, key=list(DTYPES).index)
+    keys = list(dict.fromkeys(r["shape_key"] for r in rows))
+    contenders = list(dict.fromkeys(r["contender"] for r in rows))
+    fig, axes = plt.subplots(2, len(dtypes), figsize=(6.5 * len(dtypes), 8), squeeze=False)
+    width = 0.8 / len(contenders)
+    for col, dt in enumerate(dtypes):
+        by = {(r["shape_key"], r["contender"]): r for r in rows if r["dtype"] == dt}
+        for row_i, (metric, label) in enumerate((("peak_bytes", "peak memory (GiB)"), ("time_s", "fwd+bwd time (s)"))):
+            ax = axes[row_i][col]
+            for ci, c in enumerate(contenders):
+                xs, ys, oom_x = [], [], []
+                for xi, key in enumerate(keys):
+                    r = by.get((key, c))
+                    if r and r["status"] == "ok":
+                        xs.append(xi + ci * width)
+                        ys.append(r[metric] / (2**30 if metric == "peak_bytes" else 1))
+                    elif r:
+                        oom_x.append(xi + ci * width)
+                ax.bar(xs, ys, width, label=c)
+                for x in oom_x:
+                    ax.text(x, 0.02, "OOM", rotation=90, ha="center", va="bottom", fontsize=8,
+                            transform=ax.get_xaxis_transform())
+            if metric == "peak_bytes":
+                floors = [by[(k, contenders[0])]["floor_bytes"] / 2**30 for k in keys]
+                ax.scatter([i + 0.4 - width / 2 for i in range(len(keys))], floors, marker="_",
+                           s=400, color="black", label="floor", zorder=3)
+            ax.set_yscale("log")
+            ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))], keys, rotation=25, ha="right", fontsize=8)
+            ax.set_ylabel(label)
+            ax.set_title(f"{dt}")
+            ax.legend(fontsize=8)
+    fig.suptitle(f"Evoformer attention fwd+bwd, {meta['host_cpu']}, {meta['torch_threads']} threads, torch {meta['torch']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="ds4sci bench evoformer-attention", description=__doc__.split("\n")[0])
+    parser.add_argument("--worker", nargs=4, metavar=("CONTENDER", "SHAPE", "DTYPE", "REPS"), help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), help="subset of shapes (default all)")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["float32", "bfloat16"])
+    parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
+    parser.add_argument("--quick", action="store_true", help="one tiny shape, a smoke test of the pipeline")
+    parser.add_argument("--stem", default=None, help="output file stem (default evoformer_attention_cpu)")
+    args = parser.parse_args(argv)
+    if args.worker:
+        contender, shape, dtype_name, reps = args.worker
+        print(json.dumps(worker(contender, tuple(int(s) for s in shape.split(",")), dtype_name, int(reps))))
+        return 0
+    shapes = QUICK_SHAPES if args.quick else {k: SHAPES[k] for k in (args.shapes or SHAPES)}
+    stem = args.stem or ("evoformer_attention_quick" if args.quick else "evoformer_attention_cpu")
+    run(shapes, args.dtypes, args.contenders, args.out, stem=stem)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
