@@ -89,7 +89,8 @@ def select(name: str, q: torch.Tensor, biases: Sequence[torch.Tensor]) -> Backen
             continue
         reasons = backend.not_supported_reasons(q, biases)
         if not reasons:
-            log.debug("evoformer_attention: auto chose backend %r", backend.name)
+            if not torch.compiler.is_compiling():  # dynamo cannot trace logging calls
+                log.debug("evoformer_attention: auto chose backend %r", backend.name)
             return backend
         rejected.append(f"{backend.name}: " + "; ".join(reasons))
     raise RuntimeError("evoformer_attention: no backend can run this call: " + " | ".join(rejected))
