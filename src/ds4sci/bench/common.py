@@ -59,9 +59,23 @@ def current_rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def reset_peak_rss() -> None:
+    """Restart the high-water mark at the current RSS (Linux >= 4.0: ``clear_refs`` value 5)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def peak_rss_bytes() -> int:
-    """High-water resident set size of this process (``ru_maxrss``, KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """High-water resident set size of this process image (``VmHWM``).
+
+    Not ``ru_maxrss``: Linux carries the parent's RSS at fork into the child's ``ru_maxrss``
+    across exec, so a small child of a large parent would report the parent's size.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status")
 
 
 def limit_address_space(budget_bytes: int) -> None:

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from .common import (
-    current_rss_bytes, limit_address_space, machine_info, peak_rss_bytes, run_worker, write_rows,
+    current_rss_bytes, limit_address_space, machine_info, peak_rss_bytes, reset_peak_rss, run_worker,
+    write_rows,
 )
 
 # (B, N, L, H, D) with where it comes from.
@@ -92,6 +93,7 @@ def worker(contender: str, shape: tuple, dtype_name: str, max_reps: int) -> dict
     fn = _contender(contender)
     _step(fn, _inputs((1, 2, 5, 2, shape[-1]), dtype))  # load kernels and libraries
     limit_address_space(MEMORY_BUDGET)
+    reset_peak_rss()
     base = current_rss_bytes()
     inputs = _inputs(shape, dtype)
     times = []
