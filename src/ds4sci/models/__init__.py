@@ -1,0 +1,1 @@
+"""Scientific models: plain PyTorch ``model.py`` + ``config.py``; parallelism lives elsewhere."""

@@ -1,0 +1,210 @@
+"""GenSLM: a GPT-NeoX decoder over codon tokens (Zvyagin et al., 2022, "GenSLMs").
+
+Plain PyTorch, no parallelism (see ``parallelize.py`` when it lands). Names follow HF's
+``GPTNeoXForCausalLM`` minus its ``gpt_neox.`` prefix, so weights convert by renaming.
+
+Built for very long sequences: no ``[S, S]`` tensor exists anywhere (causal attention through
+``scaled_dot_product_attention(is_causal=True)``, which runs flash/memory-efficient kernels on
+CPU and GPU), rotary angles are computed for the positions in use (no table sized by a maximum
+length), layers can be checkpointed, and the final projection + cross-entropy run in chunks so
+the ``[S, vocab]`` fp32 logits never exist at once. Padding is by lengths: sequences are
+right-padded, causal attention never looks right, and padded labels are ``-100``.
+
+Legend: ``B`` batch, ``S`` sequence, ``E`` hidden size, ``H`` heads, ``D`` head dim, ``V`` vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import GenSLMConfig
+
+IGNORE_INDEX = -100
+
+
+def _activation(name: str):
+    if name == "gelu":
+        return nn.GELU()
+    if name in ("gelu_fast", "gelu_new"):
+        return nn.GELU(approximate="tanh")
+    return nn.ReLU()
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary angles for the given positions only (GPT-NeoX: halves rotated, ``cat(f, f)``)."""
+
+    def __init__(self, dims: int, base: float):
+        super().__init__()
+        self.dims = dims
+        inv_freq = 1.0 / (base ** (torch.arange(0, dims, 2, dtype=torch.float32) / dims))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions ``[S]`` (int) -> cos, sin ``[S, dims]`` in fp32."""
+        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x_BHSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``cos.shape[-1]`` dims of each head; the rest pass through."""
+    rot = cos.shape[-1]
+    if rot == 0:
+        return x_BHSD
+    x_rot, x_pass = x_BHSD[..., :rot], x_BHSD[..., rot:]
+    half = rot // 2
+    rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
+    x_rot = (x_rot.float() * cos + rotated.float() * sin).to(x_BHSD.dtype)
+    return torch.cat((x_rot, x_pass), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GenSLMConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x_BSE, cos, sin):
+        b, s, e = x_BSE.shape
+        # GPT-NeoX's fused layout: per head, [q | k | v] of head_dim each.
+        qkv = self.query_key_value(x_BSE).view(b, s, self.num_heads, 3 * self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in qkv.split(self.head_dim, dim=-1))  # [B, H, S, D]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out_BHSD = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.dense(out_BHSD.transpose(1, 2).reshape(b, s, e))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GenSLMConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = _activation(config.hidden_act)
+        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x_BSE):
+        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x_BSE)))
+
+
+class Layer(nn.Module):
+    def __init__(self, config: GenSLMConfig):
+        super().__init__()
+        self.parallel = config.use_parallel_residual
+        self.selective_checkpoint = config.activation_checkpointing == "selective"
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = Attention(config)
+        self.mlp = MLP(config)
+
+    def _mlp(self, x):
+        if self.selective_checkpoint and torch.is_grad_enabled():
+            # The MLP's [S, 4E] activations are the largest per layer: keep only its input.
+            return checkpoint(lambda y: self.mlp(self.post_attention_layernorm(y)), x, use_reentrant=False)
+        return self.mlp(self.post_attention_layernorm(x))
+
+    def forward(self, x_BSE, cos, sin):
+        attn = self.attention(self.input_layernorm(x_BSE), cos, sin)
+        if self.parallel:
+            return x_BSE + attn + self._mlp(x_BSE)
+        x_BSE = x_BSE + attn
+        return x_BSE + self._mlp(x_BSE)
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor | None
+    """``[B, S, V]``; None when the loss was computed in chunks without them."""
+    loss: torch.Tensor | None = None
+    """Mean next-token cross-entropy over labels != -100."""
+    num_tokens: torch.Tensor | None = None
+    """How many labels counted in ``loss``."""
+
+
+class GenSLM(nn.Module):
+    """GPT-NeoX causal language model over codons."""
+
+    def __init__(self, config: GenSLMConfig):
+        super().__init__()
+        self.config = config
+        self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_hidden_layers))
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config.rotary_dims, config.rotary_emb_base)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def hidden_states(self, input_ids: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
+        """Final-layer-normed hidden states ``[B, S, E]``."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"GenSLM: input_ids has shape {tuple(input_ids.shape)}; expected [B, S]")
+        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"GenSLM: input_ids has dtype {input_ids.dtype}; expected an integer dtype")
+        positions = torch.arange(position_offset, position_offset + input_ids.shape[1], device=input_ids.device)
+        cos, sin = self.rotary(positions)
+        x = self.embed_in(input_ids.long())
+        full = self.config.activation_checkpointing == "full" and torch.is_grad_enabled()
+        for layer in self.layers:
+            x = checkpoint(layer, x, cos, sin, use_reentrant=False) if full else layer(x, cos, sin)
+        return self.final_layer_norm(x)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                position_offset: int = 0) -> CausalLMOutput:
+        """Logits, or with ``labels`` (``[B, S]``, ``-100`` = ignore) the mean next-token loss.
+
+        With labels and ``config.loss_chunk_size`` set, logits are produced and dropped chunk by
+        chunk (recomputed in backward), so ``output.logits`` is None.
+        """
+        hidden = self.hidden_states(input_ids, position_offset)
+        if labels is None:
+            return CausalLMOutput(logits=self.embed_out(hidden))
+        if labels.shape != input_ids.shape:
+            raise ValueError(
+                f"GenSLM: labels has shape {tuple(labels.shape)}; expected input_ids' {tuple(input_ids.shape)}"
+            )
+        # Token t predicts label t+1; the last position predicts nothing.
+        targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+        loss_sum, count, logits = self.loss_sum(hidden, targets)
+        return CausalLMOutput(logits=logits, loss=loss_sum / count.clamp_min(1), num_tokens=count)
+
+    def loss_sum(self, hidden_BSE: torch.Tensor, targets_BS: torch.Tensor):
+        """Summed cross-entropy of ``embed_out(hidden)`` against ``targets`` (already shifted)."""
+        count = (targets_BS != IGNORE_INDEX).sum()
+        chunk = self.config.loss_chunk_size
+        flat_h, flat_t = hidden_BSE.reshape(-1, hidden_BSE.shape[-1]), targets_BS.reshape(-1)
+        if chunk is None:
+            logits = self.embed_out(hidden_BSE)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat_t,
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+            return loss, count, logits
+        total = hidden_BSE.new_zeros((), dtype=torch.float32)
+        for start in range(0, flat_h.shape[0], chunk):
+            h, t = flat_h[start : start + chunk], flat_t[start : start + chunk]
+            if torch.is_grad_enabled():
+                total = total + checkpoint(self._chunk_loss, h, t, use_reentrant=False)
+            else:
+                total = total + self._chunk_loss(h, t)
+        return total, count, None
+
+    def _chunk_loss(self, hidden, targets):
+        logits = self.embed_out(hidden).float()
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,38 @@
+"""The ``ds4sci`` command as a user runs it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def _run(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "ds4sci.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_info_lists_backends_and_reasons():
+    proc = _run("info")
+    assert proc.returncode == 0, proc.stderr
+    assert "evoformer_attention" in proc.stdout
+    assert "torch      available" in proc.stdout
+    assert "auto on cpu/float32 -> torch" in proc.stdout
+
+
+def test_unknown_command_fails_with_usage():
+    proc = _run("frobnicate")
+    assert proc.returncode != 0 and "invalid choice" in proc.stderr
+
+
+@pytest.mark.subprocess
+def test_bench_quick_writes_results(tmp_path):
+    proc = _run("bench", "evoformer-attention", "--quick", "--dtypes", "float32", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / "evoformer_attention_quick.json").read_text())
+    assert data["machine"]["torch"] and data["machine"]["date"]
+    rows = data["results"]
+    assert {r["contender"] for r in rows} == {"ds4sci", "naive", "sdpa"}
+    assert all(r["status"] == "ok" and r["peak_bytes"] >= 0 for r in rows)
+    assert (tmp_path / "evoformer_attention_quick.csv").stat().st_size > 0
+    assert (tmp_path / "evoformer_attention_quick.png").stat().st_size > 0
