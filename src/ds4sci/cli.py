@@ -1,10 +1,11 @@
-"""The ``ds4sci`` command: ``info``, ``demo`` and ``bench``."""
+"""The ``ds4sci`` command: ``train``, ``embed``, ``generate``, ``info``, ``demo`` and ``bench``."""
 
 from __future__ import annotations
 
 import argparse
 import platform
 import sys
+from pathlib import Path
 
 import torch
 
@@ -41,17 +42,104 @@ def info() -> int:
     return 0
 
 
+def train(args, overrides: list[str]) -> int:
+    from .train.config import load_config
+    from .train.trainer import Trainer
+
+    cfg = load_config(args.config, overrides)
+    trainer = Trainer(cfg, resume=args.resume)
+    model = trainer.model
+    print(f"ds4sci train genslm: {cfg.model} ({model.num_parameters() / 1e6:.2f} M parameters), "
+          f"{len(trainer.train_data)} train / {len(trainer.val_data)} val records, "
+          f"{int(trainer.train_data.offsets[-1]):,} train tokens, precision {cfg.precision}"
+          + (f", resuming at step {trainer.step}" if args.resume else ""))
+    result = trainer.fit()
+    rows = result["rows"]
+    if rows:
+        first, last = rows[0], rows[-1]
+        print(f"loss {first['loss']:.3f} -> {last['loss']:.3f} nats/token over {last['step']} steps; "
+              f"validation perplexity {last.get('val_perplexity', float('nan')):.2f}; "
+              f"{last['tokens_per_s']:.0f} tokens/s; peak memory {last['peak_memory_bytes'] / 2**30:.2f} GiB")
+    print(f"run directory {cfg.out_dir}: metrics.jsonl, loss_curve.png, checkpoints/")
+    return 0
+
+
+def embed(args) -> int:
+    import numpy as np
+
+    from .data.fasta import read_fasta
+    from .models.genslm.inference import embed as embed_sequences
+    from .models.genslm.inference import load_model
+
+    model, tokenizer = load_model(args.model)
+    records = list(read_fasta(args.fasta, on_bad="error"))
+    vectors = embed_sequences(model, tokenizer, [r.sequence for r in records], args.max_tokens)
+    out = Path(args.out)
+    np.save(out, vectors)
+    names = out.with_suffix(".names.txt")
+    names.write_text("".join(r.name + "\n" for r in records))
+    print(f"embedded {len(records)} records -> {out} {tuple(vectors.shape)} (names in {names})")
+    return 0
+
+
+def generate(args) -> int:
+    from .models.genslm.inference import generate as generate_sequence
+    from .models.genslm.inference import load_model
+
+    model, tokenizer = load_model(args.model)
+    lines = []
+    for i in range(args.num):
+        seq = generate_sequence(model, tokenizer, args.prompt, args.max_new_tokens, top_k=args.top_k,
+                                top_p=args.top_p, temperature=args.temperature, seed=args.seed + i)
+        lines.append(f">generated_{i} prompt={args.prompt} seed={args.seed + i}\n")
+        lines += [seq[j : j + 70] + "\n" for j in range(0, len(seq), 70)]
+    Path(args.out).write_text("".join(lines))
+    print(f"wrote {args.num} sequences to {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="ds4sci", description="DeepSpeed4Science technologies on plain PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="train a model (genslm); extra --key=value override the config",
+                        description="Config keys: model, model.<field>, data.<field>, optim.<field>, "
+                                    "precision, seed, out_dir, eval_every, checkpoint_every (see ds4sci.train.config).")
+    tr.add_argument("model_family", choices=["genslm"])
+    tr.add_argument("--config", help="YAML config file")
+    tr.add_argument("--resume", action="store_true", help="continue from out_dir's latest checkpoint")
+    em = sub.add_parser("embed", help="mean-pooled last hidden state per FASTA record -> .npy")
+    em.add_argument("--model", required=True, help="run dir, checkpoint dir or HF GPT-NeoX dir")
+    em.add_argument("--fasta", required=True)
+    em.add_argument("--out", required=True, help="output .npy (names go beside it)")
+    em.add_argument("--max-tokens", type=int, default=None)
+    ge = sub.add_parser("generate", help="sample sequences from a prompt -> FASTA")
+    ge.add_argument("--model", required=True, help="run dir, checkpoint dir or HF GPT-NeoX dir")
+    ge.add_argument("--prompt", default="ATG")
+    ge.add_argument("--num", type=int, default=1)
+    ge.add_argument("--max-new-tokens", type=int, default=100)
+    ge.add_argument("--top-k", type=int, default=50)
+    ge.add_argument("--top-p", type=float, default=0.95)
+    ge.add_argument("--temperature", type=float, default=1.0)
+    ge.add_argument("--seed", type=int, default=0)
+    ge.add_argument("--out", default="generated.fasta")
     sub.add_parser("info", help="versions, devices and which op backends run here")
     sub.add_parser("demo", help="Evoformer attention demo: exactness and memory vs naive PyTorch")
     bench = sub.add_parser("bench", help="run a benchmark (see benchmarks/)")
     bench.add_argument("name", choices=["evoformer-attention"])
     args, rest = parser.parse_known_args(argv)
-    if args.command != "bench" and rest:
+    if args.command not in ("bench", "train") and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command in ("train", "embed", "generate"):
+        from .train.checkpoint import CheckpointError
+
+        try:
+            if args.command == "train":
+                return train(args, rest)
+            return embed(args) if args.command == "embed" else generate(args)
+        except (ValueError, FileNotFoundError, CheckpointError) as err:
+            print(f"ds4sci {args.command}: error: {err}", file=sys.stderr)
+            return 2
     if args.command == "info":
         return info()
     if args.command == "demo":

@@ -43,6 +43,14 @@ def _open(path: Path):
     return gzip.open(path, "rt") if gzipped else open(path)
 
 
+def _parse(handle, path: Path):
+    try:
+        yield from SeqIO.parse(handle, "fasta")
+    except ValueError as err:  # e.g. text before the first '>'
+        first = str(err).strip().splitlines()[0]
+        raise FastaRecordError(f"{path}: not a valid FASTA file: {first}") from err
+
+
 def read_fasta(path: str | Path, on_bad: str = "skip") -> Iterator[FastaRecord]:
     """Yield the records of a FASTA file (plain or gzip, detected by content).
 
@@ -56,7 +64,7 @@ def read_fasta(path: str | Path, on_bad: str = "skip") -> Iterator[FastaRecord]:
         raise FileNotFoundError(f"read_fasta: no such FASTA file: {path}")
     n_records = 0
     with _open(path) as handle:
-        for rec in SeqIO.parse(handle, "fasta"):
+        for rec in _parse(handle, path):
             n_records += 1
             seq = str(rec.seq).upper()
             problem = None

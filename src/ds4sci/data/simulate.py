@@ -65,7 +65,7 @@ def simulate_variants(
     seed: int = 0,
     substitution_rate: float = 1e-3,
     indel_rate: float = 5e-5,
-    kappa: float = 3.0,
+    kappa: float = 6.0,
     c_to_t_excess: float = 0.3,
     name_prefix: str = "sim",
 ) -> list[Variant]:

@@ -1,0 +1,7 @@
+"""GenSLM genome language model (GPT-NeoX over codons)."""
+
+from .config import PRESETS, GenSLMConfig, preset
+from .interop import from_hf, to_hf
+from .model import CausalLMOutput, GenSLM
+
+__all__ = ["PRESETS", "CausalLMOutput", "GenSLM", "GenSLMConfig", "from_hf", "preset", "to_hf"]

@@ -1,0 +1,79 @@
+"""Inference with a trained GenSLM: load, embed sequences, generate sequences."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...data.tokenizer import CodonTokenizer
+from .config import GenSLMConfig
+from .model import GenSLM
+
+
+def load_model(path: str | Path) -> tuple[GenSLM, CodonTokenizer]:
+    """A model from a run directory (its latest checkpoint), a checkpoint directory, or a saved
+    HF GPT-NeoX directory; with the tokenizer it was trained with (GenSLM's 69 otherwise)."""
+    from ...train.checkpoint import latest_checkpoint, load_checkpoint
+
+    path = Path(path)
+    if (path / "config.json").is_file():
+        from .interop import from_hf
+
+        return from_hf(path).eval(), CodonTokenizer()
+    ckpt = latest_checkpoint(path) if (path / "checkpoints").is_dir() else path
+    if ckpt is None:
+        raise FileNotFoundError(f"{path}: no checkpoint found")
+    model_state, state = load_checkpoint(ckpt)
+    model = GenSLM(GenSLMConfig.from_dict(state["config"]["model_config"]))
+    model.load_state_dict(model_state)
+    vocab = state["config"]["train"]["data"]["vocab"]
+    return model.eval(), CodonTokenizer(vocab)
+
+
+@torch.no_grad()
+def embed(model: GenSLM, tokenizer: CodonTokenizer, sequences, max_tokens: int | None = None) -> np.ndarray:
+    """Mean of the last hidden state (after the final LayerNorm) over each sequence's tokens.
+
+    GenSLM's inference pipeline averages over real tokens only; sequences here are embedded one
+    at a time, so no padding exists to exclude. Returns ``[n, hidden_size]`` float32.
+    """
+    out = []
+    for seq in sequences:
+        ids = tokenizer.encode(seq)[:max_tokens]
+        if not ids:
+            raise ValueError("embed: a sequence has no codons")
+        hidden = model.hidden_states(torch.tensor([ids]))
+        out.append(hidden[0].float().mean(dim=0).numpy())
+    return np.stack(out)
+
+
+@torch.no_grad()
+def generate(model: GenSLM, tokenizer: CodonTokenizer, prompt: str, max_new_tokens: int,
+             *, top_k: int | None = 50, top_p: float | None = 0.95, temperature: float = 1.0,
+             seed: int = 0) -> str:
+    """Sample a continuation of ``prompt`` codon by codon (special tokens are never sampled)."""
+    if temperature <= 0:
+        raise ValueError(f"generate: temperature={temperature}; expected > 0")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"generate: top_p={top_p}; expected in (0, 1]")
+    ids = [i for i in tokenizer.encode(prompt, frame=0) if i not in (tokenizer.eos_id,)]
+    if not ids:
+        raise ValueError(f"generate: prompt {prompt!r} has no complete codon")
+    allowed = torch.zeros(model.config.vocab_size, dtype=torch.bool)
+    allowed[list(tokenizer.codon_ids.values())] = True
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(max_new_tokens):
+        logits = model(torch.tensor([ids])).logits[0, -1].float() / temperature
+        logits[~allowed] = float("-inf")
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, int(allowed.sum()))).values[-1]
+            logits[logits < kth] = float("-inf")
+        probs = torch.softmax(logits, dim=-1)
+        if top_p is not None and top_p < 1:
+            sorted_p, order = probs.sort(descending=True)
+            keep = sorted_p.cumsum(0) - sorted_p < top_p  # smallest set reaching top_p
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+        ids.append(int(torch.multinomial(probs / probs.sum(), 1, generator=gen)))
+    return tokenizer.decode(ids)

@@ -1,0 +1,1 @@
+"""Training: typed config, trainer loop, atomic checkpoints, metrics."""

@@ -1,0 +1,100 @@
+"""Atomic, verified checkpoints: model weights in safetensors, the rest in a torch file.
+
+A checkpoint is a directory ``step-NNNNNNNN/`` holding ``model.safetensors``, ``state.pt``
+(optimizer, scheduler, RNG states, data position, config) and ``manifest.json`` (size and
+sha256 of each file). It is written under a temporary name and renamed into place, and
+``latest`` (a one-line file naming it) is replaced atomically after that, so a crash at any
+moment leaves the previous checkpoint intact. Loading verifies the manifest first: a truncated
+or altered file is refused with a message naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "manifest.json"
+FILES = ("model.safetensors", "state.pt")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt or incompatible with the run."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _replace_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, state: dict, keep: int = 2) -> Path:
+    """Write checkpoint ``step`` under ``run_dir/checkpoints`` atomically; prune to ``keep``."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".step-{step:08d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / FILES[0])
+    torch.save(state, tmp / FILES[1])
+    manifest = {"step": step, "files": {name: {"bytes": (tmp / name).stat().st_size,
+                                               "sha256": _sha256(tmp / name)} for name in FILES}}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _replace_text(root / "latest", final.name + "\n")
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    if not path.is_dir():
+        raise CheckpointError(f"{pointer} names {path.name}, which does not exist")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
+    """``(model_state, state)`` of a verified checkpoint directory, or CheckpointError."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{path} is not a ds4sci checkpoint (no {MANIFEST})")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{manifest_path} is corrupt: {err}") from err
+    for name in FILES:
+        file = path / name
+        expected = manifest["files"].get(name)
+        if expected is None or not file.is_file():
+            raise CheckpointError(f"checkpoint {path}: {name} is missing")
+        if file.stat().st_size != expected["bytes"] or _sha256(file) != expected["sha256"]:
+            raise CheckpointError(
+                f"checkpoint {path}: {name} is corrupt (size or sha256 differs from {MANIFEST})"
+            )
+    model_state = load_file(path / FILES[0])
+    state = torch.load(path / FILES[1], map_location="cpu", weights_only=False)
+    return model_state, state

@@ -1,0 +1,177 @@
+"""Typed training configuration: dataclasses, YAML files and ``--key=value`` overrides.
+
+Keys are dotted paths into :class:`TrainConfig` (``optim.lr``, ``data.n_simulated``); keys under
+``model.`` change fields of the chosen GenSLM preset (``model.activation_checkpointing=full``).
+Values are parsed as YAML scalars (``1e-3``, ``true``, ``null``, ``[a.fa, b.fa]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..models.genslm.config import GenSLMConfig, preset
+
+
+@dataclass
+class DataConfig:
+    fasta: list[str] = field(default_factory=list)
+    """FASTA / FASTA.gz files to train on; empty = the embedded SARS-CoV-2 corpus."""
+    n_simulated: int = 47
+    """Embedded corpus only: simulated variant genomes added to the reference."""
+    simulate_seed: int = 0
+    """Embedded corpus only: seed of the variant simulator."""
+    val_fraction: float = 0.1
+    """Fraction of records (every 1/val_fraction-th) held out for validation."""
+    frame: int = 0
+    """Reading frame offset (0, 1 or 2 nucleotides skipped)."""
+    vocab: str = "genslm-69"
+    """Tokenizer vocabulary: genslm-69, genslm-71 or an HF tokenizers JSON path."""
+    max_tokens: int | None = None
+    """Crop each record to this many tokens; None = whole records (whole genomes)."""
+    on_bad: str = "skip"
+    """Bad FASTA records: skip (warn with their name) or error."""
+
+    def __post_init__(self):
+        if self.on_bad not in ("skip", "error"):
+            raise ValueError(f"data.on_bad={self.on_bad!r}; expected 'skip' or 'error'")
+        if self.frame not in (0, 1, 2):
+            raise ValueError(f"data.frame={self.frame}; expected 0, 1 or 2")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction={self.val_fraction}; expected in [0, 1)")
+        if self.max_tokens is not None and self.max_tokens < 2:
+            raise ValueError(f"data.max_tokens={self.max_tokens}; expected >= 2 or null")
+        if self.n_simulated < 0:
+            raise ValueError(f"data.n_simulated={self.n_simulated}; expected >= 0")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    """Peak learning rate of AdamW."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to biases and LayerNorm)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    warmup_steps: int = 10
+    """Linear warmup steps."""
+    max_steps: int = 80
+    """Optimizer steps in the whole run."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; the loss is the mean over all their tokens."""
+    batch_size: int = 1
+    """Records per micro-batch."""
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        for name in ("max_steps", "grad_accum", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"optim.{name}={getattr(self, name)}; expected >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr={self.lr}; expected > 0")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps}; expected >= 0")
+
+
+@dataclass
+class TrainConfig:
+    model: str = "genslm-tiny"
+    """GenSLM preset name."""
+    model_changes: dict = field(default_factory=dict)
+    """Fields of the preset to change (``--model.<field>=value``)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """What to train on."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    precision: str = "fp32"
+    """fp32, or bf16 (autocast; parameters and optimizer state stay fp32)."""
+    seed: int = 0
+    """Seed of initialisation and data order."""
+    out_dir: str = "runs/genslm"
+    """Run directory: checkpoints, metrics.jsonl, loss_curve.png, token files."""
+    eval_every: int = 20
+    """Validation perplexity every N steps (and at the end); 0 = only at the end."""
+    checkpoint_every: int = 20
+    """Checkpoint every N steps (and at the end); 0 = only at the end."""
+    keep_checkpoints: int = 2
+    """How many most recent checkpoints to keep."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self):
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision={self.precision!r}; expected 'fp32' or 'bf16'")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints={self.keep_checkpoints}; expected >= 1")
+        self.model_config()  # validates the preset name and changes now, not mid-run
+
+    def model_config(self) -> GenSLMConfig:
+        return preset(self.model).replace(**self.model_changes) if self.model_changes else preset(self.model)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _set(cfg: TrainConfig, dotted: str, value) -> None:
+    if dotted.startswith("model."):
+        cfg.model_changes[dotted[len("model."):]] = value
+        return
+    *parents, leaf = dotted.split(".")
+    target = cfg
+    for part in parents:
+        if not dataclasses.is_dataclass(getattr(target, part, None)):
+            raise ValueError(f"unknown config key {dotted!r}")
+        target = getattr(target, part)
+    names = {f.name for f in dataclasses.fields(target)}
+    if leaf not in names:
+        raise ValueError(f"unknown config key {dotted!r}; known here: {sorted(names)}")
+    if dataclasses.is_dataclass(getattr(target, leaf)):
+        if not isinstance(value, dict):
+            raise ValueError(f"config key {dotted!r} is a section; expected a mapping")
+        for key, sub in value.items():
+            _set(cfg, f"{dotted}.{key}", sub)
+        return
+    setattr(target, leaf, value)
+
+
+def _flatten(data: dict, prefix: str = ""):
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and dotted != "model_changes":
+            yield from _flatten(value, dotted + ".")
+        elif dotted == "model_changes":
+            for k, v in value.items():
+                yield f"model.{k}", v
+        else:
+            yield dotted, value
+
+
+def load_config(yaml_path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """Defaults, then the YAML file, then ``key=value`` overrides; validated at the end."""
+    cfg = TrainConfig()
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path}: expected a mapping at the top level")
+        for key, value in _flatten(data):
+            _set(cfg, key, value)
+    for item in overrides:
+        key, sep, raw = item.removeprefix("--").partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r}: expected --key=value")
+        _set(cfg, key, yaml.safe_load(raw))
+    # Rebuild so every __post_init__ check runs on the final values.
+    return TrainConfig(
+        **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in ("data", "optim")},
+        data=DataConfig(**dataclasses.asdict(cfg.data)), optim=OptimConfig(**dataclasses.asdict(cfg.optim)),
+    )

@@ -1,0 +1,44 @@
+"""Run metrics: peak memory and the loss-curve plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def peak_memory_bytes() -> int:
+    """Peak resident memory of this process (Linux VmHWM; ru_maxrss elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def plot_metrics(rows: list[dict], path: Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss (nats/token)")
+    val = [(r["step"], r["val_perplexity"]) for r in rows if "val_perplexity" in r]
+    if val:
+        import math
+
+        ax.plot([s for s, _ in val], [math.log(p) for _, p in val], "o-", label="validation loss = log(perplexity)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,251 @@
+"""Single-process GenSLM training: AdamW, warmup + cosine, clipping, accumulation, resume.
+
+Everything that decides the numbers is restored on ``resume``: weights, optimizer and scheduler
+state, RNG states and the data position (the order of records is a pure function of the seed
+and epoch), so a resumed run's loss curve equals an uninterrupted one's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.corpus import default_records
+from ..data.dataset import TokenDataset, build_token_dir, collate
+from ..data.fasta import read_fasta
+from ..data.tokenizer import CodonTokenizer
+from ..models.genslm import GenSLM
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .metrics import peak_memory_bytes, plot_metrics
+
+
+@dataclass
+class DataPosition:
+    """Where the next micro-batch starts: epoch and index into that epoch's permutation."""
+
+    epoch: int = 0
+    index: int = 0
+
+
+class RecordSampler:
+    """Deterministic record order: a fresh permutation per epoch, seeded by (seed, epoch)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+
+    def order(self, epoch: int) -> list[int]:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch)).tolist()
+
+    def take(self, pos: DataPosition, count: int) -> tuple[list[int], DataPosition]:
+        taken, epoch, index = [], pos.epoch, pos.index
+        order = self.order(epoch)
+        while len(taken) < count:
+            if index == self.n:
+                epoch, index = epoch + 1, 0
+                order = self.order(epoch)
+            taken.append(order[index])
+            index += 1
+        return taken, DataPosition(epoch, index)
+
+
+def _records(cfg: TrainConfig):
+    if not cfg.data.fasta:
+        yield from default_records(cfg.data.n_simulated, cfg.data.simulate_seed)
+        return
+    for path in cfg.data.fasta:
+        for rec in read_fasta(path, on_bad=cfg.data.on_bad):
+            yield rec.name, rec.sequence
+
+
+def prepare_data(cfg: TrainConfig, tokenizer: CodonTokenizer) -> Path:
+    """Token files for this data config in ``out_dir/data`` (rebuilt when the config changed)."""
+    token_dir = Path(cfg.out_dir) / "data"
+    stamp = json.dumps({k: v for k, v in cfg.to_dict()["data"].items() if k != "max_tokens"}, sort_keys=True)
+    stamp_file = token_dir / "config.json"
+    if not (stamp_file.is_file() and stamp_file.read_text() == stamp):
+        build_token_dir(_records(cfg), tokenizer, token_dir, cfg.data.val_fraction, cfg.data.frame)
+        stamp_file.write_text(stamp)
+    return token_dir
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to 1, then cosine down to ``min_lr_ratio`` at ``max_steps``."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    progress = (step - o.warmup_steps) / max(1, o.max_steps - o.warmup_steps)
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+@torch.no_grad()
+def evaluate(model: GenSLM, data: TokenDataset, pad_id: int, precision: str) -> float:
+    """Validation perplexity: exp of the mean next-token loss over every validation token."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(len(data)):
+        ids, labels = collate([data[i]], pad_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = model(ids, labels=labels)
+        total += out.loss.item() * out.num_tokens.item()
+        count += out.num_tokens.item()
+    model.train()
+    return math.exp(total / count) if count else float("nan")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False):
+        self.cfg = cfg
+        self.out = Path(cfg.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.tokenizer = CodonTokenizer(cfg.data.vocab)
+        token_dir = prepare_data(cfg, self.tokenizer)
+        self.train_data = TokenDataset(token_dir, "train", cfg.data.max_tokens)
+        self.val_data = TokenDataset(token_dir, "val", cfg.data.max_tokens)
+        self.pad_id = self.tokenizer.pad_id
+        model_config = cfg.model_config()
+        if model_config.vocab_size < len(self.tokenizer):
+            raise ValueError(f"model vocab_size={model_config.vocab_size} < tokenizer's {len(self.tokenizer)}")
+        self.model = GenSLM(model_config)
+        self.optimizer = _optimizer(self.model, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
+        self.sampler = RecordSampler(len(self.train_data), cfg.seed)
+        self.position = DataPosition()
+        self.step = 0
+        self.metrics_path = self.out / "metrics.jsonl"
+        if resume:
+            self._resume()
+        elif self.metrics_path.exists():
+            self.metrics_path.unlink()
+        (self.out / "config.yaml").write_text(_yaml(cfg.to_dict()))
+
+    def _resume(self) -> None:
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is None:
+            raise CheckpointError(f"--resume: no checkpoint in {self.out / 'checkpoints'}")
+        model_state, state = load_checkpoint(ckpt)
+        saved_model = state["config"]["model_config"]
+        if saved_model != self.model.config.to_dict():
+            diff = {k: (saved_model.get(k), v) for k, v in self.model.config.to_dict().items() if saved_model.get(k) != v}
+            raise CheckpointError(f"checkpoint {ckpt} was made for another model: (saved, now) = {diff}")
+        try:
+            self.model.load_state_dict(model_state)
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise CheckpointError(f"checkpoint {ckpt} does not fit this run: {err}") from err
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        self.position = DataPosition(**state["data_position"])
+        self.step = state["step"]
+        if self.metrics_path.exists():  # drop rows logged after the checkpoint
+            rows = [line for line in self.metrics_path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= self.step]
+            self.metrics_path.write_text("".join(r + "\n" for r in rows))
+
+    def save(self) -> Path:
+        state = {
+            "step": self.step, "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "rng": _rng_state(),
+            "data_position": vars(self.position),
+            "config": {"train": self.cfg.to_dict(), "model_config": self.model.config.to_dict()},
+        }
+        return save_checkpoint(self.out, self.step, self.model.state_dict(), state, self.cfg.keep_checkpoints)
+
+    def _log(self, row: dict) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def train_step(self) -> dict:
+        o = self.cfg.optim
+        micro = []
+        for _ in range(o.grad_accum):
+            indices, self.position = self.sampler.take(self.position, o.batch_size)
+            micro.append(collate([self.train_data[i] for i in indices], self.pad_id))
+        # Every micro-batch's loss is weighted by its share of the step's predicted tokens.
+        total_tokens = sum(int((labels[:, 1:] != -100).sum()) for _, labels in micro)
+        loss_sum = 0.0
+        start = time.perf_counter()
+        for ids, labels in micro:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
+                out = self.model(ids, labels=labels)
+            (out.loss * (out.num_tokens / max(total_tokens, 1))).backward()
+            loss_sum += out.loss.item() * out.num_tokens.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), o.grad_clip if o.grad_clip > 0 else float("inf"))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        elapsed = time.perf_counter() - start
+        return {"step": self.step, "loss": loss_sum / max(total_tokens, 1), "lr": lr,
+                "grad_norm": float(grad_norm), "tokens": total_tokens,
+                "tokens_per_s": total_tokens / elapsed, "peak_memory_bytes": peak_memory_bytes(),
+                "epoch": self.position.epoch}
+
+    def fit(self) -> dict:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        bar = tqdm(total=cfg.optim.max_steps, initial=self.step, disable=not cfg.progress,
+                   desc="train genslm", unit="step", dynamic_ncols=True)
+        row = {}
+        self.model.train()
+        while self.step < cfg.optim.max_steps:
+            row = self.train_step()
+            last = self.step == cfg.optim.max_steps
+            if last or (cfg.eval_every and self.step % cfg.eval_every == 0):
+                row["val_perplexity"] = evaluate(self.model, self.val_data, self.pad_id, cfg.precision)
+            self._log(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
+                            mem=f"{row['peak_memory_bytes'] / 2**30:.2f}GiB")
+            if last or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+                self.save()
+        bar.close()
+        rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+        plot_metrics(rows, self.out / "loss_curve.png", title=f"{cfg.model} on {self._data_label()}")
+        return {"rows": rows, "final": row}
+
+    def _data_label(self) -> str:
+        return "embedded SARS-CoV-2 corpus" if not self.cfg.data.fasta else ", ".join(self.cfg.data.fasta)
+
+
+def _yaml(data: dict) -> str:
+    import yaml
+
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    return yaml.safe_dump(plain(data), sort_keys=False)

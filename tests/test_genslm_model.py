@@ -1,0 +1,144 @@
+"""GenSLM model: HF GPT-NeoX parity, memory techniques on vs off, config errors."""
+
+import pytest
+import torch
+
+from ds4sci.models.genslm import GenSLM, GenSLMConfig, from_hf, preset, to_hf
+from ds4sci.models.genslm.interop import state_dict_from_hf
+
+TINY = preset("genslm-tiny")
+
+
+def _ids(batch=2, length=37, vocab=69, seed=0):
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("act,parallel,rotary_pct", [("gelu_fast", True, 0.25), ("gelu", False, 0.5),
+                                                     ("gelu_fast", True, 1.0)])
+def test_logits_and_loss_match_hf_gpt_neox(act, parallel, rotary_pct):
+    transformers = pytest.importorskip("transformers")
+    config = TINY.replace(hidden_act=act, use_parallel_residual=parallel, rotary_pct=rotary_pct)
+    ours = GenSLM(config).eval()
+    hf = to_hf(ours)
+    assert isinstance(hf, transformers.GPTNeoXForCausalLM)
+    ids = _ids()
+    with torch.no_grad():
+        hf_out = hf(ids, labels=ids)
+        our_logits = ours(ids).logits
+        our_loss = ours(ids, labels=ids).loss
+    torch.testing.assert_close(our_logits, hf_out.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(our_loss, hf_out.loss, rtol=1e-5, atol=1e-6)
+    back = from_hf(hf)
+    for (k, a), (k2, b) in zip(ours.state_dict().items(), back.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+
+
+def test_from_hf_directory_round_trip(tmp_path):
+    pytest.importorskip("transformers")
+    ours = GenSLM(TINY).eval()
+    to_hf(ours).save_pretrained(tmp_path)
+    loaded = from_hf(tmp_path)
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, ours(ids).logits)
+
+
+def test_genslm_lightning_checkpoint_keys_are_recognised():
+    ours = GenSLM(TINY)
+    state = {f"model.gpt_neox.{k}" if not k.startswith("embed_out") else f"model.{k}": v
+             for k, v in ours.state_dict().items()}
+    state["model.gpt_neox.layers.0.attention.bias"] = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    state["model.gpt_neox.layers.0.attention.masked_bias"] = torch.tensor(-1e9)
+    state["model.gpt_neox.layers.0.attention.rotary_emb.inv_freq"] = torch.ones(4)
+    assert set(state_dict_from_hf(state)) == set(ours.state_dict())
+
+
+def _loss_and_grads(config, ids, labels):
+    torch.manual_seed(0)
+    model = GenSLM(config)
+    out = model(ids, labels=labels)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("change", [
+    {"activation_checkpointing": "full"},
+    {"activation_checkpointing": "selective"},
+    {"loss_chunk_size": 7},
+    {"loss_chunk_size": 7, "activation_checkpointing": "full"},
+])
+def test_memory_techniques_give_same_loss_and_grads(change):
+    ids = _ids(length=41)
+    labels = ids.clone()
+    labels[1, 30:] = -100  # a padded row
+    base_loss, base_grads = _loss_and_grads(TINY.replace(loss_chunk_size=None), ids, labels)
+    loss, grads = _loss_and_grads(TINY.replace(loss_chunk_size=None).replace(**change), ids, labels)
+    torch.testing.assert_close(loss, base_loss, rtol=1e-6, atol=1e-6)
+    for name in base_grads:
+        torch.testing.assert_close(grads[name], base_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_padding_by_length_does_not_change_real_tokens():
+    model = GenSLM(TINY).eval()
+    ids = _ids(batch=1, length=20)
+    padded = torch.cat([ids, torch.full((1, 9), 3)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(padded).logits[:, :20], model(ids).logits)
+        labels = padded.clone()
+        labels[:, 20:] = -100
+        torch.testing.assert_close(model(padded, labels=labels).loss, model(ids, labels=ids).loss)
+
+
+def test_no_quadratic_tensor_in_forward_and_backward():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    Largest.largest = max(Largest.largest, t.numel())
+            return out
+
+    length = 512
+    model = GenSLM(TINY.replace(loss_chunk_size=64))
+    ids = _ids(batch=1, length=length)
+    with Largest():
+        model(ids, labels=ids).loss.backward()
+    # Largest legitimate tensor: the [S, 4E] MLP activation (or the [V, E] weights).
+    assert Largest.largest <= length * TINY.intermediate_size
+    assert Largest.largest < length * length
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"hidden_size": 66}, "hidden_size=66 is not divisible by num_attention_heads=4"),
+    ({"hidden_act": "swish"}, "hidden_act='swish'"),
+    ({"activation_checkpointing": "some"}, "activation_checkpointing='some'"),
+    ({"rotary_pct": 1.5}, "rotary_pct=1.5"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers=0"),
+    ({"loss_chunk_size": 0}, "loss_chunk_size=0"),
+])
+def test_bad_config_errors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TINY.replace(**bad)
+
+
+def test_bad_inputs_and_unknown_fields():
+    model = GenSLM(TINY)
+    with pytest.raises(ValueError, match=r"input_ids has shape \(5,\); expected \[B, S\]"):
+        model(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(TypeError, match="input_ids has dtype torch.float32"):
+        model(torch.zeros(1, 5))
+    with pytest.raises(ValueError, match="unknown fields"):
+        GenSLMConfig.from_dict({"hidden": 3})
+    with pytest.raises(ValueError, match="unknown GenSLM preset"):
+        preset("genslm-1t")
+
+
+def test_presets_have_genslm_shapes():
+    p = preset("genslm-25m")
+    assert (p.hidden_size, p.num_hidden_layers, p.num_attention_heads, p.intermediate_size) == (512, 8, 8, 2048)
+    model = GenSLM(p)
+    assert model.num_parameters() == 25_290_752  # GenSLM's neox_25,290,752.json
