@@ -26,11 +26,13 @@ def _losses(path):
 def test_resume_equals_uninterrupted(tmp_path):
     full = Trainer(_cfg(tmp_path / "full", "optim.max_steps=6", "optim.grad_accum=2"))
     full.fit()
-    half = Trainer(_cfg(tmp_path / "half", "optim.max_steps=4", "optim.grad_accum=2"))
-    half.fit()
-    # A step logged after the last checkpoint, as if the run died there.
+    half = Trainer(_cfg(tmp_path / "half", "optim.max_steps=6", "optim.grad_accum=2"))
+    half.fit(until_step=3)
+    # A row logged after the last checkpoint, as if the run died there: resume drops it.
+    with (tmp_path / "half" / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 4, "loss": 0.0}) + "\n")
     resumed = Trainer(_cfg(tmp_path / "half", "optim.max_steps=6", "optim.grad_accum=2"), resume=True)
-    assert resumed.step == 4
+    assert resumed.step == 3
     resumed.fit()
     assert _losses(tmp_path / "half") == _losses(tmp_path / "full")
     for a, b in zip(full.model.parameters(), resumed.model.parameters()):

@@ -8,6 +8,8 @@ Values are parsed as YAML scalars (``1e-3``, ``true``, ``null``, ``[a.fa, b.fa]`
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,6 +121,31 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def _coerce(dotted: str, value, hint):
+    """Convert YAML's value to the field's type (YAML reads ``1e-3`` as a string, say)."""
+    if value is None:
+        return None
+    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    wanted = [t for t in typing.get_args(hint) if t is not type(None)] if is_union else [hint]
+    for kind in wanted:
+        if kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, str) and value.lstrip("-").isdigit():
+            return int(value)
+        if kind in (str, bool, dict) and isinstance(value, kind):
+            return value
+        if typing.get_origin(kind) in (list, tuple) and isinstance(value, (list, tuple)):
+            return typing.get_origin(kind)(value)
+    if typing.get_origin(wanted[0]) is list and isinstance(value, str):
+        return [value]
+    raise ValueError(f"config key {dotted!r}: value {value!r} is not of type {hint}")
+
+
 def _set(cfg: TrainConfig, dotted: str, value) -> None:
     if dotted.startswith("model."):
         cfg.model_changes[dotted[len("model."):]] = value
@@ -138,7 +165,7 @@ def _set(cfg: TrainConfig, dotted: str, value) -> None:
         for key, sub in value.items():
             _set(cfg, f"{dotted}.{key}", sub)
         return
-    setattr(target, leaf, value)
+    setattr(target, leaf, _coerce(dotted, value, typing.get_type_hints(type(target))[leaf]))
 
 
 def _flatten(data: dict, prefix: str = ""):

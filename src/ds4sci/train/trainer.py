@@ -210,15 +210,17 @@ class Trainer:
                 "tokens_per_s": total_tokens / elapsed, "peak_memory_bytes": peak_memory_bytes(),
                 "epoch": self.position.epoch}
 
-    def fit(self) -> dict:
+    def fit(self, until_step: int | None = None) -> dict:
+        """Train to ``optim.max_steps`` (or stop early at ``until_step``, with a checkpoint)."""
         from tqdm import tqdm
 
         cfg = self.cfg
+        stop = cfg.optim.max_steps if until_step is None else min(until_step, cfg.optim.max_steps)
         bar = tqdm(total=cfg.optim.max_steps, initial=self.step, disable=not cfg.progress,
                    desc="train genslm", unit="step", dynamic_ncols=True)
         row = {}
         self.model.train()
-        while self.step < cfg.optim.max_steps:
+        while self.step < stop:
             row = self.train_step()
             last = self.step == cfg.optim.max_steps
             if last or (cfg.eval_every and self.step % cfg.eval_every == 0):
@@ -227,7 +229,7 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
                             mem=f"{row['peak_memory_bytes'] / 2**30:.2f}GiB")
-            if last or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+            if last or self.step == stop or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
                 self.save()
         bar.close()
         rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
