@@ -167,7 +167,7 @@ def evoformer_attention(
             skipped. dtype: ``q``'s or float32. Each one that requires grad gets its gradient,
             summed over its broadcast dims.
         backend: ``"auto"`` or a name from ``ds4sci info`` (``"torch"``, ``"reference"``...).
-        tile_elements: upper bound on the elements of one logits tile (default 2**18); a tile
+        tile_elements: upper bound on the elements of one logits tile (default 2**20); a tile
             always holds at least one query row for all heads, ``H * L_k`` elements.
 
     Returns:
