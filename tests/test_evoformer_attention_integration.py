@@ -207,7 +207,7 @@ def test_peak_rss_stays_near_the_floor():
     shape = (1, 128, 256, 8, 8)
     proc = subprocess.run(
         [sys.executable, "-m", "ds4sci.bench.evoformer_attention", "--worker", "ds4sci",
-         ",".join(map(str, shape)), "float32", "1"],
+         ",".join(map(str, shape)), "float32"],
         capture_output=True, text=True, timeout=300, check=True,
     )
     result = json.loads(proc.stdout.strip().splitlines()[-1])

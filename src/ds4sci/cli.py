@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="versions, devices and which op backends run here")
     sub.add_parser("demo", help="Evoformer attention demo: exactness and memory vs naive PyTorch")
     bench = sub.add_parser("bench", help="run a benchmark (see benchmarks/)")
-    bench.add_argument("name", choices=["evoformer-attention"])
+    bench.add_argument("name", choices=["evoformer-attention", "genslm-memory"])
     args, rest = parser.parse_known_args(argv)
     if args.command not in ("bench", "train") and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -146,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo_main
 
         return demo_main()
-    from .bench import evoformer_attention
+    from .bench import evoformer_attention, genslm_memory
 
-    return evoformer_attention.main(rest)
+    return (evoformer_attention if args.name == "evoformer-attention" else genslm_memory).main(rest)
 
 
 if __name__ == "__main__":

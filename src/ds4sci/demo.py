@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .bench.common import run_worker
-from .bench.evoformer_attention import SHAPES, floor_bytes, logits_bytes
+from .bench.evoformer_attention import SHAPES, measure_case
 from .ops.evoformer_attention import (
     evoformer_attention, evoformer_attention_naive, evoformer_attention_reference,
 )
@@ -60,24 +59,20 @@ def main() -> int:
     key = "ds-test-256"
     shape, origin = SHAPES[key]
     print(f"\n2. Forward+backward at {origin} {list(shape)}, float32, each in a fresh process")
-    floor = floor_bytes(shape, torch.float32)
-    results = {}
-    for contender in ("ds4sci", "naive"):
-        results[contender] = run_worker("ds4sci.bench.evoformer_attention",
-                                        [contender, ",".join(map(str, shape)), "float32", "2"], timeout=600)
+    rows = {r["contender"]: r for r in measure_case(key, shape, origin, "float32", ["ds4sci", "naive"], rounds=3)}
     print(f"   {'':<22} {'peak memory':>12} {'x floor':>8} {'time':>8}")
     for contender, label in (("ds4sci", "ds4sci"), ("naive", "naive (OpenFold stock)")):
-        r = results[contender]
+        r = rows[contender]
         if r["status"] != "ok":
             print(f"   {label:<22} {r['status'].upper()}: {r.get('error', '')}")
             continue
-        print(f"   {label:<22} {r['peak_bytes'] / 2**20:>8.0f} MiB {r['peak_bytes'] / floor:>7.2f}x "
+        print(f"   {label:<22} {r['peak_bytes'] / 2**20:>8.0f} MiB {r['peak_over_floor']:>7.2f}x "
               f"{r['time_s']:>7.2f}s")
-    ours, naive = results["ds4sci"], results["naive"]
-    print(f"   floor (inputs, upstream grad, output, grads): {floor / 2**20:.0f} MiB; the logits "
-          f"tensor naive materialises: {logits_bytes(shape, torch.float32) / 2**20:.0f} MiB")
+    ours, naive = rows["ds4sci"], rows["naive"]
+    print(f"   floor (inputs, upstream grad, output, grads): {ours['floor_bytes'] / 2**20:.0f} MiB; the "
+          f"logits tensor naive materialises: {ours['logits_bytes'] / 2**20:.0f} MiB")
     if ours["status"] == naive["status"] == "ok":
-        print(f"   => {naive['peak_bytes'] / ours['peak_bytes']:.1f}x less memory, "
-              f"{naive['time_s'] / ours['time_s']:.2f}x the speed of naive PyTorch")
+        print(f"   => {naive['peak_ratio_vs_ds4sci']:.1f}x less memory, "
+              f"{naive['time_ratio_vs_ds4sci']:.2f}x the speed of naive PyTorch (median of paired runs)")
     print("\nFull benchmark: ds4sci bench evoformer-attention   ·   backends: ds4sci info")
     return 0

@@ -84,8 +84,8 @@ def limit_address_space(budget_bytes: int) -> None:
 
 
 def run_worker(module: str, args: list[str], timeout: float) -> dict:
-    """Run ``python -m module --worker args...`` in a fresh process; it prints one JSON line last."""
-    cmd = [sys.executable, "-m", module, "--worker", *args]
+    """Run ``python -m module args...`` in a fresh process; it prints one JSON line last."""
+    cmd = [sys.executable, "-m", module, *args]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

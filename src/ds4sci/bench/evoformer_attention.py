@@ -1,6 +1,8 @@
 """Benchmark: Evoformer attention forward+backward, ours vs naive PyTorch vs SDPA.
 
-Every (contender, shape, dtype) case runs in a fresh process so its peak memory is its own.
+Every (contender, shape, dtype) case runs in a fresh process so its peak memory is its own;
+times come from one more process per shape that runs the contenders in turn for several rounds
+(median time, and the median of the per-round ratios to ds4sci), so machine drift cancels.
 Peak memory is the rise of the resident set over the process's state after imports and a tiny
 warm-up call; the *floor* is the bytes that must exist anyway: q, k, v, both biases, the
 output, the upstream gradient and the returned gradients (q, k, v, pair bias). The mask bias
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -87,8 +90,8 @@ def _step(fn, inputs):
     return out
 
 
-def worker(contender: str, shape: tuple, dtype_name: str, max_reps: int) -> dict:
-    """One case in this (fresh) process; returns the measurement as a dict."""
+def worker(contender: str, shape: tuple, dtype_name: str) -> dict:
+    """Peak memory of one fwd+bwd in this (fresh) process; also its (cold) time."""
     dtype = DTYPES[dtype_name]
     fn = _contender(contender)
     _step(fn, _inputs((1, 2, 5, 2, shape[-1]), dtype))  # load kernels and libraries
@@ -96,48 +99,85 @@ def worker(contender: str, shape: tuple, dtype_name: str, max_reps: int) -> dict
     reset_peak_rss()
     base = current_rss_bytes()
     inputs = _inputs(shape, dtype)
-    times = []
     try:
-        for rep in range(max_reps):
-            for t in (inputs[0], inputs[1], inputs[2], inputs[4]):
-                t.grad = None
-            start = time.perf_counter()
-            _step(fn, inputs)
-            times.append(time.perf_counter() - start)
-            if rep == 0:
-                peak = peak_rss_bytes() - base
-            if sum(times) > 20:
-                break
+        start = time.perf_counter()
+        _step(fn, inputs)
+        elapsed = time.perf_counter() - start
     except RuntimeError as err:  # allocation beyond the budget
         if "alloc" not in str(err).lower() and "memory" not in str(err).lower():
             raise
         return {"status": "oom", "error": str(err).splitlines()[0][:200]}
-    return {"status": "ok", "time_s": min(times), "reps": len(times), "peak_bytes": peak}
+    return {"status": "ok", "cold_time_s": elapsed, "peak_bytes": peak_rss_bytes() - base}
+
+
+def timing_worker(contenders: list[str], shape: tuple, dtype_name: str, rounds: int) -> dict:
+    """Contenders in turn, A B C A B C ..., on the same inputs in one process.
+
+    Returns each one's median time and the median of the per-round ratios to ds4sci, so a
+    drift in machine speed hits every contender alike.
+    """
+    dtype = DTYPES[dtype_name]
+    fns = {c: _contender(c) for c in contenders}
+    inputs = _inputs(shape, dtype)
+    for fn in fns.values():
+        _step(fn, inputs)  # warm-up at this shape
+    times = {c: [] for c in contenders}
+    for _ in range(rounds):
+        for c, fn in fns.items():
+            for t in (inputs[0], inputs[1], inputs[2], inputs[4]):
+                t.grad = None
+            start = time.perf_counter()
+            _step(fn, inputs)
+            times[c].append(time.perf_counter() - start)
+    result = {c: {"time_s": statistics.median(ts), "time_min_s": min(ts), "rounds": rounds}
+              for c, ts in times.items()}
+    if "ds4sci" in times:
+        for c, ts in times.items():
+            result[c]["time_ratio_vs_ds4sci"] = statistics.median(
+                t / ours for t, ours in zip(ts, times["ds4sci"]))
+    return result
+
+
+def measure_case(shape_key: str, shape: tuple, origin: str, dtype_name: str, contenders: list[str],
+                 rounds: int = 5) -> list[dict]:
+    """Rows for one shape and dtype: memory per contender (fresh processes), then paired timing."""
+    module = "ds4sci.bench.evoformer_attention"
+    floor = floor_bytes(shape, DTYPES[dtype_name])
+    shape_arg = ",".join(map(str, shape))
+    case_rows = {}
+    for contender in contenders:
+        result = run_worker(module, ["--worker", contender, shape_arg, dtype_name], timeout=1800)
+        row = {
+            "shape_key": shape_key, "shape": "x".join(map(str, shape)), "origin": origin,
+            "dtype": dtype_name, "contender": contender, "floor_bytes": floor,
+            "logits_bytes": logits_bytes(shape, DTYPES[dtype_name]),
+            "status": result["status"], "peak_bytes": result.get("peak_bytes"),
+            "time_s": result.get("cold_time_s"), "error": result.get("error"),
+        }
+        if row["peak_bytes"] is not None:
+            row["peak_over_floor"] = row["peak_bytes"] / floor
+        case_rows[contender] = row
+    fit = [c for c, r in case_rows.items() if r["status"] == "ok"]
+    if len(fit) > 1:  # paired timing; a lone contender keeps its cold time
+        timed = run_worker(module, ["--timing", ",".join(fit), shape_arg, dtype_name, str(rounds)],
+                           timeout=3600)
+        for c in fit:
+            case_rows[c].update(timed.get(c, {}))
+    ours = case_rows.get("ds4sci")
+    for c, row in case_rows.items():
+        if ours and ours["status"] == "ok" and row["status"] == "ok" and c != "ds4sci":
+            row["peak_ratio_vs_ds4sci"] = row["peak_bytes"] / ours["peak_bytes"]
+    return list(case_rows.values())
 
 
 def run(shapes: dict, dtypes: list[str], contenders: list[str], out_dir: Path,
-        stem: str = "evoformer_attention_cpu", max_reps: int = 3, progress=print) -> list[dict]:
+        stem: str = "evoformer_attention_cpu", rounds: int = 5, progress=print) -> list[dict]:
     rows = []
     for dtype_name in dtypes:
         for key, (shape, origin) in shapes.items():
-            floor = floor_bytes(shape, DTYPES[dtype_name])
-            for contender in contenders:
-                result = run_worker(
-                    "ds4sci.bench.evoformer_attention", [contender, ",".join(map(str, shape)), dtype_name, str(max_reps)],
-                    timeout=1800,
-                )
-                row = {
-                    "shape_key": key, "shape": "x".join(map(str, shape)), "origin": origin,
-                    "dtype": dtype_name, "contender": contender, "floor_bytes": floor,
-                    "logits_bytes": logits_bytes(shape, DTYPES[dtype_name]),
-                    "status": result["status"], "time_s": result.get("time_s"),
-                    "peak_bytes": result.get("peak_bytes"), "error": result.get("error"),
-                }
-                if row["peak_bytes"] is not None:
-                    row["peak_over_floor"] = row["peak_bytes"] / floor
+            for row in measure_case(key, shape, origin, dtype_name, contenders, rounds):
                 rows.append(row)
                 progress(_format_row(row))
-    _add_ratios(rows)
     meta = machine_info()
     meta["memory_budget_bytes"] = MEMORY_BUDGET
     json_path, csv_path = write_rows(rows, meta, out_dir, stem)
@@ -146,24 +186,14 @@ def run(shapes: dict, dtypes: list[str], contenders: list[str], out_dir: Path,
     return rows
 
 
-def _add_ratios(rows):
-    """naive/ours and sdpa/ours ratios of time and peak memory, from the same run."""
-    ours = {(r["shape_key"], r["dtype"]): r for r in rows if r["contender"] == "ds4sci"}
-    for r in rows:
-        mine = ours.get((r["shape_key"], r["dtype"]))
-        if r["contender"] == "ds4sci" or not mine or mine["status"] != "ok" or r["status"] != "ok":
-            continue
-        r["time_ratio_vs_ds4sci"] = r["time_s"] / mine["time_s"]
-        r["peak_ratio_vs_ds4sci"] = r["peak_bytes"] / mine["peak_bytes"]
-
-
 def _format_row(r) -> str:
     if r["status"] != "ok":
         return f"{r['dtype']:>8} {r['shape_key']:<18} {r['contender']:<7} {r['status'].upper()}"
+    ratio = f"  time {r['time_ratio_vs_ds4sci']:.2f}x ours" if "time_ratio_vs_ds4sci" in r else ""
     return (
         f"{r['dtype']:>8} {r['shape_key']:<18} {r['contender']:<7} {r['time_s']:8.3f} s  "
         f"peak {r['peak_bytes'] / 2**20:9.1f} MiB  floor {r['floor_bytes'] / 2**20:8.1f} MiB  "
-        f"({r['peak_over_floor']:.2f}x floor)"
+        f"({r['peak_over_floor']:.2f}x floor){ratio}"
     )
 
 
@@ -213,7 +243,8 @@ def plot(rows, path: Path, meta: dict) -> Path:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ds4sci bench evoformer-attention", description=__doc__.split("\n")[0])
-    parser.add_argument("--worker", nargs=4, metavar=("CONTENDER", "SHAPE", "DTYPE", "REPS"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=3, metavar=("CONTENDER", "SHAPE", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--timing", nargs=4, metavar=("CONTENDERS", "SHAPE", "DTYPE", "ROUNDS"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), help="subset of shapes (default all)")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["float32", "bfloat16"])
@@ -222,8 +253,13 @@ def main(argv=None) -> int:
     parser.add_argument("--stem", default=None, help="output file stem (default evoformer_attention_cpu)")
     args = parser.parse_args(argv)
     if args.worker:
-        contender, shape, dtype_name, reps = args.worker
-        print(json.dumps(worker(contender, tuple(int(s) for s in shape.split(",")), dtype_name, int(reps))))
+        contender, shape, dtype_name = args.worker
+        print(json.dumps(worker(contender, tuple(int(s) for s in shape.split(",")), dtype_name)))
+        return 0
+    if args.timing:
+        contenders, shape, dtype_name, rounds = args.timing
+        print(json.dumps(timing_worker(contenders.split(","), tuple(int(s) for s in shape.split(",")),
+                                       dtype_name, int(rounds))))
         return 0
     shapes = QUICK_SHAPES if args.quick else {k: SHAPES[k] for k in (args.shapes or SHAPES)}
     stem = args.stem or ("evoformer_attention_quick" if args.quick else "evoformer_attention_cpu")
