@@ -29,8 +29,9 @@ def test_logits_and_loss_match_hf_gpt_neox(act, parallel, rotary_pct):
     torch.testing.assert_close(our_logits, hf_out.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(our_loss, hf_out.loss, rtol=1e-5, atol=1e-6)
     back = from_hf(hf)
-    for (k, a), (k2, b) in zip(ours.state_dict().items(), back.state_dict().items()):
-        assert k == k2 and torch.equal(a, b)
+    assert back.state_dict().keys() == ours.state_dict().keys()
+    for k, a in ours.state_dict().items():
+        assert torch.equal(a, back.state_dict()[k]), k
 
 
 def test_from_hf_directory_round_trip(tmp_path):
@@ -66,6 +67,8 @@ def _loss_and_grads(config, ids, labels):
     {"activation_checkpointing": "selective"},
     {"loss_chunk_size": 7},
     {"loss_chunk_size": 7, "activation_checkpointing": "full"},
+    {"mlp_chunk_size": 9},
+    {"mlp_chunk_size": 9, "activation_checkpointing": "full", "loss_chunk_size": 16},
 ])
 def test_memory_techniques_give_same_loss_and_grads(change):
     ids = _ids(length=41)
@@ -119,6 +122,8 @@ def test_no_quadratic_tensor_in_forward_and_backward():
     ({"rotary_pct": 1.5}, "rotary_pct=1.5"),
     ({"num_hidden_layers": 0}, "num_hidden_layers=0"),
     ({"loss_chunk_size": 0}, "loss_chunk_size=0"),
+    ({"mlp_chunk_size": 0}, "mlp_chunk_size=0"),
+    ({"hidden_size": 48, "num_attention_heads": 4, "rotary_pct": 0.25}, "rotary dims .* = 3 is odd"),
 ])
 def test_bad_config_errors(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -135,6 +140,13 @@ def test_bad_inputs_and_unknown_fields():
         GenSLMConfig.from_dict({"hidden": 3})
     with pytest.raises(ValueError, match="unknown GenSLM preset"):
         preset("genslm-1t")
+
+
+def test_half_precision_model_keeps_rotary_angles_exact():
+    model = GenSLM(TINY)
+    cos32, _ = model.rotary(torch.arange(9000, 9010))
+    cos16, _ = model.half().rotary(torch.arange(9000, 9010))
+    assert torch.equal(cos32, cos16)
 
 
 def test_presets_have_genslm_shapes():

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "train":
                 return train(args, rest)
             return embed(args) if args.command == "embed" else generate(args)
-        except (ValueError, FileNotFoundError, CheckpointError) as err:
+        except (ValueError, TypeError, FileNotFoundError, CheckpointError) as err:
             print(f"ds4sci {args.command}: error: {err}", file=sys.stderr)
             return 2
     if args.command == "info":

@@ -182,8 +182,41 @@ def run(shapes: dict, dtypes: list[str], contenders: list[str], out_dir: Path,
     meta["memory_budget_bytes"] = MEMORY_BUDGET
     json_path, csv_path = write_rows(rows, meta, out_dir, stem)
     png = plot(rows, out_dir / f"{stem}.png", meta)
-    progress(f"wrote {json_path}, {csv_path}, {png}")
+    (out_dir / f"{stem}.md").write_text(summary_markdown(rows))
+    progress(f"wrote {json_path}, {csv_path}, {png}, {stem}.md")
     return rows
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    """A table per dtype: peak memory (x floor) and time of each contender, ratios to ds4sci."""
+    lines = []
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        lines += [f"**{dtype}**", "",
+                  "| shape [B,N,L,H,D] | floor | ds4sci peak | naive peak | SDPA peak | ds4sci time | naive time | SDPA time |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for key in dict.fromkeys(r["shape_key"] for r in rows):
+            case = {r["contender"]: r for r in rows if r["dtype"] == dtype and r["shape_key"] == key}
+            if not case:
+                continue
+            any_row = next(iter(case.values()))
+            cells = [f"{key} ({any_row['shape'].replace('x', ',')})", f"{any_row['floor_bytes'] / 2**20:,.0f} MiB"]
+            for c in CONTENDERS:
+                r = case.get(c)
+                if r is None or r["status"] != "ok":
+                    cells.append(r["status"].upper() if r else "-")
+                    continue
+                ratio = f", {r['peak_ratio_vs_ds4sci']:.1f}x ours" if "peak_ratio_vs_ds4sci" in r else ""
+                cells.append(f"{r['peak_bytes'] / 2**20:,.0f} MiB ({r['peak_over_floor']:.2f}x floor{ratio})")
+            for c in CONTENDERS:
+                r = case.get(c)
+                if r is None or r["status"] != "ok":
+                    cells.append(r["status"].upper() if r else "-")
+                    continue
+                ratio = f" ({r['time_ratio_vs_ds4sci']:.2f}x ours)" if c != "ds4sci" and "time_ratio_vs_ds4sci" in r else ""
+                cells.append(f"{r['time_s']:.2f} s{ratio}")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _format_row(r) -> str:

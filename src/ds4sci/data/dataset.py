@@ -30,8 +30,8 @@ def build_token_dir(
     frame: int = 0,
 ) -> dict:
     """Tokenize ``(name, sequence)`` records into ``out_dir``; returns the metadata written."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"build_token_dir: val_fraction={val_fraction}; expected in [0, 1)")
+    if not 0.0 <= val_fraction <= 0.5:
+        raise ValueError(f"build_token_dir: val_fraction={val_fraction}; expected in [0, 0.5]")
     if len(tokenizer) > 256:
         raise ValueError(f"build_token_dir: vocabulary of {len(tokenizer)} does not fit uint8 tokens")
     out_dir = Path(out_dir)
@@ -50,6 +50,8 @@ def build_token_dir(
     finally:
         for f in files.values():
             f.close()
+    if not names["train"]:
+        raise ValueError(f"build_token_dir: no training records (read {len(names['val'])} records in all)")
     for s in SPLITS:
         os.replace(out_dir / f"{s}.tokens.tmp", out_dir / f"{s}.tokens")
         np.save(out_dir / f"{s}.index.npy", np.asarray(offsets[s], dtype=np.int64))
@@ -59,8 +61,6 @@ def build_token_dir(
         "names": names,
     }
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=1))
-    if not names["train"]:
-        raise ValueError(f"build_token_dir: no training records were written to {out_dir}")
     return meta
 
 

@@ -33,12 +33,14 @@ class Variant:
 
 def _mutate(seq: str, rng: np.random.Generator, sub_rate, indel_rate, kappa, c_to_t_excess):
     chars = list(seq)
-    n_subs = rng.poisson(sub_rate * len(chars))
+    n_draws = rng.poisson(sub_rate * len(chars))
     p_transition = kappa / (kappa + 2.0)
-    for pos in rng.choice(len(chars), size=min(n_subs, len(chars)), replace=False):
+    n_subs = 0
+    for pos in rng.choice(len(chars), size=min(n_draws, len(chars)), replace=False):
         base = chars[pos]
-        if base not in _TRANSITION:
+        if base not in _TRANSITION:  # ambiguity codes stay as they are
             continue
+        n_subs += 1
         if base == "C" and rng.random() < c_to_t_excess:
             chars[pos] = "T"
         elif rng.random() < p_transition:

@@ -1,10 +1,11 @@
 """Atomic, verified checkpoints: model weights in safetensors, the rest in a torch file.
 
 A checkpoint is a directory ``step-NNNNNNNN/`` holding ``model.safetensors``, ``state.pt``
-(optimizer, scheduler, RNG states, data position, config) and ``manifest.json`` (size and
-sha256 of each file). It is written under a temporary name and renamed into place, and
-``latest`` (a one-line file naming it) is replaced atomically after that, so a crash at any
-moment leaves the previous checkpoint intact. Loading verifies the manifest first: a truncated
+(optimizer, scheduler, RNG state, data position, config; tensors and plain values only, loaded
+with ``weights_only=True``) and ``manifest.json`` (size and
+sha256 of each file). It is written under a temporary name, fsynced, and renamed into place;
+``latest`` (a one-line file naming it) is replaced atomically after that, and older checkpoints
+are pruned last, so a crash or power loss at any moment leaves a complete checkpoint. Loading verifies the manifest first: a truncated
 or altered file is refused with a message naming it.
 """
 
@@ -35,6 +36,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _replace_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -57,12 +66,24 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, state: di
     manifest = {"step": step, "files": {name: {"bytes": (tmp / name).stat().st_size,
                                                "sha256": _sha256(tmp / name)} for name in FILES}}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _replace_text(root / "latest", final.name + "\n")
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+    for name in (*FILES, MANIFEST):
+        _fsync(tmp / name)
+    _fsync(tmp)
+    if final.exists():  # re-saving a step: move the old copy aside, never leave a gap
+        old = root / f".step-{step:08d}.old"
         shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync(root)
+    _replace_text(root / "latest", final.name + "\n")
+    _fsync(root)
+    # Only older steps are pruned, and only once the new one is durable.
+    older = sorted(p for p in root.glob("step-*") if p.is_dir() and int(p.name[5:]) < step)
+    for stale in older[: max(0, len(older) - (keep - 1))]:
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
@@ -96,5 +117,6 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
                 f"checkpoint {path}: {name} is corrupt (size or sha256 differs from {MANIFEST})"
             )
     model_state = load_file(path / FILES[0])
-    state = torch.load(path / FILES[1], map_location="cpu", weights_only=False)
+    # weights_only: a checkpoint is data, never code (no arbitrary unpickling).
+    state = torch.load(path / FILES[1], map_location="cpu", weights_only=True)
     return model_state, state

@@ -42,8 +42,8 @@ class DataConfig:
             raise ValueError(f"data.on_bad={self.on_bad!r}; expected 'skip' or 'error'")
         if self.frame not in (0, 1, 2):
             raise ValueError(f"data.frame={self.frame}; expected 0, 1 or 2")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction={self.val_fraction}; expected in [0, 1)")
+        if not 0.0 <= self.val_fraction <= 0.5:
+            raise ValueError(f"data.val_fraction={self.val_fraction}; expected in [0, 0.5]")
         if self.max_tokens is not None and self.max_tokens < 2:
             raise ValueError(f"data.max_tokens={self.max_tokens}; expected >= 2 or null")
         if self.n_simulated < 0:
@@ -106,6 +106,10 @@ class TrainConfig:
     """How many most recent checkpoints to keep."""
     progress: bool = True
     """Show a progress bar."""
+    overwrite: bool = False
+    """Replace the checkpoints of an earlier run in out_dir (otherwise refused)."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto (CUDA when available)."""
 
     def __post_init__(self):
         if self.precision not in ("fp32", "bf16"):
@@ -148,7 +152,11 @@ def _coerce(dotted: str, value, hint):
 
 def _set(cfg: TrainConfig, dotted: str, value) -> None:
     if dotted.startswith("model."):
-        cfg.model_changes[dotted[len("model."):]] = value
+        name = dotted[len("model."):]
+        hints = typing.get_type_hints(GenSLMConfig)
+        if name not in hints:
+            raise ValueError(f"unknown config key {dotted!r}; model fields: {sorted(hints)}")
+        cfg.model_changes[name] = _coerce(dotted, value, hints[name])
         return
     *parents, leaf = dotted.split(".")
     target = cfg

@@ -5,8 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def peak_memory_bytes() -> int:
-    """Peak resident memory of this process (Linux VmHWM; ru_maxrss elsewhere)."""
+def peak_memory_bytes(device=None) -> int:
+    """Peak memory: the accelerator's peak allocation on CUDA, else this process's peak RSS
+    (Linux VmHWM; ru_maxrss elsewhere)."""
+    import torch
+
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -29,7 +34,7 @@ def plot_metrics(rows: list[dict], path: Path, title: str = "") -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss (nats/token)")
-    val = [(r["step"], r["val_perplexity"]) for r in rows if "val_perplexity" in r]
+    val = [(r["step"], r["val_perplexity"]) for r in rows if r.get("val_perplexity") is not None]
     if val:
         import math
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..data.corpus import default_records
@@ -71,6 +70,7 @@ def prepare_data(cfg: TrainConfig, tokenizer: CodonTokenizer) -> Path:
     stamp = json.dumps({k: v for k, v in cfg.to_dict()["data"].items() if k != "max_tokens"}, sort_keys=True)
     stamp_file = token_dir / "config.json"
     if not (stamp_file.is_file() and stamp_file.read_text() == stamp):
+        stamp_file.unlink(missing_ok=True)  # a build that dies half-way is redone next time
         build_token_dir(_records(cfg), tokenizer, token_dir, cfg.data.val_fraction, cfg.data.frame)
         stamp_file.write_text(stamp)
     return token_dir
@@ -79,9 +79,10 @@ def prepare_data(cfg: TrainConfig, tokenizer: CodonTokenizer) -> Path:
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Linear warmup to 1, then cosine down to ``min_lr_ratio`` at ``max_steps``."""
     o = cfg.optim
-    if step < o.warmup_steps:
+    if step < o.warmup_steps:  # step is 0-based: the first step runs at lr / warmup_steps
         return (step + 1) / o.warmup_steps
-    progress = (step - o.warmup_steps) / max(1, o.max_steps - o.warmup_steps)
+    # The last step (max_steps - 1) runs at exactly min_lr_ratio.
+    progress = (step - o.warmup_steps + 1) / max(1, o.max_steps - o.warmup_steps)
     return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -93,28 +94,48 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Torch's generators: the only randomness training draws on (data order is seeded apart)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# Settings a resumed run may change without changing its numbers (max_steps extends the run,
+# which moves the cosine schedule from then on).
+_RESUMABLE_CHANGES = {"optim.max_steps", "progress", "eval_every", "checkpoint_every",
+                      "keep_checkpoints", "out_dir", "overwrite", "device"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "model_changes":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 @torch.no_grad()
-def evaluate(model: GenSLM, data: TokenDataset, pad_id: int, precision: str) -> float:
+def evaluate(model: GenSLM, data: TokenDataset, pad_id: int, precision: str, device: torch.device) -> float | None:
     """Validation perplexity: exp of the mean next-token loss over every validation token."""
     model.eval()
     total, count = 0.0, 0
     for i in range(len(data)):
-        ids, labels = collate([data[i]], pad_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        ids, labels = (t.to(device) for t in collate([data[i]], pad_id))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = model(ids, labels=labels)
         total += out.loss.item() * out.num_tokens.item()
         count += out.num_tokens.item()
     model.train()
-    return math.exp(total / count) if count else float("nan")
+    return math.exp(total / count) if count else None
 
 
 class Trainer:
@@ -122,9 +143,15 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
+        if not resume and latest_checkpoint(self.out) is not None:
+            if not cfg.overwrite:
+                raise ValueError(
+                    f"out_dir {self.out} already holds a run's checkpoints; pass --resume to continue "
+                    f"it, --overwrite=true to replace it, or choose another --out_dir"
+                )
+            shutil.rmtree(self.out / "checkpoints")
+        self.device = _device(cfg.device)
         torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        random.seed(cfg.seed)
         self.tokenizer = CodonTokenizer(cfg.data.vocab)
         token_dir = prepare_data(cfg, self.tokenizer)
         self.train_data = TokenDataset(token_dir, "train", cfg.data.max_tokens)
@@ -133,7 +160,7 @@ class Trainer:
         model_config = cfg.model_config()
         if model_config.vocab_size < len(self.tokenizer):
             raise ValueError(f"model vocab_size={model_config.vocab_size} < tokenizer's {len(self.tokenizer)}")
-        self.model = GenSLM(model_config)
+        self.model = GenSLM(model_config).to(self.device)
         self.optimizer = _optimizer(self.model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.sampler = RecordSampler(len(self.train_data), cfg.seed)
@@ -151,6 +178,14 @@ class Trainer:
         if ckpt is None:
             raise CheckpointError(f"--resume: no checkpoint in {self.out / 'checkpoints'}")
         model_state, state = load_checkpoint(ckpt)
+        saved, now = _flat(state["config"]["train"]), _flat(self.cfg.to_dict())
+        changed = {k: (saved.get(k), now.get(k)) for k in saved.keys() | now.keys()
+                   if k not in _RESUMABLE_CHANGES and saved.get(k) != now.get(k)}
+        if changed:
+            raise CheckpointError(
+                f"checkpoint {ckpt} was made with other settings, (saved, now): {changed}; resume "
+                f"with the same config (only {sorted(_RESUMABLE_CHANGES)} may change)"
+            )
         saved_model = state["config"]["model_config"]
         if saved_model != self.model.config.to_dict():
             diff = {k: (saved_model.get(k), v) for k, v in self.model.config.to_dict().items() if saved_model.get(k) != v}
@@ -187,13 +222,14 @@ class Trainer:
         micro = []
         for _ in range(o.grad_accum):
             indices, self.position = self.sampler.take(self.position, o.batch_size)
-            micro.append(collate([self.train_data[i] for i in indices], self.pad_id))
+            ids, labels = collate([self.train_data[i] for i in indices], self.pad_id)
+            micro.append((ids.to(self.device), labels.to(self.device)))
         # Every micro-batch's loss is weighted by its share of the step's predicted tokens.
         total_tokens = sum(int((labels[:, 1:] != -100).sum()) for _, labels in micro)
         loss_sum = 0.0
         start = time.perf_counter()
         for ids, labels in micro:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
                 out = self.model(ids, labels=labels)
             (out.loss * (out.num_tokens / max(total_tokens, 1))).backward()
             loss_sum += out.loss.item() * out.num_tokens.item()
@@ -207,7 +243,7 @@ class Trainer:
         elapsed = time.perf_counter() - start
         return {"step": self.step, "loss": loss_sum / max(total_tokens, 1), "lr": lr,
                 "grad_norm": float(grad_norm), "tokens": total_tokens,
-                "tokens_per_s": total_tokens / elapsed, "peak_memory_bytes": peak_memory_bytes(),
+                "tokens_per_s": total_tokens / elapsed, "peak_memory_bytes": peak_memory_bytes(self.device),
                 "epoch": self.position.epoch}
 
     def fit(self, until_step: int | None = None) -> dict:
@@ -224,7 +260,7 @@ class Trainer:
             row = self.train_step()
             last = self.step == cfg.optim.max_steps
             if last or (cfg.eval_every and self.step % cfg.eval_every == 0):
-                row["val_perplexity"] = evaluate(self.model, self.val_data, self.pad_id, cfg.precision)
+                row["val_perplexity"] = evaluate(self.model, self.val_data, self.pad_id, cfg.precision, self.device)
             self._log(row)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
@@ -238,6 +274,15 @@ class Trainer:
 
     def _data_label(self) -> str:
         return "embedded SARS-CoV-2 corpus" if not self.cfg.data.fasta else ", ".join(self.cfg.data.fasta)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available here; use device=cpu or auto")
+    return device
 
 
 def _yaml(data: dict) -> str:

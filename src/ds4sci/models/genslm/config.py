@@ -42,6 +42,9 @@ class GenSLMConfig:
     """Recompute activations in backward: none, full (whole layer) or selective (MLP only)."""
     loss_chunk_size: int | None = 4096
     """Tokens per chunk of the fused final projection + cross-entropy; None = whole sequence."""
+    mlp_chunk_size: int | None = None
+    """Tokens per chunk of the MLP, each chunk recomputed in backward, so the ``[S, 4E]``
+    activations exist one chunk at a time (tiled MLP); None = whole sequence."""
 
     def __post_init__(self):
         positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -56,6 +59,11 @@ class GenSLMConfig:
             )
         if not 0.0 <= self.rotary_pct <= 1.0:
             raise ValueError(f"GenSLMConfig: rotary_pct={self.rotary_pct}; expected in [0, 1]")
+        if self.rotary_dims % 2:
+            raise ValueError(
+                f"GenSLMConfig: rotary dims int(head_dim {self.head_dim} * rotary_pct {self.rotary_pct}) "
+                f"= {self.rotary_dims} is odd; rotary embedding needs an even number"
+            )
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"GenSLMConfig: hidden_act={self.hidden_act!r}; expected one of {_ACTIVATIONS}")
         if self.activation_checkpointing not in _CHECKPOINTING:
@@ -63,8 +71,10 @@ class GenSLMConfig:
                 f"GenSLMConfig: activation_checkpointing={self.activation_checkpointing!r}; "
                 f"expected one of {_CHECKPOINTING}"
             )
-        if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
-            raise ValueError(f"GenSLMConfig: loss_chunk_size={self.loss_chunk_size}; expected >= 1 or None")
+        for name in ("loss_chunk_size", "mlp_chunk_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"GenSLMConfig: {name}={value}; expected >= 1 or None")
 
     @property
     def head_dim(self) -> int:

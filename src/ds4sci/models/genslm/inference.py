@@ -21,12 +21,12 @@ def load_model(path: str | Path) -> tuple[GenSLM, CodonTokenizer]:
     if (path / "config.json").is_file():
         from .interop import from_hf
 
-        return from_hf(path).eval(), CodonTokenizer()
+        return from_hf(path).float().eval(), CodonTokenizer()  # GenSLM ships fp16 weights
     ckpt = latest_checkpoint(path) if (path / "checkpoints").is_dir() else path
     if ckpt is None:
         raise FileNotFoundError(f"{path}: no checkpoint found")
     model_state, state = load_checkpoint(ckpt)
-    model = GenSLM(GenSLMConfig.from_dict(state["config"]["model_config"]))
+    model = GenSLM(GenSLMConfig.from_dict(dict(state["config"]["model_config"])))
     model.load_state_dict(model_state)
     vocab = state["config"]["train"]["data"]["vocab"]
     return model.eval(), CodonTokenizer(vocab)
@@ -58,14 +58,18 @@ def generate(model: GenSLM, tokenizer: CodonTokenizer, prompt: str, max_new_toke
         raise ValueError(f"generate: temperature={temperature}; expected > 0")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"generate: top_p={top_p}; expected in (0, 1]")
-    ids = [i for i in tokenizer.encode(prompt, frame=0) if i not in (tokenizer.eos_id,)]
-    if not ids:
-        raise ValueError(f"generate: prompt {prompt!r} has no complete codon")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"generate: top_k={top_k}; expected >= 1 (or None for no top-k)")
+    codons = tokenizer.codons(prompt)
+    if not codons or len(codons[-1]) != 3:
+        raise ValueError(f"generate: prompt {prompt!r} must be whole codons (a multiple of 3 nucleotides)")
+    ids = [i for i in tokenizer.encode(prompt) if i != tokenizer.eos_id]
     allowed = torch.zeros(model.config.vocab_size, dtype=torch.bool)
     allowed[list(tokenizer.codon_ids.values())] = True
     gen = torch.Generator().manual_seed(seed)
     for _ in range(max_new_tokens):
-        logits = model(torch.tensor([ids])).logits[0, -1].float() / temperature
+        # Only the last position's logits are needed: never build [S, vocab].
+        logits = model.embed_out(model.hidden_states(torch.tensor([ids]))[0, -1]).float() / temperature
         logits[~allowed] = float("-inf")
         if top_k is not None:
             kth = torch.topk(logits, min(top_k, int(allowed.sum()))).values[-1]

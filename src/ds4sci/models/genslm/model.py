@@ -37,17 +37,21 @@ def _activation(name: str):
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary angles for the given positions only (GPT-NeoX: halves rotated, ``cat(f, f)``)."""
+    """Rotary angles for the given positions only (GPT-NeoX: halves rotated, ``cat(f, f)``).
+
+    Frequencies are computed in fp32 at each call, not kept as a buffer, so casting the model to
+    half precision cannot round them (which would ruin the angles at long positions).
+    """
 
     def __init__(self, dims: int, base: float):
         super().__init__()
-        self.dims = dims
-        inv_freq = 1.0 / (base ** (torch.arange(0, dims, 2, dtype=torch.float32) / dims))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.dims, self.base = dims, base
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions ``[S]`` (int) -> cos, sin ``[S, dims]`` in fp32."""
-        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        exponents = torch.arange(0, self.dims, 2, dtype=torch.float32, device=positions.device) / self.dims
+        inv_freq = 1.0 / (self.base**exponents)
+        freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
         angles = torch.cat((freqs, freqs), dim=-1)
         return angles.cos(), angles.sin()
 
@@ -97,16 +101,26 @@ class Layer(nn.Module):
         super().__init__()
         self.parallel = config.use_parallel_residual
         self.selective_checkpoint = config.activation_checkpointing == "selective"
+        self.mlp_chunk_size = config.mlp_chunk_size
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attention = Attention(config)
         self.mlp = MLP(config)
 
-    def _mlp(self, x):
-        if self.selective_checkpoint and torch.is_grad_enabled():
-            # The MLP's [S, 4E] activations are the largest per layer: keep only its input.
-            return checkpoint(lambda y: self.mlp(self.post_attention_layernorm(y)), x, use_reentrant=False)
+    def _mlp_block(self, x):
         return self.mlp(self.post_attention_layernorm(x))
+
+    def _mlp(self, x_BSE):
+        # The MLP's [S, 4E] activations are the largest per layer. Selective checkpointing keeps
+        # only its input; the tiled MLP also recomputes it one sequence chunk at a time.
+        recompute = torch.is_grad_enabled() and (self.selective_checkpoint or self.mlp_chunk_size)
+        chunk = self.mlp_chunk_size or x_BSE.shape[1]
+        outs = []
+        for start in range(0, x_BSE.shape[1], chunk):
+            piece = x_BSE[:, start : start + chunk]
+            outs.append(checkpoint(self._mlp_block, piece, use_reentrant=False) if recompute
+                        else self._mlp_block(piece))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     def forward(self, x_BSE, cos, sin):
         attn = self.attention(self.input_layernorm(x_BSE), cos, sin)
@@ -151,7 +165,8 @@ class GenSLM(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def hidden_states(self, input_ids: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
-        """Final-layer-normed hidden states ``[B, S, E]``."""
+        """Final-layer-normed hidden states ``[B, S, E]`` (``position_offset``: position of the
+        first token, for a sequence shard that does not start at 0)."""
         if input_ids.dim() != 2:
             raise ValueError(f"GenSLM: input_ids has shape {tuple(input_ids.shape)}; expected [B, S]")
         if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
