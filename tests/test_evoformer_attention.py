@@ -85,11 +85,17 @@ def test_other_broadcast_patterns(bias_shape, dtype):
 
 
 def test_gather_path_when_batch_chunks_cross_bias_rows():
-    # Bias varies along the first leading dim only and chunks of 3 rows span two bias rows.
+    # Bias 0 varies along the first leading dim only: chunks of 3 flat rows span two of its rows.
+    # Bias 1 varies along the second: within a chunk its rows jump back (gather).
+    from ds4sci.ops.evoformer_attention.torch_tiled import _chunks, _FlatBias
+
     lead, l_q, l_k, heads, dim = (4, 5), 3, 6, 2, 8
     q, k, v, biases, do = make_inputs(lead, l_q, l_k, heads, dim, torch.float64,
                                       [(4, 1, 1, 3, 6), (1, 5, 2, 1, 6)], [True, True])
-    tile = 3 * heads * l_q * l_k  # three flat batch rows per chunk
+    tile = 3 * heads * l_k * max(l_q, dim)  # three flat batch rows per chunk
+    kinds = {_FlatBias(b, lead, True).batch_slice(b0, b1).kind
+             for b in biases for b0, b1, _ in _chunks(20, l_q, l_k, heads, dim, tile)}
+    assert kinds == {"const", "range", "gather"}
     ours = run_with_grads(lambda *a: evoformer_attention(*a[:3], a[3], tile_elements=tile),
                           q, k, v, biases, do)
     for o, t in zip(ours, truth(q, k, v, biases, do)):
@@ -106,9 +112,12 @@ def test_gradcheck_float64(tile):
 
 
 def test_expanded_mask_is_not_copied_and_matches():
+    from ds4sci.ops.evoformer_attention.torch_tiled import _FlatBias
+
     lead, l_q, l_k, heads, dim = (2, 3), 9, 9, 2, 8
     q, k, v, _, do = make_inputs(lead, l_q, l_k, heads, dim, torch.float64)
     mask = torch.randn(2, 3, 1, 1, l_k, dtype=torch.float64).expand(2, 3, heads, l_q, l_k)
+    assert _FlatBias(mask, lead, narrow_expanded=True).rows.numel() == 2 * 3 * l_k
     out = evoformer_attention(q, k, v, [mask])
     ref = evoformer_attention_reference(q, k, v, [mask], compute_dtype=torch.float64)
     torch.testing.assert_close(out, ref)

@@ -1,6 +1,7 @@
 """Evoformer attention with the rest of PyTorch, its errors, dispatch and memory bound."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -36,6 +37,16 @@ def test_activation_checkpointing_gives_same_grads():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_autocast_leaves_float64_alone_and_accepts_half_bias():
+    q, k, v, biases, _ = _canonical(torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert evoformer_attention(q, k, v, biases).dtype == torch.float64
+    q, k, v, (mask, pair), _ = _canonical(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = evoformer_attention(q, k, v, [mask.bfloat16(), pair])
+    assert out.dtype == torch.bfloat16
+
+
 def test_autocast_casts_to_autocast_dtype():
     q, k, v, biases, do = _canonical(torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -47,7 +58,13 @@ def test_autocast_casts_to_autocast_dtype():
     torch.testing.assert_close(out.float(), ref, rtol=0, atol=2e-2)
 
 
-@pytest.mark.parametrize("compile_backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+_NO_COMPILER = shutil.which("c++") is None and shutil.which("g++") is None
+
+
+@pytest.mark.parametrize("compile_backend", [
+    "aot_eager",
+    pytest.param("inductor", marks=[pytest.mark.slow, pytest.mark.skipif(_NO_COMPILER, reason="inductor needs a C++ compiler")]),
+])
 def test_torch_compile_fullgraph(compile_backend):
     q, k, v, biases, do = _canonical()
 
@@ -61,14 +78,20 @@ def test_torch_compile_fullgraph(compile_backend):
         torch.testing.assert_close(a, b)
 
 
-def test_custom_ops_pass_opcheck():
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("layout", ["contiguous", "permuted"])
+def test_custom_ops_pass_opcheck(backend, layout):
     q, k, v, (mask, pair), do = _canonical()
     from ds4sci.ops.evoformer_attention.op import _bwd_op, _fwd_op
 
-    args = (q.detach(), k.detach(), v.detach(), [mask, pair.detach()], "torch", 4096)
+    q = q.detach()
+    if layout == "permuted":  # dense but not contiguous: outputs must still match the fake
+        q = q.transpose(-2, -3).contiguous().transpose(-2, -3)
+    args = (q, k.detach(), v.detach(), [mask, pair.detach()], backend, 4096)
     torch.library.opcheck(_fwd_op, args, test_utils=("test_schema", "test_faketensor"))
     out, stats = _fwd_op(*args)
-    bwd_args = (do, *args[:4], out, stats, [False, True], "torch", 4096)
+    assert out.is_contiguous()
+    bwd_args = (do, *args[:4], out, stats, [False, True], backend, 4096)
     torch.library.opcheck(_bwd_op, bwd_args, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -141,10 +164,12 @@ def test_bad_tile_elements():
 # --- dispatch ---------------------------------------------------------------------------------
 
 def test_auto_picks_torch_and_explicit_backends_work():
-    q, k, v, biases, _ = _canonical()
+    q, k, v, biases, do = _canonical()
     assert dispatch.select("auto", q, biases).name == "torch"
-    ref = evoformer_attention(q, k, v, biases, backend="reference")
-    torch.testing.assert_close(evoformer_attention(q, k, v, biases, backend="torch"), ref)
+    results = [run_with_grads(lambda q, k, v, b: evoformer_attention(q, k, v, b, backend=name),
+                              q, k, v, biases, do) for name in ("reference", "torch")]
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
 
 
 def test_unknown_backend_lists_known_ones():

@@ -94,7 +94,8 @@ def run_worker(module: str, args: list[str], timeout: float) -> dict:
     if proc.returncode == 0 and lines:
         return json.loads(lines[-1])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    oom = proc.returncode in (-9, 137) or any("alloc" in t.lower() or "memory" in t.lower() for t in tail)
+    oom = proc.returncode in (-9, 137) or any(
+        "can't allocate" in t.lower() or "out of memory" in t.lower() for t in tail)
     return {"status": "oom" if oom else "error", "error": " | ".join(tail)[-400:]}
 
 

@@ -104,7 +104,7 @@ def worker(contender: str, shape: tuple, dtype_name: str) -> dict:
         _step(fn, inputs)
         elapsed = time.perf_counter() - start
     except RuntimeError as err:  # allocation beyond the budget
-        if "alloc" not in str(err).lower() and "memory" not in str(err).lower():
+        if "can't allocate" not in str(err).lower() and "out of memory" not in str(err).lower():
             raise
         return {"status": "oom", "error": str(err).splitlines()[0][:200]}
     return {"status": "ok", "cold_time_s": elapsed, "peak_bytes": peak_rss_bytes() - base}

@@ -1,19 +1,15 @@
 """Evoformer attention: exact, memory-efficient attention with broadcast additive biases."""
 
-import torch
-
 from . import dispatch, reference, torch_tiled
 from .dispatch import Backend
 from .op import DS4Sci_EvoformerAttention, evoformer_attention
 from .reference import evoformer_attention_naive, evoformer_attention_reference
 
-_ALL_FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
-
 dispatch.register(
     Backend(
         name="torch",
         priority=10,
-        dtypes=_ALL_FLOATS,
+        dtypes=dispatch.FLOAT_DTYPES,
         forward=torch_tiled.forward,
         backward=torch_tiled.backward,
         description="tiled pure PyTorch, any device; fp32 tile arithmetic, logits never materialised",
@@ -23,7 +19,7 @@ dispatch.register(
     Backend(
         name="reference",
         priority=-1,
-        dtypes=_ALL_FLOATS,
+        dtypes=dispatch.FLOAT_DTYPES,
         forward=reference.forward,
         backward=reference.backward,
         description="materialised fp32 reference (the truth for tests; O(L^2) memory, never auto)",

@@ -16,6 +16,14 @@ import torch
 
 log = logging.getLogger(__name__)
 
+FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+"""Input dtypes the op accepts at all."""
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Arithmetic dtype for inputs of ``dtype``: fp32, or fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
 
 @dataclass(frozen=True)
 class Backend:
@@ -26,8 +34,9 @@ class Backend:
     dtypes: frozenset[torch.dtype]
     """Input dtypes it accepts."""
     forward: Callable
-    """``(q, k, v, biases, tile_elements) -> (out, stats)``; ``stats`` is ``[*, H, L_q, 2]``:
-    per query row the logits' max and the log of the softmax denominator (fp32)."""
+    """``(q, k, v, biases, tile_elements) -> (out, stats)``; ``stats`` is ``[*, H, L_q, 2]`` in
+    ``compute_dtype(q.dtype)``, saved for this backend's own backward (the torch backend keeps
+    each row's logits max and log softmax denominator there; the reference keeps nothing)."""
     backward: Callable
     """``(grad_out, q, k, v, biases, out, stats, bias_needs_grad, tile_elements) -> [dq, dk, dv, *dbias]``."""
     device_types: frozenset[str] | None = None

@@ -14,7 +14,6 @@ import torch
 from . import dispatch
 from .torch_tiled import DEFAULT_TILE_ELEMENTS
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @torch.library.custom_op("ds4sci::evoformer_attention_fwd", mutates_args=())
@@ -27,7 +26,8 @@ def _fwd_op(
     tile_elements: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.autocast(q.device.type, enabled=False):
-        return dispatch.get(backend).forward(q, k, v, biases, tile_elements)
+        out, stats = dispatch.get(backend).forward(q, k, v, biases, tile_elements)
+    return out.contiguous(), stats.contiguous()
 
 
 @_fwd_op.register_fake
@@ -95,7 +95,7 @@ def _check_inputs(q, k, v, biases) -> None:
     for arg, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
+        if t.dtype not in dispatch.FLOAT_DTYPES:
             raise TypeError(
                 f"{name}: {arg} has dtype {t.dtype}; expected one of float16, bfloat16, float32, float64"
             )
@@ -179,11 +179,14 @@ def evoformer_attention(
     Under autocast, ``q``, ``k``, ``v`` are cast to the autocast dtype (like SDPA).
     """
     biases = [b for b in biases if b is not None]
-    _check_inputs(q, k, v, biases)
-    if torch.is_autocast_enabled(q.device.type):
+    if all(isinstance(t, torch.Tensor) for t in (q, k, v)) and torch.is_autocast_enabled(q.device.type):
+        # Like SDPA under autocast: fp16/bf16/fp32 inputs run in the autocast dtype (not fp64).
         dtype = torch.get_autocast_dtype(q.device.type)
-        q, k, v = (t.to(dtype) for t in (q, k, v))
-        biases = [b if b.dtype in (dtype, torch.float32) else b.to(dtype) for b in biases]
+        q, k, v = (t.to(dtype) if t.dtype in (torch.float16, torch.bfloat16, torch.float32) else t
+                   for t in (q, k, v))
+        biases = [b.to(dtype) if isinstance(b, torch.Tensor) and b.dtype in (torch.float16, torch.bfloat16)
+                  else b for b in biases]
+    _check_inputs(q, k, v, biases)
     tile = DEFAULT_TILE_ELEMENTS if tile_elements is None else int(tile_elements)
     if tile < 1:
         raise ValueError(f"evoformer_attention: tile_elements={tile_elements}; expected >= 1")

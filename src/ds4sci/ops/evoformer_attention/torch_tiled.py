@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .dispatch import compute_dtype
+
 DEFAULT_TILE_ELEMENTS = 1 << 20
 """Default bound on the elements of one logits tile (4 MiB in fp32; measured best of 2**17..2**20 on CPU)."""
 
@@ -30,10 +32,6 @@ DEFAULT_TILE_ELEMENTS = 1 << 20
 # results are unchanged to fp32 rounding. Fully -inf rows are zeroed explicitly instead.
 _EXP_FLOOR = -87.0
 _EXP_FLOOR_VALUE = math.exp(_EXP_FLOOR) * 1.001
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass
@@ -60,10 +58,12 @@ class _FlatBias:
                 if b.stride(d) == 0 and b.shape[d] > 1:
                     b = b.narrow(d, 0, 1)
         self.padded_shape = tuple(b.shape)
+        self.device = b.device
         bias_lead = b.shape[:-3]
         n_rows = math.prod(bias_lead)
         self.rows = b.reshape(n_rows, *b.shape[-3:])
-        # row_of[i] = the bias row used by flat batch row i (broadcast dims contribute 0).
+        # row_of[i] = the bias row used by flat batch row i (broadcast dims contribute 0); kept on
+        # the CPU for the const/range/gather decisions, moved to the device only to gather.
         self.row_of = torch.arange(n_rows).reshape(bias_lead).expand(tuple(lead)).reshape(-1)
 
     def batch_slice(self, b0: int, b1: int) -> _BatchSlice:
@@ -73,7 +73,7 @@ class _FlatBias:
             return _BatchSlice("const", first, None)
         if int(seg[-1]) - first == b1 - b0 - 1 and bool((seg.diff() == 1).all()):
             return _BatchSlice("range", first, None)
-        return _BatchSlice("gather", first, seg)
+        return _BatchSlice("gather", first, seg.to(self.device))
 
     def tile(self, bs: _BatchSlice, n_b: int, q0: int, q1: int) -> torch.Tensor:
         """Bias values broadcastable to the ``[n_b, H, t_q, L_k]`` logits tile."""
@@ -160,7 +160,7 @@ def forward(q, k, v, biases, tile_elements: int = DEFAULT_TILE_ELEMENTS):
     cdt = compute_dtype(q.dtype)
     scale = head_dim**-0.5
     flat_biases = [_FlatBias(b, lead, narrow_expanded=True) for b in biases]
-    out = torch.empty_like(q3)
+    out = torch.empty(q3.shape, dtype=q.dtype, device=q.device)  # contiguous, like the fake
     stats = torch.empty(n_batch, heads, l_q, 2, dtype=cdt, device=q.device)
     for b0, b1, q_tiles in _chunks(n_batch, l_q, l_k, heads, head_dim, tile_elements):
         n_b = b1 - b0
@@ -201,7 +201,7 @@ def backward(grad_out, q, k, v, biases, out, stats, bias_needs_grad,
         torch.zeros(fb.rows.shape, dtype=cdt, device=q.device) if needs else None
         for fb, needs in zip(flat_biases, bias_needs_grad)
     ]
-    dq, dk, dv = torch.empty_like(q3), torch.empty_like(k3), torch.empty_like(v3)
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q3, k3, v3))
     for b0, b1, q_tiles in _chunks(n_batch, l_q, l_k, heads, head_dim, tile_elements):
         n_b = b1 - b0
         slices = [fb.batch_slice(b0, b1) for fb in flat_biases]
