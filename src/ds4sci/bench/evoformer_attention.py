@@ -171,15 +171,27 @@ def measure_case(shape_key: str, shape: tuple, origin: str, dtype_name: str, con
 
 
 def run(shapes: dict, dtypes: list[str], contenders: list[str], out_dir: Path,
-        stem: str = "evoformer_attention_cpu", rounds: int = 5, progress=print) -> list[dict]:
+        stem: str = "evoformer_attention_cpu", rounds: int = 5, progress=print,
+        update: bool = False) -> list[dict]:
+    """Measure every case and write the results; with ``update``, replace only these cases'
+    rows in an existing results file (each row records when it was measured)."""
     rows = []
     for dtype_name in dtypes:
         for key, (shape, origin) in shapes.items():
             for row in measure_case(key, shape, origin, dtype_name, contenders, rounds):
+                row["measured"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
                 rows.append(row)
                 progress(_format_row(row))
     meta = machine_info()
     meta["memory_budget_bytes"] = MEMORY_BUDGET
+    existing = out_dir / f"{stem}.json"
+    if update and existing.is_file():
+        new_cases = {(r["shape_key"], r["dtype"]) for r in rows}
+        old = json.loads(existing.read_text())
+        kept = [r for r in old["results"] if (r["shape_key"], r["dtype"]) not in new_cases]
+        order = {(r["shape_key"], r["dtype"]): i for i, r in enumerate(old["results"])}
+        rows = sorted(kept + rows, key=lambda r: order.get((r["shape_key"], r["dtype"]), len(order)))
+        meta["first_run"] = old["machine"].get("first_run", old["machine"]["date"])
     json_path, csv_path = write_rows(rows, meta, out_dir, stem)
     png = plot(rows, out_dir / f"{stem}.png", meta)
     (out_dir / f"{stem}.md").write_text(summary_markdown(rows))
@@ -284,6 +296,8 @@ def main(argv=None) -> int:
     parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     parser.add_argument("--quick", action="store_true", help="one tiny shape, a smoke test of the pipeline")
     parser.add_argument("--stem", default=None, help="output file stem (default evoformer_attention_cpu)")
+    parser.add_argument("--update", action="store_true",
+                        help="re-measure only the given shapes/dtypes and replace their rows in the results file")
     args = parser.parse_args(argv)
     if args.worker:
         contender, shape, dtype_name = args.worker
@@ -296,7 +310,7 @@ def main(argv=None) -> int:
         return 0
     shapes = QUICK_SHAPES if args.quick else {k: SHAPES[k] for k in (args.shapes or SHAPES)}
     stem = args.stem or ("evoformer_attention_quick" if args.quick else "evoformer_attention_cpu")
-    run(shapes, args.dtypes, args.contenders, args.out, stem=stem)
+    run(shapes, args.dtypes, args.contenders, args.out, stem=stem, update=args.update)
     return 0
 
 
