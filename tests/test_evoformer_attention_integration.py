@@ -9,12 +9,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ds4sci.ops.evoformer_attention import (
     Backend, dispatch, evoformer_attention, evoformer_attention_reference, torch_tiled,
 )
 from evoformer_helpers import make_inputs, run_with_grads, truth
+from memory_helpers import LargestAllocation
 
 
 def _canonical(dtype=torch.float32, lead=(1, 3), l=9, heads=2, dim=8):
@@ -198,25 +198,12 @@ def test_explicit_backend_that_cannot_run_raises_with_reasons(monkeypatch):
 
 # --- memory: no tensor of the logits' size is ever made ------------------------------------
 
-class _LargestAllocation(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_no_op_creates_a_logits_sized_tensor():
     lead, l, heads, dim, tile = (1, 32), 64, 4, 8, 8192
     q, k, v, (mask, pair), do = make_inputs(lead, l, l, heads, dim, torch.float32,
                                             [(1, 32, 1, 1, l), (1, 1, heads, l, l)], [True, True])
     logits_numel = 32 * heads * l * l
-    with torch.no_grad(), _LargestAllocation() as mode:
+    with torch.no_grad(), LargestAllocation() as mode:
         out, stats = torch_tiled.forward(q, k, v, [mask, pair], tile)
         torch_tiled.backward(do, q, k, v, [mask, pair], out, stats, [True, True], tile)
     biggest_input = max(t.numel() for t in (q, pair))

@@ -93,26 +93,16 @@ def test_padding_by_length_does_not_change_real_tokens():
 
 
 def test_no_quadratic_tensor_in_forward_and_backward():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Largest(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in torch.utils._pytree.tree_leaves(out):
-                if isinstance(t, torch.Tensor):
-                    Largest.largest = max(Largest.largest, t.numel())
-            return out
+    from memory_helpers import LargestAllocation
 
     length = 512
     model = GenSLM(TINY.replace(loss_chunk_size=64))
     ids = _ids(batch=1, length=length)
-    with Largest():
+    with LargestAllocation() as mode:
         model(ids, labels=ids).loss.backward()
     # Largest legitimate tensor: the [S, 4E] MLP activation (or the [V, E] weights).
-    assert Largest.largest <= length * TINY.intermediate_size
-    assert Largest.largest < length * length
+    assert mode.largest <= length * TINY.intermediate_size
+    assert mode.largest < length * length
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import ctypes
+import gc
 import datetime as _dt
 import json
 import os
@@ -60,7 +62,16 @@ def current_rss_bytes() -> int:
 
 
 def reset_peak_rss() -> None:
-    """Restart the high-water mark at the current RSS (Linux >= 4.0: ``clear_refs`` value 5)."""
+    """Restart the high-water mark at the current RSS (Linux >= 4.0: ``clear_refs`` value 5).
+
+    Freed heap memory is first handed back to the OS (glibc ``malloc_trim``): otherwise memory
+    cached by the allocator after a warm-up counts in the baseline and is then reused unseen.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 
@@ -83,11 +94,15 @@ def limit_address_space(budget_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (budget_bytes, budget_bytes))
 
 
-def run_worker(module: str, args: list[str], timeout: float) -> dict:
-    """Run ``python -m module args...`` in a fresh process; it prints one JSON line last."""
+def run_worker(module: str, args: list[str], timeout: float, env: dict | None = None) -> dict:
+    """Run ``python -m module args...`` in a fresh process; it prints one JSON line last.
+
+    ``env``: variables added to this process's environment for the worker.
+    """
     cmd = [sys.executable, "-m", module, *args]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
         return {"status": "timeout", "error": f"exceeded {timeout:.0f} s"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -97,6 +112,19 @@ def run_worker(module: str, args: list[str], timeout: float) -> dict:
     oom = proc.returncode in (-9, 137) or any(
         "can't allocate" in t.lower() or "out of memory" in t.lower() for t in tail)
     return {"status": "oom" if oom else "error", "error": " | ".join(tail)[-400:]}
+
+
+def merge_rows(json_path: Path, new_rows: list[dict], key, meta: dict) -> list[dict]:
+    """Rows of an existing results file with the cases in ``new_rows`` (by ``key(row)``)
+    replaced, in the file's order; ``meta`` records the first run's date."""
+    if not json_path.is_file():
+        return new_rows
+    old = json.loads(json_path.read_text())
+    replaced = {key(r) for r in new_rows}
+    order = {key(r): i for i, r in enumerate(old["results"])}
+    kept = [r for r in old["results"] if key(r) not in replaced]
+    meta["first_run"] = old["machine"].get("first_run", old["machine"]["date"])
+    return sorted(kept + new_rows, key=lambda r: order.get(key(r), len(order)))
 
 
 def write_rows(rows: list[dict], meta: dict, out_dir: Path, stem: str) -> tuple[Path, Path]:

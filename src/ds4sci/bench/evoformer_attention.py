@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from .common import (
-    current_rss_bytes, limit_address_space, machine_info, peak_rss_bytes, reset_peak_rss, run_worker,
-    write_rows,
+    current_rss_bytes, limit_address_space, machine_info, merge_rows, peak_rss_bytes, reset_peak_rss,
+    run_worker, write_rows,
 )
 
 # (B, N, L, H, D) with where it comes from.
@@ -184,14 +184,8 @@ def run(shapes: dict, dtypes: list[str], contenders: list[str], out_dir: Path,
                 progress(_format_row(row))
     meta = machine_info()
     meta["memory_budget_bytes"] = MEMORY_BUDGET
-    existing = out_dir / f"{stem}.json"
-    if update and existing.is_file():
-        new_cases = {(r["shape_key"], r["dtype"]) for r in rows}
-        old = json.loads(existing.read_text())
-        kept = [r for r in old["results"] if (r["shape_key"], r["dtype"]) not in new_cases]
-        order = {(r["shape_key"], r["dtype"]): i for i, r in enumerate(old["results"])}
-        rows = sorted(kept + rows, key=lambda r: order.get((r["shape_key"], r["dtype"]), len(order)))
-        meta["first_run"] = old["machine"].get("first_run", old["machine"]["date"])
+    if update:
+        rows = merge_rows(out_dir / f"{stem}.json", rows, lambda r: (r["shape_key"], r["dtype"]), meta)
     json_path, csv_path = write_rows(rows, meta, out_dir, stem)
     png = plot(rows, out_dir / f"{stem}.png", meta)
     (out_dir / f"{stem}.md").write_text(summary_markdown(rows))

@@ -5,7 +5,8 @@ a fresh process; peak resident memory above the process's idle state is recorded
 ``memory = a + b*S + c*S^2`` per contender predicts the longest sequence whose step fits the
 budget (20 GiB by default). Tokens/s is measured at one length for every contender.
 
-Contenders: ``ds4sci`` (full activation checkpointing, tiled MLP, chunked loss), ``hf-eager``
+Contenders: ``ds4sci`` (full activation checkpointing, tiled MLP, chunked loss),
+``ds4sci-ckpt`` (full checkpointing only: HF's memory settings, for the tokens/s comparison), ``hf-eager``
 (GenSLM's original path: GPTNeoXForCausalLM with eager attention), ``hf-sdpa`` and
 ``hf-sdpa-ckpt`` (SDPA + gradient checkpointing), all built from the same weights.
 
@@ -23,19 +24,24 @@ import numpy as np
 import torch
 
 from .common import (
-    current_rss_bytes, limit_address_space, machine_info, peak_rss_bytes, reset_peak_rss, run_worker,
-    write_rows,
+    current_rss_bytes, limit_address_space, machine_info, merge_rows, peak_rss_bytes, reset_peak_rss,
+    run_worker, write_rows,
 )
 
-CONTENDERS = ("ds4sci", "hf-eager", "hf-sdpa", "hf-sdpa-ckpt")
+CONTENDERS = ("ds4sci", "ds4sci-ckpt", "hf-eager", "hf-sdpa", "hf-sdpa-ckpt")
 LENGTHS = {
     "ds4sci": (2048, 4096, 8192, 16384, 32768),
+    "ds4sci-ckpt": (8192,),
     "hf-eager": (1024, 2048, 4096),
     "hf-sdpa": (2048, 4096, 8192, 16384),
     "hf-sdpa-ckpt": (2048, 4096, 8192, 16384),
 }
 QUICK_LENGTHS = {c: (256, 512, 1024) for c in CONTENDERS}
 BUDGET = 20 * 2**30
+# glibc keeps freed heap blocks below its mmap threshold (up to 32 MiB) resident, so without this
+# the RSS of a long-sequence step measures allocator fragmentation more than what the step needs
+# (seen here: 126 vs 37 KB/token). Every contender runs with the same setting.
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def _model(contender: str, preset_name: str):
@@ -46,6 +52,8 @@ def _model(contender: str, preset_name: str):
     if contender == "ds4sci":
         return GenSLM(config.replace(activation_checkpointing="full", loss_chunk_size=4096,
                                      mlp_chunk_size=4096))
+    if contender == "ds4sci-ckpt":  # the same memory settings as hf-sdpa-ckpt, for tokens/s
+        return GenSLM(config.replace(activation_checkpointing="full", loss_chunk_size=None))
     hf = to_hf(GenSLM(config)).train()
     hf.config._attn_implementation = "eager" if contender == "hf-eager" else "sdpa"
     if contender == "hf-sdpa-ckpt":
@@ -98,27 +106,38 @@ def fit_and_predict(lengths, peaks, budget=BUDGET) -> dict:
     return {"a": float(a), "b": float(b), "c": float(c), "predicted_max_tokens": float(s_max)}
 
 
-def run(lengths: dict, preset_name: str, out_dir: Path, stem: str, rate_length: int, progress=print):
+def run(lengths: dict, preset_name: str, out_dir: Path, stem: str, rate_length: int, progress=print,
+        update: bool = False):
+    """Measure, fit and write; with ``update``, replace only the measured contenders' rows."""
     rows = []
     for contender, ls in lengths.items():
         for length in ls:
-            r = run_worker("ds4sci.bench.genslm_memory", ["--worker", contender, str(length), preset_name], timeout=3600)
-            rows.append({"contender": contender, "length": length, "preset": preset_name, **r})
+            r = run_worker("ds4sci.bench.genslm_memory", ["--worker", contender, str(length), preset_name],
+                           timeout=3600, env=WORKER_ENV)
+            rows.append({"contender": contender, "length": length, "preset": preset_name, **r,
+                         "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "measured_now": True})
             peak = f"{r['peak_bytes'] / 2**30:7.2f} GiB" if r.get("peak_bytes") is not None else r["status"].upper()
             extra = f"  {r['time_s']:7.1f} s  {r['tokens_per_s']:8.0f} tok/s" if r["status"] == "ok" else ""
             progress(f"{contender:<13} S={length:>7}  peak {peak}{extra}")
             if r["status"] != "ok":
                 break  # longer lengths will not fit either
+    meta = machine_info()
+    if update:
+        rows = merge_rows(out_dir / f"{stem}.json", rows, lambda r: (r["contender"], r["length"]), meta)
+        stale = {r["contender"] for r in rows} & set(lengths)
+        rows = [r for r in rows if r["contender"] not in stale or r.get("measured_now")]
     fits = {}
-    for contender in lengths:
+    for contender in dict.fromkeys(r["contender"] for r in rows):
         ok = [(r["length"], r["peak_bytes"]) for r in rows if r["contender"] == contender and r["status"] == "ok"]
         if len(ok) >= 2:
             fits[contender] = fit_and_predict(*zip(*ok))
             progress(f"{contender:<13} fit: predicted max length in {BUDGET / 2**30:.0f} GiB = "
                      f"{fits[contender]['predicted_max_tokens']:,.0f} tokens")
     rate = {r["contender"]: r["tokens_per_s"] for r in rows if r["length"] == rate_length and r["status"] == "ok"}
-    meta = machine_info()
-    meta.update({"budget_bytes": BUDGET, "fits": fits, "tokens_per_s_at": rate_length, "tokens_per_s": rate})
+    for r in rows:
+        r.pop("measured_now", None)
+    meta.update({"budget_bytes": BUDGET, "fits": fits, "tokens_per_s_at": rate_length, "tokens_per_s": rate,
+                 "worker_env": WORKER_ENV})
     json_path, csv_path = write_rows(rows, meta, out_dir, stem)
     png = plot(rows, fits, out_dir / f"{stem}.png", meta)
     progress(f"wrote {json_path}, {csv_path}, {png}")
@@ -141,7 +160,7 @@ def plot(rows, fits, path: Path, meta) -> Path:
             f = fits[contender]
             s = np.geomspace(min(x for x, _ in ok), max(f["predicted_max_tokens"], 1024), 100)
             ax.plot(s, (f["a"] + f["b"] * s + f["c"] * s * s) / 2**30, "--", color=color,
-                    label=f"{contender} fit: max {f['predicted_max_tokens'] / 1024:,.0f}K tokens")
+                    label=f"{contender} fit: max {f['predicted_max_tokens']:,.0f} tokens")
     ax.axhline(meta["budget_bytes"] / 2**30, color="black", lw=1, label="budget")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -161,6 +180,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     parser.add_argument("--quick", action="store_true", help="genslm-tiny at short lengths (smoke test)")
+    parser.add_argument("--update", action="store_true",
+                        help="re-measure only the given contenders and replace their rows in the results file")
     args = parser.parse_args(argv)
     if args.worker:
         contender, length, preset_name = args.worker
@@ -169,7 +190,8 @@ def main(argv=None) -> int:
     table = QUICK_LENGTHS if args.quick else LENGTHS
     lengths = {c: table[c] for c in args.contenders}
     run(lengths, "genslm-tiny" if args.quick else "genslm-25m", args.out,
-        "genslm_memory_quick" if args.quick else "genslm_memory_cpu", 512 if args.quick else 8192)
+        "genslm_memory_quick" if args.quick else "genslm_memory_cpu", 512 if args.quick else 8192,
+        update=args.update)
     return 0
 
 

@@ -80,7 +80,9 @@ class Attention(nn.Module):
         # GPT-NeoX's fused layout: per head, [q | k | v] of head_dim each.
         qkv = self.query_key_value(x_BSE).view(b, s, self.num_heads, 3 * self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in qkv.split(self.head_dim, dim=-1))  # [B, H, S, D]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # q and k become new tensors through rotary; copying v too lets the fused [S, 3E]
+        # projection output be freed instead of being kept alive (for backward) by v's view.
+        q, k, v = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v.contiguous()
         out_BHSD = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.dense(out_BHSD.transpose(1, 2).reshape(b, s, e))
 

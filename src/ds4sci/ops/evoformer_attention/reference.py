@@ -33,20 +33,22 @@ def evoformer_attention_reference(
     this is the documented semantics that every backend follows. Finite masks (OpenFold's -1e9)
     go through the softmax like any other value.
     """
+    probs = _probabilities(q, k, biases, compute_dtype)
+    return (probs @ v.to(compute_dtype).transpose(-2, -3)).transpose(-2, -3)
+
+
+def _probabilities(q, k, biases, dtype) -> torch.Tensor:
+    """Materialised attention probabilities ``[*, H, L_q, L_k]``; fully ``-inf`` rows are 0."""
     scale = q.shape[-1] ** -0.5
-    q_HQD = q.to(compute_dtype).transpose(-2, -3)
-    k_HKD = k.to(compute_dtype).transpose(-2, -3)
-    v_HKD = v.to(compute_dtype).transpose(-2, -3)
+    q_HQD, k_HKD = (t.to(dtype).transpose(-2, -3) for t in (q, k))
     logits = (q_HQD * scale) @ k_HKD.transpose(-1, -2)
     for bias in biases:
-        logits = logits + bias.to(compute_dtype)
+        logits = logits + bias.to(dtype)
     row_max = logits.amax(dim=-1, keepdim=True)
     fully_masked = row_max == float("-inf")
     # Shift by a finite max so that exp never sees -inf - -inf.
     probs = torch.exp(logits - torch.where(fully_masked, 0.0, row_max))
-    denom = probs.sum(dim=-1, keepdim=True)
-    probs = probs / torch.where(fully_masked, 1.0, denom)
-    return (probs @ v_HKD).transpose(-2, -3)
+    return probs / torch.where(fully_masked, 1.0, probs.sum(dim=-1, keepdim=True))
 
 
 def evoformer_attention_naive(
@@ -82,13 +84,7 @@ def backward(grad_out, q, k, v, biases, out, stats, bias_needs_grad, tile_elemen
     cdt = compute_dtype(q.dtype)
     scale = q.shape[-1] ** -0.5
     q_HQD, k_HKD, v_HKD, do_HQD = (t.to(cdt).transpose(-2, -3) for t in (q, k, v, grad_out))
-    logits = (q_HQD * scale) @ k_HKD.transpose(-1, -2)
-    for bias in biases:
-        logits = logits + bias.to(cdt)
-    row_max = logits.amax(dim=-1, keepdim=True)
-    fully_masked = row_max == float("-inf")
-    probs = torch.exp(logits - torch.where(fully_masked, 0.0, row_max))
-    probs = probs / torch.where(fully_masked, 1.0, probs.sum(dim=-1, keepdim=True))
+    probs = _probabilities(q, k, biases, cdt)
     out_HQD = probs @ v_HKD
     dv = probs.transpose(-1, -2) @ do_HQD
     dprobs = do_HQD @ v_HKD.transpose(-1, -2)
