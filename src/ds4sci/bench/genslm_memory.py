@@ -180,12 +180,25 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     parser.add_argument("--quick", action="store_true", help="genslm-tiny at short lengths (smoke test)")
+    parser.add_argument("--confirm", type=int, metavar="LENGTH",
+                        help="run one real ds4sci step at LENGTH tokens and write <stem>_confirm_<LENGTH>.json")
     parser.add_argument("--update", action="store_true",
                         help="re-measure only the given contenders and replace their rows in the results file")
     args = parser.parse_args(argv)
     if args.worker:
         contender, length, preset_name = args.worker
         print(json.dumps(worker(contender, int(length), preset_name)))
+        return 0
+    preset_name = "genslm-tiny" if args.quick else "genslm-25m"
+    if args.confirm:
+        result = run_worker("ds4sci.bench.genslm_memory", ["--worker", "ds4sci", str(args.confirm), preset_name],
+                            timeout=3600, env=WORKER_ENV)
+        path = args.out / f"genslm_memory_cpu_confirm_{args.confirm}.json"
+        args.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"machine": {**machine_info(), "worker_env": WORKER_ENV},
+                                    "result": {"contender": "ds4sci", "length": args.confirm,
+                                               "preset": preset_name, **result}}, indent=2) + "\n")
+        print(f"{result} -> {path}")
         return 0
     table = QUICK_LENGTHS if args.quick else LENGTHS
     lengths = {c: table[c] for c in args.contenders}
