@@ -36,3 +36,16 @@ def test_bench_quick_writes_results(tmp_path):
     assert all(r["status"] == "ok" and r["peak_bytes"] >= 0 for r in rows)
     assert (tmp_path / "evoformer_attention_quick.csv").stat().st_size > 0
     assert (tmp_path / "evoformer_attention_quick.png").stat().st_size > 0
+
+
+@pytest.mark.subprocess
+def test_bench_genslm_memory_quick_writes_fit(tmp_path):
+    pytest.importorskip("transformers")
+    proc = _run("bench", "genslm-memory", "--quick", "--contenders", "ds4sci", "hf-sdpa", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / "genslm_memory_quick.json").read_text())
+    assert {r["contender"] for r in data["results"]} == {"ds4sci", "hf-sdpa"}
+    assert all(r["status"] == "ok" for r in data["results"])
+    fit = data["machine"]["fits"]["ds4sci"]
+    assert fit["predicted_max_tokens"] > 1024 and fit["b"] > 0
+    assert (tmp_path / "genslm_memory_quick.png").stat().st_size > 0
