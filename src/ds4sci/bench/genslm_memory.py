@@ -40,7 +40,7 @@ QUICK_LENGTHS = {c: (256, 512, 1024) for c in CONTENDERS}
 BUDGET = 20 * 2**30
 # glibc keeps freed heap blocks below its mmap threshold (up to 32 MiB) resident, so without this
 # the RSS of a long-sequence step measures allocator fragmentation more than what the step needs
-# (seen here: 126 vs 37 KB/token). Every contender runs with the same setting.
+# (several times the per-token slope, seen while developing). Every contender runs with the same setting.
 WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
