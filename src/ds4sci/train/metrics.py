@@ -10,14 +10,13 @@ def peak_memory_bytes(device=None) -> int:
     (Linux VmHWM; ru_maxrss elsewhere)."""
     import torch
 
+    from ..bench.common import peak_rss_bytes
+
     if device is not None and torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+        return peak_rss_bytes()
+    except (OSError, RuntimeError):  # no /proc (macOS, ...)
         pass
     import resource
     import sys

@@ -265,7 +265,7 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
                             mem=f"{row['peak_memory_bytes'] / 2**30:.2f}GiB")
-            if last or self.step == stop or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+            if self.step == stop or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
                 self.save()
         bar.close()
         rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]

@@ -15,7 +15,6 @@ from . import dispatch
 from .torch_tiled import DEFAULT_TILE_ELEMENTS
 
 
-
 @torch.library.custom_op("ds4sci::evoformer_attention_fwd", mutates_args=())
 def _fwd_op(
     q: torch.Tensor,
@@ -32,8 +31,8 @@ def _fwd_op(
 
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, biases, backend, tile_elements):
-    stats_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    stats = q.new_empty((*q.shape[:-3], q.shape[-2], q.shape[-3], 2), dtype=stats_dtype)
+    stats_shape = (*q.shape[:-3], q.shape[-2], q.shape[-3], 2)
+    stats = q.new_empty(stats_shape, dtype=dispatch.compute_dtype(q.dtype))
     return torch.empty_like(q, memory_format=torch.contiguous_format), stats
 
 
