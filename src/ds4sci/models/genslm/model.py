@@ -68,23 +68,33 @@ def apply_rotary(x_BHSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     return torch.cat((x_rot, x_pass), dim=-1)
 
 
+def causal_attention(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor) -> torch.Tensor:
+    """Causal attention of a whole sequence, ``[B, H, S, D]`` in and out (flash/memory-efficient
+    SDPA kernels; no mask tensor)."""
+    return F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, is_causal=True)
+
+
 class Attention(nn.Module):
     def __init__(self, config: GenSLMConfig):
         super().__init__()
-        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.head_dim = config.head_dim
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.core = causal_attention
+        """``(q, k, v) [B, H, S, D] -> [B, H, S, D]``; ``parallelize.py`` swaps in sequence-parallel
+        attention (Ulysses, ring) here. The model itself never knows."""
 
     def forward(self, x_BSE, cos, sin):
-        b, s, e = x_BSE.shape
-        # GPT-NeoX's fused layout: per head, [q | k | v] of head_dim each.
-        qkv = self.query_key_value(x_BSE).view(b, s, self.num_heads, 3 * self.head_dim)
+        b, s, _ = x_BSE.shape
+        # GPT-NeoX's fused layout: per head, [q | k | v] of head_dim each. The head count is read
+        # from the projection's output so a tensor-parallel shard (a subset of heads) runs as is.
+        qkv = self.query_key_value(x_BSE).view(b, s, -1, 3 * self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in qkv.split(self.head_dim, dim=-1))  # [B, H, S, D]
         # q and k become new tensors through rotary; copying v too lets the fused [S, 3E]
         # projection output be freed instead of being kept alive (for backward) by v's view.
         q, k, v = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v.contiguous()
-        out_BHSD = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.dense(out_BHSD.transpose(1, 2).reshape(b, s, e))
+        out_BHSD = self.core(q, k, v)
+        return self.dense(out_BHSD.transpose(1, 2).reshape(b, s, -1))
 
 
 class MLP(nn.Module):
@@ -166,14 +176,24 @@ class GenSLM(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def hidden_states(self, input_ids: torch.Tensor, position_offset: int = 0) -> torch.Tensor:
-        """Final-layer-normed hidden states ``[B, S, E]`` (``position_offset``: position of the
-        first token, for a sequence shard that does not start at 0)."""
+    def hidden_states(self, input_ids: torch.Tensor, position_offset: int = 0,
+                      positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-layer-normed hidden states ``[B, S, E]``.
+
+        ``position_offset``: position of the first token, for a sequence shard that does not
+        start at 0; ``positions`` (``[S]`` int, overrides it): each token's position, for shards
+        that are not contiguous (zigzag ring layouts).
+        """
         if input_ids.dim() != 2:
             raise ValueError(f"GenSLM: input_ids has shape {tuple(input_ids.shape)}; expected [B, S]")
         if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise TypeError(f"GenSLM: input_ids has dtype {input_ids.dtype}; expected an integer dtype")
-        positions = torch.arange(position_offset, position_offset + input_ids.shape[1], device=input_ids.device)
+        if positions is None:
+            positions = torch.arange(position_offset, position_offset + input_ids.shape[1],
+                                     device=input_ids.device)
+        elif positions.shape != input_ids.shape[1:]:
+            raise ValueError(f"GenSLM: positions has shape {tuple(positions.shape)}; expected "
+                             f"[S] = {tuple(input_ids.shape[1:])}")
         cos, sin = self.rotary(positions)
         x = self.embed_in(input_ids.long())
         full = self.config.activation_checkpointing == "full" and torch.is_grad_enabled()
