@@ -1,0 +1,64 @@
+"""Test helper: run a function in N local gloo processes and collect what each rank returns.
+
+Shared by the distributed tests (sequence, FSDP/TP/PP, training). Processes are forked, not
+spawned, so a case costs milliseconds to start rather than a fresh ``import torch`` per rank
+(DataLoader workers fork the same way after the parent has run torch ops). The function may be a
+closure or a lambda for that reason.
+
+    results = run_distributed(fn, 2, x)   # fn(rank, world_size, x) on ranks 0 and 1
+    results[1]                             # what rank 1 returned (tensors, dicts, ...)
+
+A rank that raises fails the call with that rank's traceback and the other ranks are killed; a
+job that does not finish within ``timeout`` seconds is killed and raises ``TimeoutError``, so a
+collective that never completes cannot hang the suite.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _entry(rank, fn, world_size, store_dir, args, kwargs, pg_timeout):
+    # One intra-op thread per rank: several ranks share the machine's few cores.
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=pg_timeout))
+    try:
+        result = fn(rank, world_size, *args, **kwargs)
+        torch.save(result, os.path.join(store_dir, f"result{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn, world_size: int, *args, timeout: float = 120.0, pg_timeout: float = 60.0,
+                    **kwargs) -> list:
+    """``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` gloo ranks; returns the list of
+    their return values, by rank.
+
+    ``timeout``: seconds for the whole job before every rank is killed; ``pg_timeout``: the
+    process group's collective timeout, so a rank waiting on a dead peer raises instead of waiting.
+    """
+    with tempfile.TemporaryDirectory(prefix="ds4sci_dist_") as store_dir:
+        ctx = mp.start_processes(_entry, args=(fn, world_size, store_dir, args, kwargs, pg_timeout),
+                                 nprocs=world_size, join=False, start_method="fork")
+        deadline = time.monotonic() + timeout
+        try:
+            while not ctx.join(timeout=max(0.05, deadline - time.monotonic())):
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"run_distributed: {world_size} ranks of {fn!r} did not "
+                                       f"finish within {timeout:.0f} s")
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+        return [torch.load(os.path.join(store_dir, f"result{r}.pt"), weights_only=False)
+                for r in range(world_size)]
