@@ -1,0 +1,86 @@
+"""ZeRO-3-style sharding of GenSLM with FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+Follows Rajbhandari et al. 2020 ("ZeRO", stage 3): parameters, gradients and optimizer state are
+sharded over the data-parallel ranks; each layer's parameters are all-gathered just before the
+layer runs and freed after it, gradients are reduce-scattered. With sequence parallelism the mesh
+is the flattened dp x sp mesh: SP ranks hold different tokens of the same samples, so for the
+weights they are data-parallel ranks too (ZeRO over dp x sp, as DeepSpeed-Ulysses does).
+
+One FSDP unit per transformer layer plus the root (embeddings, final norm, output head), so at
+most one layer's full parameters exist at a time besides the root's. Because training code may
+call ``GenSLM.hidden_states`` and ``GenSLM.loss_sum`` instead of ``forward`` (sequence-parallel
+loss), both are registered as FSDP forward methods so the root's parameters are gathered for
+them too.
+
+CPU offload (ZeRO-Offload / ZeRO-Infinity's host side) is FSDP2's ``CPUOffloadPolicy``: sharded
+parameters, gradients and hence the optimizer step live in host memory and are copied to the
+accelerator per layer. On a CPU-only mesh there is nothing to offload to (parameters are already
+in host memory), but the switch still runs FSDP2's offload code path with unpinned host memory
+(pinning needs an accelerator), so the same configuration trains on a laptop and on GPUs, and the
+tests exercise that path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_dtype(name: str, dtype) -> None:
+    if dtype is not None and dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"apply_fsdp: {name}={dtype}; expected None or one of {_FLOAT_DTYPES}")
+
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype | None = None,
+               reduce_dtype: torch.dtype | None = torch.float32, cpu_offload: bool = False,
+               reshard_after_forward: bool = True) -> nn.Module:
+    """Shard ``model`` (a ``GenSLM``) in place over the 1-D data-parallel ``mesh``; returns it.
+
+    ``param_dtype``: dtype the gathered parameters compute in (mixed precision; None = their own
+    dtype); the sharded fp32 master copy and the optimizer state stay fp32.
+    ``reduce_dtype``: dtype of the gradient reduce-scatter (fp32 by default so bf16 compute still
+    sums gradients exactly enough); None = the compute dtype.
+    ``cpu_offload``: keep sharded parameters/gradients/optimizer state in host memory (see the
+    module docstring for CPU-only meshes).
+    ``reshard_after_forward``: free each layer's gathered parameters after its forward (ZeRO-3;
+    gathered again in backward) or keep them until backward (ZeRO-2-like: less communication,
+    more memory).
+
+    Gradients are averaged over the mesh (FSDP's default), so each rank's loss should be its share
+    of the global mean: ``local_loss_sum * mesh.size() / global_token_count``.
+
+    Tensor parallelism, if any, must be applied first (its DTensor parameters are then sharded
+    over this mesh as well: FSDP x TP, "2D").
+    """
+    if mesh.ndim != 1:
+        raise ValueError(f"apply_fsdp: mesh has {mesh.ndim} dims {mesh.mesh_dim_names}; expected a "
+                         f"1-D data-parallel mesh (flatten dp x sp first, e.g. mesh['dp', 'sp']._flatten())")
+    _check_dtype("param_dtype", param_dtype)
+    _check_dtype("reduce_dtype", reduce_dtype)
+    if not hasattr(model, "layers"):
+        raise TypeError(f"apply_fsdp: model is a {type(model).__name__}; expected a GenSLM (with .layers)")
+    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    if cpu_offload:
+        offload_policy = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu")
+    else:
+        offload_policy = OffloadPolicy()
+    kwargs = dict(mesh=mesh, mp_policy=mp_policy, offload_policy=offload_policy)
+    for layer in model.layers:
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, **kwargs)
+    # The root keeps its parameters gathered after forward anyway (FSDP2 heuristic: the output
+    # head is needed again first thing in backward).
+    fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
+    for method in ("hidden_states", "loss_sum"):
+        if hasattr(model, method):
+            register_fsdp_forward_method(model, method)
+    return model
