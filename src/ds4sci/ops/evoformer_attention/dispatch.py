@@ -47,6 +47,12 @@ class Backend:
     """Reasons it cannot run on this machine at all (missing package, no GPU...)."""
     description: str = ""
     """One line for ``ds4sci info``."""
+    input_reasons: Callable[[torch.Tensor, Sequence[torch.Tensor]], list[str]] = field(
+        default=lambda q, biases: [])
+    """Further reasons it cannot run these inputs ``(q, biases)`` (device conditions, bias kinds...)."""
+    auto_device_types: frozenset[str] | None = None
+    """Device types ``auto`` may choose it for; None means wherever it runs. Elsewhere it runs
+    only when named (e.g. a GPU kernel run through an interpreter on CPU, for tests)."""
 
     def not_supported_reasons(self, q: torch.Tensor, biases: Sequence[torch.Tensor]) -> list[str]:
         reasons = list(self.environment_reasons())
@@ -57,7 +63,7 @@ class Backend:
             reasons.append(f"dtype {q.dtype} not in {names}")
         if self.max_head_dim is not None and q.shape[-1] > self.max_head_dim:
             reasons.append(f"head dim D={q.shape[-1]} > {self.max_head_dim}")
-        return reasons
+        return reasons + list(self.input_reasons(q, biases))
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -97,6 +103,8 @@ def select(name: str, q: torch.Tensor, biases: Sequence[torch.Tensor]) -> Backen
         if backend.priority < 0:
             continue
         reasons = backend.not_supported_reasons(q, biases)
+        if backend.auto_device_types is not None and q.device.type not in backend.auto_device_types:
+            reasons.append(f"auto does not choose it on device type {q.device.type!r} (name it explicitly)")
         if not reasons:
             if not torch.compiler.is_compiling():  # dynamo cannot trace logging calls
                 log.debug("evoformer_attention: auto chose backend %r", backend.name)
