@@ -1,0 +1,228 @@
+"""Ring attention (Liu et al., 2023, "Ring Attention with Blockwise Transformers") for causal
+language models, with zigzag load balancing, and the hybrid Ulysses x ring layout.
+
+Each rank of the ring holds a shard of the sequence (all heads). K/V shards travel around the
+ring, one hop per step, while every rank attends its queries to the shard it holds; the partial
+results are merged with the online-softmax rule on fp32 log-sum-exp statistics, so the output is
+exact. Backward passes K/V around again, with the dK/dV accumulated for them travelling alongside
+and arriving back at their owner after the last hop. Each step's transfer is started before that
+step's compute, so communication overlaps it.
+
+Layouts (``sequence.shard_positions`` produces the matching token order):
+
+* ``contiguous``: rank ``r`` holds chunk ``r`` of ``P``. Causal masking makes the last rank do
+  ``P`` blocks of work and the first one; every step waits for the slowest.
+* ``zigzag`` (head-tail): the sequence is cut into ``2P`` chunks and rank ``r`` holds chunks
+  ``r`` and ``2P-1-r``. Then at every step other than the first, each rank does exactly half a
+  block: against an earlier rank's shard all its queries see the shard's first chunk; against a
+  later rank's shard only its second chunk sees it, whole. Every rank does the same work.
+
+The hybrid layout (:func:`hybrid_attention`) runs Ulysses inside groups and the ring across them,
+so the sequence-parallel degree can exceed the number of heads.
+
+Legend: ``B`` batch, ``H`` heads, ``S`` local sequence, ``D`` head dim, ``P`` ring size.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+
+from .ulysses import _check_qkv, ulysses_attention
+
+LAYOUTS = ("contiguous", "zigzag")
+
+
+# ----- block kernels: attention of q against one K/V block, with its log-sum-exp --------------
+
+def _block_forward_math(q, k, v, causal):
+    """fp32 reference block kernel (any device): ``out`` in q's dtype, ``lse`` fp32 ``[B, H, S]``."""
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if causal:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = scores.logsumexp(dim=-1)
+    out = (scores - lse[..., None]).exp() @ v.float()
+    return out.to(q.dtype), lse
+
+
+def _block_backward_math(dout, q, k, v, out, lse, causal):
+    scale = q.shape[-1] ** -0.5
+    qf, kf, vf, dof = q.float(), k.float(), v.float(), dout.float()
+    scores = (qf @ kf.transpose(-1, -2)) * scale
+    if causal:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~mask, float("-inf"))
+    p = (scores - lse[..., None]).exp()
+    dv = p.transpose(-1, -2) @ dof
+    dp = dof @ vf.transpose(-1, -2)
+    # D = rowsum(dO * O) with the *global* output, so this block's share of the softmax
+    # gradient is exact even though the block saw only part of the keys.
+    ds = p * (dp - (dof * out.float()).sum(-1, keepdim=True))
+    return (ds @ kf * scale).to(q.dtype), (ds.transpose(-1, -2) @ qf * scale).to(k.dtype), dv.to(v.dtype)
+
+
+def _block_forward_cpu(q, k, v, causal):
+    # PyTorch's CPU flash-attention kernel (what SDPA runs on CPU) returns the fp32 lse we need.
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
+    return out, lse
+
+
+def _block_backward_cpu(dout, q, k, v, out, lse, causal):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout, q, k, v, out, lse, 0.0, causal)
+
+
+BACKENDS = {"math": (_block_forward_math, _block_backward_math),
+            "cpu_flash": (_block_forward_cpu, _block_backward_cpu)}
+
+
+def _pick_backend(q, backend):
+    if backend == "auto":
+        # DISCREPANCY: on GPUs this uses the fp32 math kernel (an [S, S] block of scores per
+        # step): correct everywhere, memory-efficient only on CPU for now.
+        backend = "cpu_flash" if q.device.type == "cpu" and q.dtype != torch.float64 else "math"
+    if backend not in BACKENDS:
+        raise ValueError(f"ring_attention: backend={backend!r}; expected 'auto' or one of {sorted(BACKENDS)}")
+    if backend == "cpu_flash" and (q.device.type != "cpu" or q.dtype == torch.float64):
+        raise ValueError(f"ring_attention: backend='cpu_flash' needs CPU fp32/bf16/fp16 tensors; got "
+                         f"{q.device.type} {q.dtype}")
+    return BACKENDS[backend]
+
+
+# ----- the ring schedule --------------------------------------------------------------------
+
+def _blocks(rank, src, layout, s):
+    """Which part of this rank's queries meets which part of ``src``'s K/V, and whether the block
+    is causal: ``(q_slice, kv_slice, causal)`` or None when no query sees any of those keys."""
+    full, half = slice(0, s), slice(0, s // 2)
+    if src == rank:
+        # Own shard: plain causal attention, also for zigzag (its chunks are in order).
+        return full, full, True
+    if layout == "contiguous":
+        return (full, full, False) if src < rank else None
+    # zigzag: an earlier shard's first chunk precedes both our chunks and its second chunk
+    # follows both; a later shard's two chunks both lie between our first and second chunk.
+    return (full, half, False) if src < rank else (slice(s // 2, s), full, False)
+
+
+def _exchange(tensor, group, send_to, recv_from, tag):
+    """Start sending ``tensor`` to ``send_to`` and receiving a same-shaped one from ``recv_from``;
+    returns (the receive buffer, requests to wait on). ``tag`` keeps the K/V and dK/dV streams
+    of backward apart."""
+    received = torch.empty_like(tensor)
+    ops = [dist.P2POp(dist.isend, tensor, send_to, group, tag),
+           dist.P2POp(dist.irecv, received, recv_from, group, tag)]
+    return received, dist.batch_isend_irecv(ops)
+
+
+def _wait(reqs):
+    for req in reqs:
+        req.wait()
+
+
+def _merge(out, lse, rows, block_out, block_lse):
+    """Online-softmax merge of one block's (out, lse) into the fp32 accumulators, rows ``rows``."""
+    old_lse = lse[..., rows]
+    new_lse = torch.logaddexp(old_lse, block_lse)
+    out[..., rows, :] = (out[..., rows, :] * (old_lse - new_lse).exp()[..., None]
+                         + block_out.float() * (block_lse - new_lse).exp()[..., None])
+    lse[..., rows] = new_lse
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group, layout, backend):
+        fwd, bwd = _pick_backend(q, backend)
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        send_to = dist.get_global_rank(group, (rank + 1) % size)
+        recv_from = dist.get_global_rank(group, (rank - 1) % size)
+        s = q.shape[-2]
+        out = lse = None
+        kv = torch.stack((k, v))  # one message per hop
+        for step in range(size):
+            if step + 1 < size:
+                next_kv, reqs = _exchange(kv, group, send_to, recv_from, tag=0)
+            block = _blocks(rank, (rank - step) % size, layout, s)
+            if block is not None:
+                rows, cols, causal = block
+                block_out, block_lse = fwd(q[..., rows, :], kv[0][..., cols, :], kv[1][..., cols, :], causal)
+                if out is None:  # step 0 is the own (diagonal) block: every row has a key
+                    out, lse = block_out.float(), block_lse.float().contiguous()
+                else:
+                    _merge(out, lse, rows, block_out, block_lse)
+            if step + 1 < size:
+                _wait(reqs)
+                kv = next_kv
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group, ctx.layout, ctx.bwd = group, layout, bwd
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, layout, bwd = ctx.group, ctx.layout, ctx.bwd
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        send_to = dist.get_global_rank(group, (rank + 1) % size)
+        recv_from = dist.get_global_rank(group, (rank - 1) % size)
+        s = q.shape[-2]
+        dout = dout.contiguous()
+        dq = torch.zeros_like(q, dtype=torch.float32)
+        # dK/dV of the shard currently held, accumulated in fp32 as it travels with that shard.
+        kv, dkv = torch.stack((k, v)), None
+        for step in range(size):
+            if step + 1 < size:
+                next_kv, kv_reqs = _exchange(kv, group, send_to, recv_from, tag=0)
+            acc = torch.zeros_like(kv, dtype=torch.float32) if dkv is None else dkv
+            block = _blocks(rank, (rank - step) % size, layout, s)
+            if block is not None:
+                rows, cols, causal = block
+                bdq, bdk, bdv = bwd(dout[..., rows, :], q[..., rows, :], kv[0][..., cols, :],
+                                    kv[1][..., cols, :], out[..., rows, :], lse[..., rows].contiguous(),
+                                    causal)
+                dq[..., rows, :] += bdq.float()
+                acc[0][..., cols, :] += bdk.float()
+                acc[1][..., cols, :] += bdv.float()
+            # Pass the accumulated dK/dV on with the shard; after the last step one more hop
+            # brings each shard's gradient home.
+            dkv, dkv_reqs = _exchange(acc, group, send_to, recv_from, tag=1)
+            _wait(dkv_reqs)
+            if step + 1 < size:
+                _wait(kv_reqs)
+                kv = next_kv
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
+
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group,
+                   layout: str = "zigzag", backend: str = "auto") -> torch.Tensor:
+    """Causal attention of a sequence sharded over the ranks of ``group``.
+
+    q, k, v: this rank's shard ``[B, H, S_local, D]`` (all heads, positions already applied) in
+    the token order of ``layout`` (``contiguous`` or ``zigzag``, see the module docstring; for
+    zigzag ``S_local`` must be even). Returns the output for the same tokens, same shape and
+    dtype. ``backend``: block kernel, ``auto`` (CPU flash kernel on CPU, fp32 ``math``
+    elsewhere), ``cpu_flash`` or ``math``. Differentiable with respect to q, k, v.
+    """
+    _check_qkv("ring_attention", q, k, v)
+    if layout not in LAYOUTS:
+        raise ValueError(f"ring_attention: layout={layout!r}; expected one of {LAYOUTS}")
+    if layout == "zigzag" and q.shape[-2] % 2:
+        raise ValueError(f"ring_attention: layout='zigzag' needs an even local length (two equal "
+                         f"chunks); q has S_local={q.shape[-2]}")
+    return _RingAttention.apply(q, k, v, group, layout, backend)
+
+
+def hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysses_group, ring_group,
+                     layout: str = "zigzag", backend: str = "auto") -> torch.Tensor:
+    """Causal attention over a ring of Ulysses groups: an all-to-all inside ``ulysses_group``
+    gathers the ring shard for a subset of heads, ring attention over ``ring_group`` attends it,
+    and the inverse all-to-all returns the output shard.
+
+    q, k, v: ``[B, H, S_local, D]``, this rank's slice of its ring shard (token order from
+    ``sequence.shard_positions`` with the same ``layout`` and Ulysses degree).
+    """
+    core = functools.partial(ring_attention, group=ring_group, layout=layout, backend=backend)
+    return ulysses_attention(q, k, v, ulysses_group, core=core)

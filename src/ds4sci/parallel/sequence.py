@@ -1,0 +1,158 @@
+"""Sequence parallelism for GenSLM: which tokens each rank holds, its attention core, and the
+loss over the whole sequence.
+
+A batch is split along the sequence over the ``sp`` ranks. Labels are shifted to next-token
+targets on the whole sequence *before* it is split, so the target of a shard's last token (the
+first token of the next shard) is not lost; a length that does not divide is right-padded with
+``pad_id`` and target ``-100`` (causal attention never lets a real token see the padding, and the
+padding carries no loss). Each token keeps its global position for rotary embedding, also in the
+zigzag layout where a shard is two separate chunks. The loss is the sum of per-token losses over
+every rank divided by the global count of counted tokens, exactly the single-process mean.
+
+Usage (what ``parallelize.py`` and the trainer do)::
+
+    apply_sequence_parallel(model, "ulysses", sp_group=group)
+    ids, targets, positions = shard_batch(input_ids, labels, sp_rank, sp_size, "contiguous")
+    hidden = model.hidden_states(ids, positions=positions)
+    loss_sum, count, _ = model.loss_sum(hidden, targets)
+    loss, mean = global_mean_loss(loss_sum, count, loss_group)   # loss.backward()
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+
+from ds4sci.models.genslm.model import IGNORE_INDEX, causal_attention
+
+from .ring import LAYOUTS, hybrid_attention, ring_attention
+from .ulysses import ulysses_attention
+
+MODES = ("ulysses", "ring", "hybrid")
+
+
+def shard_multiple(sp_size: int, layout: str) -> int:
+    """The padded sequence length must be a multiple of this (zigzag: two chunks per rank)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}; expected one of {LAYOUTS}")
+    return sp_size * (2 if layout == "zigzag" else 1)
+
+
+def shard_positions(seq_len: int, sp_rank: int, sp_size: int, layout: str,
+                    ulysses_size: int = 1) -> torch.Tensor:
+    """Global positions ``[seq_len / sp_size]`` of the tokens rank ``sp_rank`` holds, in order.
+
+    ``seq_len`` must be a multiple of :func:`shard_multiple`. The ring level (``sp_size /
+    ulysses_size`` shards, ``contiguous`` or ``zigzag`` chunk pairs) is split again into
+    ``ulysses_size`` contiguous pieces, so the Ulysses all-to-all of a hybrid layout gathers each
+    ring shard in order; ``sp_rank = ring_rank * ulysses_size + ulysses_rank`` (``ParallelDims``).
+    Pure Ulysses is the contiguous layout with ``ulysses_size`` 1 or ``sp_size`` alike.
+    """
+    if not 0 <= sp_rank < sp_size:
+        raise ValueError(f"shard_positions: sp_rank={sp_rank}; expected 0 <= sp_rank < sp_size={sp_size}")
+    if ulysses_size < 1 or sp_size % ulysses_size:
+        raise ValueError(f"shard_positions: ulysses_size={ulysses_size} does not divide sp_size={sp_size}")
+    multiple = shard_multiple(sp_size, layout)
+    if seq_len % multiple:
+        raise ValueError(f"shard_positions: seq_len={seq_len} is not a multiple of {multiple} "
+                         f"(sp_size={sp_size}, layout={layout!r}); pad it (shard_batch does)")
+    ring_size = sp_size // ulysses_size
+    ring_rank, ulysses_rank = divmod(sp_rank, ulysses_size)
+    if layout == "contiguous":
+        shard = seq_len // ring_size
+        ring_positions = torch.arange(ring_rank * shard, (ring_rank + 1) * shard)
+    else:
+        chunk = seq_len // (2 * ring_size)
+        late = 2 * ring_size - 1 - ring_rank
+        ring_positions = torch.cat((torch.arange(ring_rank * chunk, (ring_rank + 1) * chunk),
+                                    torch.arange(late * chunk, (late + 1) * chunk)))
+    piece = ring_positions.numel() // ulysses_size
+    return ring_positions[ulysses_rank * piece : (ulysses_rank + 1) * piece]
+
+
+def shard_batch(input_ids_BS: torch.Tensor, labels_BS: torch.Tensor, sp_rank: int, sp_size: int,
+                layout: str = "contiguous", ulysses_size: int = 1, pad_id: int = 0):
+    """This rank's part of a batch: ``(ids [B, S_local], targets [B, S_local], positions
+    [S_local])``.
+
+    ``labels`` are the usual causal-LM labels (``-100`` = ignore), aligned with ``input_ids``;
+    ``targets`` are already shifted (the label of the next token, ``-100`` at the sequence end and
+    on padding), for ``GenSLM.loss_sum``. ``positions`` are global token positions, for
+    ``GenSLM.hidden_states(positions=...)``. See :func:`shard_positions` for the layouts.
+    """
+    if input_ids_BS.dim() != 2 or labels_BS.shape != input_ids_BS.shape:
+        raise ValueError(f"shard_batch: input_ids has shape {tuple(input_ids_BS.shape)} and labels "
+                         f"{tuple(labels_BS.shape)}; expected the same [B, S]")
+    b, s = input_ids_BS.shape
+    targets = torch.cat([labels_BS[:, 1:], labels_BS.new_full((b, 1), IGNORE_INDEX)], dim=1)
+    multiple = shard_multiple(sp_size, layout)
+    pad = -s % multiple
+    if pad:
+        input_ids_BS = torch.cat([input_ids_BS, input_ids_BS.new_full((b, pad), pad_id)], dim=1)
+        targets = torch.cat([targets, targets.new_full((b, pad), IGNORE_INDEX)], dim=1)
+    positions = shard_positions(s + pad, sp_rank, sp_size, layout, ulysses_size)
+    positions = positions.to(input_ids_BS.device)
+    return input_ids_BS[:, positions], targets[:, positions], positions
+
+
+def sequence_parallel_core(mode: str, *, sp_group=None, ulysses_group=None, ring_group=None,
+                           layout: str = "zigzag"):
+    """The attention core ``(q, k, v) -> out`` for one mode (see :func:`apply_sequence_parallel`)."""
+    if mode not in MODES:
+        raise ValueError(f"sequence parallelism: mode={mode!r}; expected one of {MODES}")
+    if mode == "hybrid":
+        if ulysses_group is None or ring_group is None:
+            raise ValueError("sequence parallelism: mode='hybrid' needs ulysses_group and ring_group")
+        return functools.partial(hybrid_attention, ulysses_group=ulysses_group,
+                                 ring_group=ring_group, layout=layout)
+    group = sp_group if sp_group is not None else (ulysses_group if mode == "ulysses" else ring_group)
+    if group is None:
+        raise ValueError(f"sequence parallelism: mode={mode!r} needs sp_group")
+    if mode == "ulysses":
+        return functools.partial(ulysses_attention, group=group)
+    return functools.partial(ring_attention, group=group, layout=layout)
+
+
+def apply_sequence_parallel(model, mode: str, *, sp_group=None, ulysses_group=None,
+                            ring_group=None, layout: str = "zigzag"):
+    """Make every layer of ``model`` (a GenSLM) attend over a sequence sharded across ranks.
+
+    ``mode``: ``ulysses`` (``sp_group``; token layout must be ``contiguous``), ``ring``
+    (``sp_group``, ``layout`` contiguous or zigzag) or ``hybrid`` (``ulysses_group`` inside
+    ``ring_group``, ``layout`` for the ring level). Inputs must then be sharded with
+    :func:`shard_batch` using the same layout. Returns the model.
+    """
+    if mode == "ulysses":
+        layout = "contiguous"
+    core = sequence_parallel_core(mode, sp_group=sp_group, ulysses_group=ulysses_group,
+                                  ring_group=ring_group, layout=layout)
+    for layer in model.layers:
+        layer.attention.core = core
+    return model
+
+
+def remove_sequence_parallel(model):
+    """Back to plain single-process attention (e.g. for generation after SP training)."""
+    for layer in model.layers:
+        layer.attention.core = causal_attention
+    return model
+
+
+def global_mean_loss(loss_sum: torch.Tensor, count: torch.Tensor, group=None,
+                     grads_averaged_over: int = 1):
+    """Loss of the whole (sharded) batch: ``(loss, mean)``.
+
+    ``mean`` (detached) = all ranks' summed loss / all ranks' count of counted tokens over
+    ``group`` (the dp x sp ranks), the single-process mean. ``loss`` is what to call backward on:
+    this rank's sum / the global count, times ``grads_averaged_over`` - the number of ranks
+    whose gradients are later averaged (FSDP over dp x sp averages, so pass its size; pass 1 when
+    gradients are summed), so the resulting gradient is the single-process one.
+    """
+    stats = torch.stack((loss_sum.detach().float(), count.float()))
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(stats, group=group)
+    total, global_count = stats.unbind(0)
+    global_count = global_count.clamp_min(1)
+    return loss_sum * (grads_averaged_over / global_count), total / global_count

@@ -1,0 +1,104 @@
+"""Ulysses sequence parallelism (Jacobs et al., 2023, "DeepSpeed Ulysses").
+
+Each rank of the sequence-parallel group holds a contiguous shard of the sequence with every
+head. Before attention one all-to-all turns that into the whole sequence for a subset of heads;
+attention runs unchanged on it; a second all-to-all turns the result back. Per layer and rank
+this moves ``4 * S * E / P`` elements of the ``[S, E]`` activations (q, k, v in and the output
+back; each element crosses once, ``(P-1)/P`` of them leave the rank).
+
+Heads need not divide the group size: rank ``j`` takes ``H // P`` heads, plus one for the first
+``H % P`` ranks (uneven ``all_to_all_single`` splits), so nothing is padded or replicated. A rank
+with no head (``P > H``) sends all its heads away and attends over nothing; use the hybrid
+Ulysses x ring layout (``ring.hybrid_attention``) to go beyond ``H``. All ranks must hold shards
+of the same length (``sequence.shard_batch`` pads to make them so).
+
+Legend: ``B`` batch, ``H`` heads, ``S`` sequence, ``D`` head dim, ``P`` group size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ds4sci.models.genslm.model import causal_attention
+
+
+class _AllToAll(torch.autograd.Function):
+    """``all_to_all_single`` along dim 0 whose backward is the inverse all-to-all (splits
+    swapped), so gradients return to the ranks and rows their inputs came from."""
+
+    @staticmethod
+    def forward(ctx, x, group, in_splits, out_splits):
+        ctx.group, ctx.in_splits, ctx.out_splits = group, in_splits, out_splits
+        return _all_to_all(x, group, in_splits, out_splits)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all(grad, ctx.group, ctx.out_splits, ctx.in_splits), None, None, None
+
+
+def _all_to_all(x, group, in_splits, out_splits):
+    x = x.contiguous()
+    out = x.new_empty((sum(out_splits), *x.shape[1:]))
+    dist.all_to_all_single(out, x, output_split_sizes=list(out_splits),
+                           input_split_sizes=list(in_splits), group=group)
+    return out
+
+
+def head_splits(num_heads: int, size: int) -> list[int]:
+    """Heads per rank: ``num_heads // size``, one more on the first ``num_heads % size`` ranks."""
+    base, extra = divmod(num_heads, size)
+    return [base + (j < extra) for j in range(size)]
+
+
+def seq_to_head(x_BHsD: torch.Tensor, group) -> torch.Tensor:
+    """Sequence shard with all heads ``[B, H, S/P, D]`` -> whole sequence with this rank's heads
+    ``[B, H_j, S, D]`` (shards concatenated in group-rank order)."""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    b, h, s_local, d = x_BHsD.shape
+    splits = head_splits(h, size)
+    # all_to_all_single splits dim 0, so heads go first: rank j is sent its H_j heads.
+    x_HBsD = x_BHsD.permute(1, 0, 2, 3)
+    out = _AllToAll.apply(x_HBsD, group, splits, [splits[rank]] * size)  # [P * H_j, B, S/P, D]
+    out = out.view(size, splits[rank], b, s_local, d).permute(2, 1, 0, 3, 4)
+    return out.reshape(b, splits[rank], size * s_local, d)
+
+
+def head_to_seq(x_BHjSD: torch.Tensor, group, num_heads: int) -> torch.Tensor:
+    """Inverse of :func:`seq_to_head`: ``[B, H_j, S, D]`` -> ``[B, H, S/P, D]``."""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    b, h_j, s, d = x_BHjSD.shape
+    splits = head_splits(num_heads, size)
+    if h_j != splits[rank] or s % size:
+        raise ValueError(f"head_to_seq: input has shape {tuple(x_BHjSD.shape)}; expected "
+                         f"[B, {splits[rank]}, S divisible by {size}, D] on group rank {rank}")
+    x_PHjBsD = x_BHjSD.view(b, h_j, size, s // size, d).permute(2, 1, 0, 3, 4)
+    out = _AllToAll.apply(x_PHjBsD.reshape(size * h_j, b, s // size, d), group,
+                          [h_j] * size, splits)  # [H, B, S/P, D]
+    return out.permute(1, 0, 2, 3)
+
+
+def _check_qkv(name, q, k, v):
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"{name}: q, k, v have shapes {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}; expected three equal [B, H, S_local, D]")
+
+
+def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group,
+                      core=causal_attention) -> torch.Tensor:
+    """Causal attention of a sequence sharded contiguously over ``group``.
+
+    q, k, v: this rank's shard ``[B, H, S/P, D]`` (all heads, positions already applied);
+    returns the attention output for the same shard, ``[B, H, S/P, D]``. ``core`` attends the
+    whole (gathered) sequence for a subset of heads; the hybrid layout passes ring attention.
+    Differentiable with respect to q, k, v.
+    """
+    _check_qkv("ulysses_attention", q, k, v)
+    if dist.get_world_size(group) == 1:
+        return core(q, k, v)
+    h = q.shape[1]
+    # One collective for q, k and v together, stacked on the batch axis (heads are the split).
+    b = q.shape[0]
+    qkv = seq_to_head(torch.stack((q, k, v)).view(3 * b, *q.shape[1:]), group)  # [3B, H_j, S, D]
+    q_j, k_j, v_j = qkv.view(3, b, *qkv.shape[1:]).unbind(0)
+    return head_to_seq(core(q_j, k_j, v_j), group, h)
