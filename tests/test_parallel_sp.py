@@ -1,0 +1,262 @@
+"""Sequence parallelism (Ulysses, ring, hybrid) against single-process attention and GenSLM.
+
+Every distributed case runs 2 or 4 forked gloo ranks (``dist_helpers.run_distributed``), each
+holding its shard of the same inputs, and compares the reassembled outputs and q/k/v gradients
+(or the model's loss and parameter gradients) with one process running plain SDPA / GenSLM.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from dist_helpers import run_distributed
+from torch.distributed.device_mesh import init_device_mesh
+
+from ds4sci.models.genslm import GenSLM, preset
+from ds4sci.models.genslm.model import IGNORE_INDEX
+from ds4sci.parallel.ring import ring_attention
+from ds4sci.parallel.sequence import (
+    apply_sequence_parallel,
+    global_mean_loss,
+    sequence_parallel_core,
+    shard_batch,
+    shard_positions,
+)
+from ds4sci.parallel.ulysses import head_splits, ulysses_attention
+
+# ----- single process: layouts and batch sharding -------------------------------------------
+
+
+@pytest.mark.parametrize("layout,sp,ulysses", [("contiguous", 2, 1), ("contiguous", 4, 4),
+                                                ("zigzag", 2, 1), ("zigzag", 4, 1), ("zigzag", 4, 2),
+                                                ("contiguous", 4, 2)])
+def test_shard_positions_partition_the_sequence(layout, sp, ulysses):
+    seq = 48
+    parts = [shard_positions(seq, r, sp, layout, ulysses) for r in range(sp)]
+    assert all(p.numel() == seq // sp for p in parts)
+    assert torch.equal(torch.cat(parts).sort().values, torch.arange(seq))
+    ring = sp // ulysses
+    for ring_rank in range(ring):
+        # A ring shard is its Ulysses ranks' pieces in order: contiguous, or chunks r and 2R-1-r.
+        shard = torch.cat(parts[ring_rank * ulysses:(ring_rank + 1) * ulysses])
+        if layout == "contiguous":
+            expected = torch.arange(ring_rank * seq // ring, (ring_rank + 1) * seq // ring)
+        else:
+            c = seq // (2 * ring)
+            late = 2 * ring - 1 - ring_rank
+            expected = torch.cat((torch.arange(ring_rank * c, (ring_rank + 1) * c),
+                                  torch.arange(late * c, (late + 1) * c)))
+        assert torch.equal(shard, expected)
+
+
+def test_shard_batch_shifts_labels_globally_and_pads():
+    ids = torch.arange(2 * 7).view(2, 7) + 5
+    labels = ids.clone()
+    labels[1, 5:] = IGNORE_INDEX  # a right-padded record
+    shards = [shard_batch(ids, labels, r, 2, "zigzag", pad_id=3) for r in range(2)]
+    # 7 tokens pad to 8 (4 chunks of 2): rank 0 holds positions 0,1,6,7; rank 1 holds 2,3,4,5.
+    assert [s[2].tolist() for s in shards] == [[0, 1, 6, 7], [2, 3, 4, 5]]
+    ids0, targets0, _ = shards[0]
+    assert ids0[0].tolist() == [5, 6, 11, 3]
+    # The target of position 1 is the label of position 2, which lives on the other rank.
+    assert targets0[0].tolist() == [6, 7, IGNORE_INDEX, IGNORE_INDEX]
+    assert shards[1][1].tolist() == [[8, 9, 10, 11], [15, 16, IGNORE_INDEX, IGNORE_INDEX]]
+    ids1, targets1, pos1 = shard_batch(ids, labels, 1, 2, "contiguous")
+    assert pos1.tolist() == [4, 5, 6, 7] and ids1[0].tolist() == [9, 10, 11, 0]
+    assert targets1[0].tolist() == [10, 11, IGNORE_INDEX, IGNORE_INDEX]
+
+
+def test_head_splits_are_uneven_but_complete():
+    assert head_splits(4, 2) == [2, 2]
+    assert head_splits(5, 4) == [2, 1, 1, 1]
+    assert head_splits(2, 4) == [1, 1, 0, 0]
+
+
+def test_bad_inputs_name_the_argument():
+    with pytest.raises(ValueError, match="layout='diagonal'"):
+        shard_positions(8, 0, 2, "diagonal")
+    with pytest.raises(ValueError, match="seq_len=9 is not a multiple of 4"):
+        shard_positions(9, 0, 2, "zigzag")
+    with pytest.raises(ValueError, match="sp_rank=2"):
+        shard_positions(8, 2, 2, "contiguous")
+    with pytest.raises(ValueError, match="ulysses_size=3 does not divide sp_size=4"):
+        shard_positions(8, 0, 4, "contiguous", ulysses_size=3)
+    with pytest.raises(ValueError, match=r"labels \(2, 5\)"):
+        shard_batch(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 5, dtype=torch.long), 0, 2)
+    q = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(ValueError, match=r"ring_attention: q, k, v have shapes \(1, 2, 4, 8\), \(1, 2, 3, 8\)"):
+        ring_attention(q, q[:, :, :3], q, group=None)
+    with pytest.raises(ValueError, match="S_local=3"):
+        ring_attention(q[:, :, :3], q[:, :, :3], q[:, :, :3], group=None, layout="zigzag")
+    with pytest.raises(ValueError, match="layout='spiral'"):
+        ring_attention(q, q, q, group=None, layout="spiral")
+    with pytest.raises(ValueError, match="ulysses_attention: q, k, v"):
+        ulysses_attention(q, q, q[..., :4], group=None)
+    with pytest.raises(ValueError, match="mode='star'"):
+        sequence_parallel_core("star", sp_group=None)
+    with pytest.raises(ValueError, match="needs ulysses_group and ring_group"):
+        sequence_parallel_core("hybrid", ring_group=object())
+    with pytest.raises(ValueError, match="needs sp_group"):
+        sequence_parallel_core("ring")
+
+
+def test_global_mean_loss_single_process():
+    loss, mean = global_mean_loss(torch.tensor(6.0, requires_grad=True), torch.tensor(4), None, 2)
+    assert mean.item() == 1.5 and loss.item() == 3.0
+
+
+# ----- distributed attention ------------------------------------------------------------------
+
+
+def _groups(mode, world_size, ulysses):
+    """(ulysses group, ring group) for the mode; the hybrid one from a (ring, ulysses) mesh, the
+    ordering ``ParallelDims`` uses (sp rank = ring rank * ulysses + ulysses rank)."""
+    if mode != "hybrid":
+        return dist.group.WORLD, dist.group.WORLD
+    mesh = init_device_mesh("cpu", (world_size // ulysses, ulysses), mesh_dim_names=("ring", "ulysses"))
+    return mesh.get_group("ulysses"), mesh.get_group("ring")
+
+
+def _attention_rank(rank, world_size, q, k, v, dout, mode, layout, ulysses, backend):
+    ulysses_group, ring_group = _groups(mode, world_size, ulysses)
+    pos = shard_positions(q.shape[2], rank, world_size, layout, ulysses)
+    q_l, k_l, v_l = (t[:, :, pos].clone().requires_grad_() for t in (q, k, v))
+    if mode == "ulysses":
+        out = ulysses_attention(q_l, k_l, v_l, ulysses_group)
+    elif mode == "ring":
+        out = ring_attention(q_l, k_l, v_l, ring_group, layout=layout, backend=backend)
+    else:
+        core = sequence_parallel_core("hybrid", ulysses_group=ulysses_group, ring_group=ring_group,
+                                      layout=layout)
+        out = core(q_l, k_l, v_l)
+    assert out.shape == q_l.shape and out.dtype == q.dtype
+    out.backward(dout[:, :, pos])
+    return pos, out.detach(), q_l.grad, k_l.grad, v_l.grad
+
+
+def _sdpa(q, k, v, dout):
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out.backward(dout)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+# (mode, world size, heads, sequence length, layout, ulysses degree, backend)
+ATTENTION_CASES = [
+    ("ulysses", 2, 4, 16, "contiguous", 2, "auto"),   # even heads
+    ("ulysses", 2, 3, 17, "contiguous", 2, "auto"),   # uneven heads, length padded 17 -> 18
+    ("ulysses", 4, 6, 12, "contiguous", 4, "auto"),   # uneven heads 2,2,1,1
+    ("ulysses", 4, 2, 8, "contiguous", 4, "auto"),    # more ranks than heads: two ranks idle
+    ("ring", 2, 3, 16, "contiguous", 1, "auto"),
+    ("ring", 4, 2, 24, "contiguous", 1, "auto"),
+    ("ring", 2, 3, 17, "zigzag", 1, "auto"),
+    ("ring", 4, 2, 24, "zigzag", 1, "auto"),
+    ("ring", 4, 2, 16, "zigzag", 1, "math"),
+    ("ring", 2, 2, 8, "contiguous", 1, "math"),
+    ("hybrid", 4, 2, 19, "zigzag", 2, "auto"),        # sp 4 > 2 heads
+    ("hybrid", 4, 3, 16, "contiguous", 2, "auto"),    # uneven heads inside the Ulysses group
+]
+
+
+def _run_attention(case, dtype, seed=0):
+    mode, world_size, heads, seq, layout, ulysses, backend = case
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, dout = (torch.randn(2, heads, seq, 16, generator=g) for _ in range(4))
+    # Pad the sequence as shard_batch does: zeros at the end never reach a real query (causal).
+    pad = -seq % (world_size * (2 if layout == "zigzag" else 1))
+    padded = [F.pad(t, (0, 0, 0, pad)).to(dtype) for t in (q, k, v, dout)]
+    results = run_distributed(_attention_rank, world_size, *padded, mode, layout, ulysses, backend)
+    full = [torch.zeros_like(padded[0]) for _ in range(4)]
+    for pos, *parts in results:
+        for whole, part in zip(full, parts):
+            whole[:, :, pos] = part
+    return [t[:, :, :seq] for t in full], (q, k, v, dout)
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_attention_matches_single_process_fp32(case):
+    ours, (q, k, v, dout) = _run_attention(case, torch.float32)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), ours, _sdpa(q, k, v, dout)):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("case", [ATTENTION_CASES[1], ATTENTION_CASES[7], ATTENTION_CASES[10]],
+                         ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attention_half_precision_error_within_twice_plain_torch(case, dtype):
+    ours, (q, k, v, dout) = _run_attention(case, dtype)
+    truth = _sdpa(*(t.double() for t in (q, k, v, dout)))
+    plain = _sdpa(*(t.to(dtype) for t in (q, k, v, dout)))
+    for name, got, ref, want in zip(("out", "dq", "dk", "dv"), ours, plain, truth):
+        assert got.dtype == dtype
+        err = (got.double() - want).abs().max().item()
+        plain_err = (ref.double() - want).abs().max().item()
+        assert err <= 2 * plain_err + 1e-6, f"{name}: error {err:.3g} vs plain torch {plain_err:.3g}"
+
+
+def test_failing_rank_ends_the_ring_with_an_error():
+    def body(rank, world_size):
+        x = torch.randn(1, 2, 4, 8)
+        if rank == 1:
+            raise RuntimeError("rank 1 failed before attention")
+        ring_attention(x, x, x, dist.group.WORLD)  # rank 0 waits for a peer that is gone
+
+    with pytest.raises(Exception, match="rank 1 failed before attention"):
+        run_distributed(body, 2, timeout=60, pg_timeout=10)
+
+
+# ----- whole GenSLM -------------------------------------------------------------------------
+
+
+def _batch(config, seq, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, config.vocab_size, (2, seq), generator=g)
+    labels = ids.clone()
+    labels[1, seq - 4:] = IGNORE_INDEX  # a shorter, right-padded record
+    ids[1, seq - 4:] = 3
+    return ids, labels
+
+
+def _model_rank(rank, world_size, config, state, ids, labels, mode, layout, ulysses):
+    model = GenSLM(config)
+    model.load_state_dict(state)
+    ulysses_group, ring_group = _groups(mode, world_size, ulysses)
+    apply_sequence_parallel(model, mode, sp_group=dist.group.WORLD if mode != "hybrid" else None,
+                            ulysses_group=ulysses_group, ring_group=ring_group, layout=layout)
+    ids_l, targets_l, pos_l = shard_batch(ids, labels, rank, world_size, layout, ulysses, pad_id=3)
+    hidden = model.hidden_states(ids_l, positions=pos_l)
+    loss_sum, count, _ = model.loss_sum(hidden, targets_l)
+    loss, mean = global_mean_loss(loss_sum, count, dist.group.WORLD)
+    loss.backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        dist.all_reduce(p.grad)  # replicated weights: their gradient is the sum over shards
+        grads[name] = p.grad
+    return mean, grads
+
+
+# (mode, world size, layout, ulysses degree, sequence length, config changes)
+MODEL_CASES = [
+    ("ulysses", 2, "contiguous", 2, 19, {}),
+    ("ulysses", 2, "contiguous", 2, 16, dict(hidden_size=48, num_attention_heads=3)),
+    ("ring", 2, "zigzag", 1, 21, dict(loss_chunk_size=5)),
+    ("ring", 4, "contiguous", 1, 18, dict(activation_checkpointing="full")),
+    ("hybrid", 4, "zigzag", 2, 23, dict(hidden_size=32, num_attention_heads=2)),
+]
+
+
+@pytest.mark.parametrize("case", MODEL_CASES, ids=lambda c: "-".join(map(str, c[:5])))
+def test_genslm_loss_and_grads_match_single_process(case):
+    mode, world_size, layout, ulysses, seq, changes = case
+    config = preset("genslm-tiny").replace(**changes)
+    model = GenSLM(config)
+    ids, labels = _batch(config, seq)
+    out = model(ids, labels=labels)
+    out.loss.backward()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    results = run_distributed(_model_rank, world_size, config, state, ids, labels, mode, layout, ulysses)
+    for mean, grads in results:
+        torch.testing.assert_close(mean, out.loss.detach(), atol=1e-6, rtol=1e-5)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(grads[name], p.grad, atol=1e-6, rtol=1e-4,
+                                       msg=lambda m: f"grad of {name}: {m}")
