@@ -17,6 +17,7 @@ from ds4sci.models.genslm.model import IGNORE_INDEX
 from ds4sci.parallel.ring import ring_attention
 from ds4sci.parallel.sequence import (
     apply_sequence_parallel,
+    comm_bytes_per_layer,
     global_mean_loss,
     sequence_parallel_core,
     shard_batch,
@@ -192,6 +193,45 @@ def test_attention_half_precision_error_within_twice_plain_torch(case, dtype):
         err = (got.double() - want).abs().max().item()
         plain_err = (ref.double() - want).abs().max().item()
         assert err <= 2 * plain_err + 1e-6, f"{name}: error {err:.3g} vs plain torch {plain_err:.3g}"
+
+
+def _comm_rank(rank, world_size, mode, ulysses, heads, seq, dtype):
+    """Bytes this rank's collectives send in forward and backward, counted at the torch.distributed
+    calls (this process is a forked rank, so patching the module here touches nothing else)."""
+    sent = [0]
+    a2a, batch = dist.all_to_all_single, dist.batch_isend_irecv
+
+    def counting_a2a(out, x, output_split_sizes=None, input_split_sizes=None, group=None, **kw):
+        me = dist.get_rank(group)
+        row = x[0].numel() * x.element_size()
+        sent[0] += sum(n for j, n in enumerate(input_split_sizes) if j != me) * row
+        return a2a(out, x, output_split_sizes, input_split_sizes, group, **kw)
+
+    def counting_batch(ops):
+        sent[0] += sum(op.tensor.numel() * op.tensor.element_size() for op in ops if op.op is dist.isend)
+        return batch(ops)
+
+    dist.all_to_all_single, dist.batch_isend_irecv = counting_a2a, counting_batch
+    ulysses_group, ring_group = _groups(mode, world_size, ulysses)
+    core = sequence_parallel_core(mode, sp_group=dist.group.WORLD, ulysses_group=ulysses_group,
+                                  ring_group=ring_group, layout="zigzag")
+    q, k, v = (torch.randn(2, heads, seq // world_size, 8, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    out = core(q, k, v)
+    forward = sent[0]
+    out.sum().backward()
+    return forward, sent[0] - forward
+
+
+@pytest.mark.parametrize("mode,world_size,ulysses,heads", [("ulysses", 2, 2, 3), ("ulysses", 4, 4, 6),
+                                                           ("ring", 4, 1, 2), ("hybrid", 4, 2, 3)])
+def test_measured_comm_volume_matches_theory(mode, world_size, ulysses, heads):
+    seq, dtype = 16, torch.bfloat16
+    measured = run_distributed(_comm_rank, world_size, mode, ulysses, heads, seq, dtype)
+    for rank, (forward, backward) in enumerate(measured):
+        theory = comm_bytes_per_layer(mode, batch=2, seq_len=seq, num_heads=heads, head_dim=8,
+                                      sp=world_size, ulysses=ulysses, dtype=dtype, sp_rank=rank)
+        assert (forward, backward) == (theory["forward"], theory["backward"]), f"rank {rank}"
 
 
 def test_failing_rank_ends_the_ring_with_an_error():

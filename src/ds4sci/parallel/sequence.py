@@ -28,7 +28,7 @@ import torch.distributed as dist
 from ds4sci.models.genslm.model import IGNORE_INDEX, causal_attention
 
 from .ring import LAYOUTS, hybrid_attention, ring_attention
-from .ulysses import ulysses_attention
+from .ulysses import head_splits, ulysses_attention
 
 MODES = ("ulysses", "ring", "hybrid")
 
@@ -156,3 +156,39 @@ def global_mean_loss(loss_sum: torch.Tensor, count: torch.Tensor, group=None,
     total, global_count = stats.unbind(0)
     global_count = global_count.clamp_min(1)
     return loss_sum * (grads_averaged_over / global_count), total / global_count
+
+
+def comm_bytes_per_layer(mode: str, *, batch: int, seq_len: int, num_heads: int, head_dim: int,
+                         sp: int, ulysses: int | None = None, dtype: torch.dtype = torch.float32,
+                         sp_rank: int = 0) -> dict[str, int]:
+    """Bytes one rank sends per attention layer: ``{"forward": ..., "backward": ...}`` (not
+    counting an activation-checkpointing recompute, which repeats the forward's).
+
+    ``seq_len`` is the padded length. Ulysses sends, per all-to-all, the heads other ranks own of
+    its shard: ``3 (H - H_r) B S/P D`` for q, k, v and ``H_r (P-1) B S/P D`` for the output;
+    backward sends ``(H - H_r) B S/P D`` (dOut) and ``3 H_r (P-1) B S/P D`` (dq, dk, dv); with
+    even heads ``4 B S E (P-1)/P^2`` each way. Ring sends its K/V shard ``P-1`` hops forward and
+    backward, plus ``P`` hops of fp32 dK/dV in backward. Hybrid is Ulysses over ``ulysses``
+    ranks, then ring over ``sp / ulysses`` ranks on ``H_r`` heads of a ring shard.
+    """
+    if mode not in MODES:
+        raise ValueError(f"comm_bytes_per_layer: mode={mode!r}; expected one of {MODES}")
+    u = {"ulysses": sp, "ring": 1, "hybrid": ulysses}[mode]
+    if u is None or u < 1 or sp % u:
+        raise ValueError(f"comm_bytes_per_layer: ulysses={ulysses} must divide sp={sp} in hybrid mode")
+    ring = sp // u
+    item, f32 = torch.empty((), dtype=dtype).element_size(), 4
+    local = batch * (seq_len // sp) * head_dim  # one head of this rank's shard, in elements
+    heads = num_heads
+    fwd = bwd = 0
+    if u > 1:
+        h_r = head_splits(num_heads, u)[sp_rank % u]
+        # Backward runs the inverse all-to-alls: dOut out (like q alone), dq/dk/dv back.
+        fwd += (3 * (num_heads - h_r) + h_r * (u - 1)) * local * item
+        bwd += ((num_heads - h_r) + 3 * h_r * (u - 1)) * local * item
+        heads = h_r
+    if ring > 1:
+        kv = 2 * heads * batch * (seq_len // ring) * head_dim  # a stacked K/V ring shard
+        fwd += (ring - 1) * kv * item
+        bwd += (ring - 1) * kv * item + ring * kv * f32
+    return {"forward": fwd, "backward": bwd}
