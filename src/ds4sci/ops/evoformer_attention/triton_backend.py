@@ -1,0 +1,235 @@
+"""Triton backend for Evoformer attention: launches the kernels in ``triton_kernels``.
+
+The GPU path of the op (the role DeepSpeed4Science's CUTLASS kernel plays), with no build step,
+any head dim up to 128, any L >= 1, fp16/bf16/fp32 and deterministic fp32 bias gradients.
+``auto`` chooses it for CUDA tensors (ROCm tensors are ``cuda`` too). CPU tensors run through
+Triton's interpreter when the backend is named explicitly and ``TRITON_INTERPRET=1`` is set:
+slow, for tests only. The interpreter copy of the kernels is a second, private load of
+``triton_kernels.py`` made while ``TRITON_INTERPRET=1``, since ``@triton.jit`` picks
+interpreter or compiler when a kernel is defined; so one process can run both, and the
+setting never leaks into other code that uses Triton.
+
+Legend: ``Bf`` = product of the leading dims ``*``; tensors are viewed as ``[Bf, L, H, D]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+MAX_HEAD_DIM = 128
+MAX_BIASES = 2
+DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
+
+_KERNEL_MODULES: dict[bool, object] = {}
+
+
+def interpreter_enabled() -> bool:
+    """True when ``TRITON_INTERPRET=1``: CPU tensors may then run (when named explicitly)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def environment_reasons() -> list[str]:
+    if importlib.util.find_spec("triton") is None:
+        return ["triton not installed (pip install triton)"]
+    if not torch.cuda.is_available() and not interpreter_enabled():
+        return ["no CUDA device"]
+    return []
+
+
+def input_reasons(q: torch.Tensor, biases: Sequence[torch.Tensor]) -> list[str]:
+    reasons = []
+    if q.device.type == "cpu":
+        if not interpreter_enabled():
+            reasons.append("device type 'cpu' needs TRITON_INTERPRET=1 (Triton's interpreter, for tests)")
+    elif q.device.type != "cuda":
+        reasons.append(f"device type {q.device.type!r} not in ['cuda', 'cpu' (interpreter)]")
+    if len(biases) > MAX_BIASES:
+        reasons.append(f"{len(biases)} biases; the kernels take at most {MAX_BIASES}")
+    return reasons
+
+
+def _kernels(device: torch.device):
+    """The kernel module for this device: compiled for GPUs, interpreted for CPU tensors."""
+    interpret = device.type == "cpu"
+    if interpret not in _KERNEL_MODULES:
+        name = f"{__package__}.triton_kernels" + ("_interpreted" if interpret else "")
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("triton_kernels.py"))
+        module = importlib.util.module_from_spec(spec)
+        saved = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            if saved is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = saved
+        sys.modules[name] = module
+        _KERNEL_MODULES[interpret] = module
+    return _KERNEL_MODULES[interpret]
+
+
+def _blocks(device: torch.device, head_dim: int, dtype: torch.dtype) -> dict:
+    """Tile sizes: ``BQ``/``BK`` query/key block, ``DP`` padded head dim, launch options."""
+    dp = max(16, _next_power_of_2(head_dim))
+    if device.type == "cpu":  # interpreter: small blocks so tests cross block edges
+        return {"BQ": 32, "BK": 32, "DP": dp, "num_warps": 1}
+    wide = dp > 64 or (dtype == torch.float32 and dp > 32)
+    return {"BQ": 64, "BK": 32 if wide else 64, "DP": dp, "num_warps": 4}
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _ieee(q: torch.Tensor) -> bool:
+    """Dots in fp32: for fp32 inputs, and always in the interpreter (see ``triton_kernels._dot``)."""
+    return q.dtype == torch.float32 or q.device.type == "cpu"
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class _BiasArgs:
+    """One bias as the kernels read it: itself (expanded view, 0 strides where it broadcasts),
+    a per-batch-row offset table, and the strides of its H, L_q, L_k dims."""
+
+    def __init__(self, bias: torch.Tensor, lead: Sequence[int], heads: int, l_q: int, l_k: int):
+        full_rank = len(lead) + 3
+        self.full = bias.reshape((1,) * (full_rank - bias.dim()) + tuple(bias.shape))  # a view
+        self.tensor = self.full.expand(*lead, heads, l_q, l_k)  # a view: 0 strides, no copy
+        strides = self.tensor.stride()
+        offsets = torch.zeros(1, dtype=torch.int64)
+        for n, stride in zip(lead, strides[: len(lead)]):
+            offsets = (offsets[:, None] + torch.arange(n, dtype=torch.int64) * stride).reshape(-1)
+        self.offsets = offsets.to(bias.device)
+        self.strides = tuple(strides[len(lead):])
+
+    def launch_args(self) -> tuple:
+        return (self.tensor, self.offsets)
+
+    def grad_groups(self, lead: Sequence[int]):
+        """``(n_rows, members, group_ptr)``: batch rows grouped by the bias row they read.
+
+        A bias row is one index of the bias's own leading dims (size-1 dims broadcast), so an
+        expanded bias that needs a gradient gets it at its full (expanded) size, as autograd does.
+        """
+        bias_lead = self.full.shape[: len(lead)]
+        n_rows = math.prod(bias_lead)
+        row_of = torch.arange(n_rows).reshape(bias_lead).expand(tuple(lead)).reshape(-1)
+        members = torch.argsort(row_of, stable=True)
+        counts = torch.bincount(row_of, minlength=n_rows)
+        group_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+        device = self.offsets.device
+        return n_rows, members.to(device), group_ptr.to(device)
+
+
+def _bias_launch_args(bias_args: list[_BiasArgs], dummy: torch.Tensor):
+    """Pointer args for the two bias slots, their strides, and the HAS_B0/HAS_B1 flags."""
+    pointers, strides, flags = [], [], {}
+    zero_offsets = torch.zeros(1, dtype=torch.int64, device=dummy.device)
+    for slot in range(MAX_BIASES):
+        if slot < len(bias_args):
+            pointers += bias_args[slot].launch_args()
+            strides += bias_args[slot].strides
+        else:
+            pointers += [dummy, zero_offsets]
+            strides += [0, 0, 0]
+        flags[f"HAS_B{slot}"] = slot < len(bias_args)
+    return pointers, strides, flags
+
+
+def _flatten(q, k, v):
+    lead = tuple(q.shape[:-3])
+    n_batch = math.prod(lead)
+    return lead, n_batch, [t.reshape(n_batch, *t.shape[-3:]) for t in (q, k, v)]
+
+
+def forward(q, k, v, biases, tile_elements=None):
+    """Returns ``(out [*, L_q, H, D], stats [*, H, L_q, 2])``, stats = (row max, log denominator)
+    in fp32; a fully ``-inf`` row gets (0, +inf). ``tile_elements`` is unused (fixed blocks)."""
+    kernels = _kernels(q.device)
+    lead, n_batch, (q3, k3, v3) = _flatten(q, k, v)
+    l_q, heads, head_dim = q3.shape[1:]
+    l_k = k3.shape[1]
+    bias_args = [_BiasArgs(b, lead, heads, l_q, l_k) for b in biases]
+    pointers, bias_strides, flags = _bias_launch_args(bias_args, q3)
+    out = torch.empty(q3.shape, dtype=q.dtype, device=q.device)
+    stats = torch.empty(n_batch, heads, l_q, 2, dtype=torch.float32, device=q.device)
+    cfg = _blocks(q.device, head_dim, q.dtype)
+    grid = (n_batch * heads, _cdiv(l_q, cfg["BQ"]))
+    with _on(q.device):
+        kernels._fwd_kernel[grid](
+            q3, k3, v3, out, stats, *pointers,
+            *q3.stride(), *k3.stride(), *v3.stride(), *out.stride(), *bias_strides,
+            heads, l_q, l_k, head_dim, head_dim**-0.5,
+            **flags, IEEE=_ieee(q), **cfg,
+        )
+    return out.reshape(q.shape), stats.reshape(*lead, heads, l_q, 2)
+
+
+def backward(grad_out, q, k, v, biases, out, stats, bias_needs_grad, tile_elements=None):
+    """Returns ``[dq, dk, dv, *dbias]``; a bias that needs no gradient gets an empty tensor."""
+    kernels = _kernels(q.device)
+    lead, n_batch, (q3, k3, v3) = _flatten(q, k, v)
+    do3 = grad_out.reshape(q3.shape)
+    o3 = out.reshape(q3.shape)
+    stats3 = stats.reshape(n_batch, *stats.shape[-3:]).contiguous()
+    l_q, heads, head_dim = q3.shape[1:]
+    l_k = k3.shape[1]
+    bias_args = [_BiasArgs(b, lead, heads, l_q, l_k) for b in biases]
+    pointers, bias_strides, flags = _bias_launch_args(bias_args, q3)
+    cfg = _blocks(q.device, head_dim, q.dtype)
+    common = dict(**flags, IEEE=_ieee(q), **cfg)
+    qkv_strides = (*q3.stride(), *k3.stride(), *v3.stride(), *do3.stride())
+    dims = (heads, l_q, l_k, head_dim, head_dim**-0.5)
+    delta = torch.empty(n_batch, heads, l_q, dtype=torch.float32, device=q.device)
+    dq = torch.empty(q3.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k3.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v3.shape, dtype=v.dtype, device=v.device)
+    with _on(q.device):
+        kernels._delta_kernel[(n_batch * heads, _cdiv(l_q, cfg["BQ"]))](
+            o3, do3, delta, *o3.stride(), *do3.stride(), heads, l_q, head_dim,
+            BQ=cfg["BQ"], DP=cfg["DP"], num_warps=cfg["num_warps"],
+        )
+        kernels._dkdv_kernel[(n_batch * heads, _cdiv(l_k, cfg["BK"]))](
+            q3, k3, v3, do3, stats3, delta, dk, dv, *pointers, *qkv_strides, *dk.stride(),
+            *bias_strides, *dims, **common,
+        )
+        kernels._dq_kernel[(n_batch * heads, _cdiv(l_q, cfg["BQ"]))](
+            q3, k3, v3, do3, stats3, delta, dq, *pointers, *qkv_strides, *dq.stride(),
+            *bias_strides, *dims, **common,
+        )
+        dbiases = []
+        for b, ba, needs in zip(biases, bias_args, bias_needs_grad):
+            if not needs:
+                dbiases.append(b.new_empty(0))
+                continue
+            n_rows, members, group_ptr = ba.grad_groups(lead)
+            h_b, lq_b, lk_b = ba.full.shape[-3:]
+            grad = torch.empty(n_rows, h_b, lq_b, lk_b, dtype=torch.float32, device=q.device)
+            bcast = {"BCAST_H": h_b == 1, "BCAST_Q": lq_b == 1, "BCAST_K": lk_b == 1}
+            grid = (n_rows * h_b, 1 if bcast["BCAST_Q"] else _cdiv(l_q, cfg["BQ"]),
+                    1 if bcast["BCAST_K"] else _cdiv(l_k, cfg["BK"]))
+            kernels._dbias_kernel[grid](
+                q3, k3, v3, do3, stats3, delta, grad, members, group_ptr, *pointers, *qkv_strides,
+                *bias_strides, heads, h_b, l_q, l_k, head_dim, head_dim**-0.5, **bcast, **common,
+            )
+            dbiases.append(grad.reshape(ba.full.shape).reshape(b.shape).to(b.dtype))
+    return [dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape), *dbiases]
+
+
+def _on(device: torch.device):
+    """Launch on the tensors' GPU (Triton launches on the current device)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
