@@ -246,48 +246,72 @@ def test_tensor_parallel_column_split_keeps_heads_whole():
 # Pipeline parallelism.
 
 
-def _train_pipeline(rank, world_size, cfg, schedule, n_microbatches, seq_len):
-    pipe = build_pipeline(_model(cfg), init_device_mesh("cpu", (world_size,)), batch_size=BATCH,
-                          seq_len=seq_len, n_microbatches=n_microbatches, schedule=schedule)
+def _train_pipeline(rank, world_size, cfg, schedule, n_microbatches, seq_len, pp, other=None):
+    """AdamW steps through a ``pp``-stage pipeline; with ``other`` = "dp" (FSDP over 2 ranks, batch
+    rows split) or "tp" (2 ranks) each stage is also sharded. Returns this rank's stage's
+    (losses, full grads per step, full params); losses are global (None off the last stage)."""
+    if other is None:
+        mesh, par, dp = init_device_mesh("cpu", (pp,), mesh_dim_names=("pp",)), None, 1
+    else:
+        mesh = init_device_mesh("cpu", (pp, world_size // pp), mesh_dim_names=("pp", other))
+        par = ((lambda m: apply_fsdp(m, mesh["dp"])) if other == "dp"
+               else (lambda m: apply_tensor_parallel(m, mesh["tp"])))
+        dp = mesh["dp"].size() if other == "dp" else 1
+    dp_rank = mesh["dp"].get_local_rank() if dp > 1 else 0
+    rows = slice(dp_rank * BATCH // dp, (dp_rank + 1) * BATCH // dp)
+    pipe = build_pipeline(_model(cfg), mesh["pp"], batch_size=BATCH // dp, seq_len=seq_len,
+                          n_microbatches=n_microbatches, schedule=schedule, parallelize_stage=par)
     opt = torch.optim.AdamW(pipe.module.parameters(), lr=LR, eps=EPS)
     losses, grads = [], []
     for step in range(STEPS):
-        loss = pipe.step(*_batch(step))
+        ids, labels = _batch(step)
+        count = (_targets(labels) != IGNORE_INDEX).sum()
+        # FSDP averages gradients over dp, so each dp rank normalises by count / dp.
+        loss = pipe.step(ids[rows], labels[rows], num_tokens=count / dp)
         assert (loss is not None) == pipe.is_last
+        if loss is not None and dp > 1:
+            dist.all_reduce(loss, group=mesh["dp"].get_group())
+            loss = loss / dp
         losses.append(loss)
-        grads.append({n: p.grad.detach().clone() for n, p in pipe.module.named_parameters()})
+        grads.append(_state(pipe.module))
         opt.step()
         opt.zero_grad()
-    return losses, grads, {n: p.detach().clone() for n, p in pipe.module.named_parameters()}
+    return losses, grads, _params(pipe.module)
 
 
-@pytest.mark.parametrize("world_size, layers, schedule, n_microbatches, seq_len", [
-    (2, 2, "gpipe", 2, SEQ),
-    (2, 3, "1f1b", 4, SEQ + 3),  # uneven stages (2 + 1 layers); padded to a fixed length
-    (4, 5, "1f1b", 4, SEQ),  # 4 stages of 2, 1, 1, 1 layers
-    (4, 4, "gpipe", 4, SEQ + 1),
-], ids=["pp2-gpipe", "pp2-1f1b-uneven-padded", "pp4-1f1b", "pp4-gpipe-padded"])
-def test_pipeline_matches_single_process(world_size, layers, schedule, n_microbatches, seq_len):
+@pytest.mark.parametrize("world_size, layers, schedule, n_microbatches, seq_len, pp, other", [
+    (2, 2, "gpipe", 2, SEQ, 2, None),
+    (2, 3, "1f1b", 4, SEQ + 3, 2, None),  # uneven stages (2 + 1 layers); padded to a fixed length
+    (4, 5, "1f1b", 4, SEQ, 4, None),  # 4 stages of 2, 1, 1, 1 layers
+    (4, 4, "gpipe", 4, SEQ + 1, 4, None),
+    (4, 3, "1f1b", 2, SEQ, 2, "dp"),  # pp=2 x FSDP dp=2
+    (4, 3, "gpipe", 2, SEQ + 2, 2, "tp"),  # pp=2 x tp=2
+], ids=["pp2-gpipe", "pp2-1f1b-uneven-padded", "pp4-1f1b", "pp4-gpipe-padded", "pp2xfsdp2-1f1b",
+        "pp2xtp2-gpipe"])
+def test_pipeline_matches_single_process(world_size, layers, schedule, n_microbatches, seq_len,
+                                         pp, other):
     cfg = CFG.replace(num_hidden_layers=layers)
-    results = run_distributed(_train_pipeline, world_size, cfg, schedule, n_microbatches, seq_len)
+    results = run_distributed(_train_pipeline, world_size, cfg, schedule, n_microbatches, seq_len,
+                              pp, other)
     ref_losses, ref_grads, ref_params = reference(cfg)
-    seen_grads, seen_params = {}, {}
+    per_stage = world_size // pp
+    seen_params = {}
     for rank, (losses, grads, params) in enumerate(results):
-        if rank == world_size - 1:
+        if rank // per_stage == pp - 1:
             for step in range(STEPS):
                 torch.testing.assert_close(losses[step], ref_losses[step], atol=2e-6, rtol=1e-4)
         for step in range(STEPS):
             for name, g in grads[step].items():
                 torch.testing.assert_close(g, ref_grads[step][name], atol=2e-6, rtol=1e-4,
                                            msg=lambda m: f"rank {rank} step {step} grad {name}: {m}")
-        assert not seen_params.keys() & params.keys(), "a parameter lives on two stages"
-        seen_params.update(params)
-        seen_grads.update(grads[0])
+        for name, p in params.items():
+            torch.testing.assert_close(p, ref_params[name], atol=PARAM_ATOL, rtol=1e-4,
+                                       msg=lambda m: f"param {name} after {STEPS} steps: {m}")
+        if rank % per_stage == 0:
+            assert not seen_params.keys() & params.keys(), "a parameter lives on two stages"
+            seen_params.update(params)
     # Together the stages hold every parameter of the model, under the model's own names.
     assert seen_params.keys() == ref_params.keys()
-    for name, p in seen_params.items():
-        torch.testing.assert_close(p, ref_params[name], atol=PARAM_ATOL, rtol=1e-4,
-                                   msg=lambda m: f"param {name} after {STEPS} steps: {m}")
 
 
 def test_stage_layer_ranges():

@@ -44,7 +44,7 @@ def _check_dtype(name: str, dtype) -> None:
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype | None = None,
                reduce_dtype: torch.dtype | None = torch.float32, cpu_offload: bool = False,
                reshard_after_forward: bool = True) -> nn.Module:
-    """Shard ``model`` (a ``GenSLM``) in place over the 1-D data-parallel ``mesh``; returns it.
+    """Shard ``model`` (a ``GenSLM`` or a pipeline ``GenSLMStage``) in place over the 1-D data-parallel ``mesh``; returns it.
 
     ``param_dtype``: dtype the gathered parameters compute in (mixed precision; None = their own
     dtype); the sharded fp32 master copy and the optimizer state stay fp32.
@@ -68,14 +68,16 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype |
     _check_dtype("param_dtype", param_dtype)
     _check_dtype("reduce_dtype", reduce_dtype)
     if not hasattr(model, "layers"):
-        raise TypeError(f"apply_fsdp: model is a {type(model).__name__}; expected a GenSLM (with .layers)")
+        raise TypeError(f"apply_fsdp: model is a {type(model).__name__}; expected a GenSLM or a GenSLMStage (with .layers)")
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     if cpu_offload:
         offload_policy = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu")
     else:
         offload_policy = OffloadPolicy()
     kwargs = dict(mesh=mesh, mp_policy=mp_policy, offload_policy=offload_policy)
-    for layer in model.layers:
+    # A pipeline stage keys its layers by whole-model index (a ModuleDict); GenSLM has a list.
+    layers = model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers
+    for layer in layers:
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **kwargs)
     # The root keeps its parameters gathered after forward anyway (FSDP2 heuristic: the output
     # head is needed again first thing in backward).

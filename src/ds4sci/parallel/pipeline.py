@@ -26,6 +26,8 @@ Legend: ``B`` batch, ``S`` sequence, ``E`` hidden size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -149,14 +151,17 @@ class Pipeline:
 
 def build_pipeline(model: GenSLM, pp_mesh: DeviceMesh, *, batch_size: int, seq_len: int,
                    n_microbatches: int, schedule: str = "1f1b",
-                   device: torch.device | str | None = None) -> Pipeline:
+                   device: torch.device | str | None = None,
+                   parallelize_stage: Callable[[GenSLMStage], object] | None = None) -> Pipeline:
     """Cut ``model`` into ``pp_mesh.size()`` stages and return this rank's stage and schedule.
 
     ``pp_mesh``: 1-D pipeline mesh; the rank's position in it is its stage index.
     ``batch_size``, ``seq_len``: the fixed ``[B, S]`` of every step (shorter sequences are padded).
     ``n_microbatches``: must divide ``batch_size``; ``schedule``: ``"gpipe"`` or ``"1f1b"``.
     ``device``: where the stage runs (default: the mesh's device type; the current CUDA device
-    on GPUs).
+    on GPUs). ``parallelize_stage``: called on this rank's stage module before the pipeline stage
+    is built, to apply tensor parallelism and/or FSDP to it (in that order), e.g.
+    ``lambda m: apply_fsdp(apply_tensor_parallel(m, tp_mesh), dp_mesh)``.
     The returned stage module shares parameters with ``model``: only its parameters are used on
     this rank (give them to the optimizer; the rest of ``model`` may be freed).
     """
@@ -177,6 +182,8 @@ def build_pipeline(model: GenSLM, pp_mesh: DeviceMesh, *, batch_size: int, seq_l
                   if pp_mesh.device_type == "cuda" else torch.device(pp_mesh.device_type))
     module = GenSLMStage(model, ranges[stage_index], is_first=stage_index == 0,
                          is_last=stage_index == pp - 1).to(device)
+    if parallelize_stage is not None:
+        parallelize_stage(module)
     stage = PipelineStage(module, stage_index, pp, torch.device(device), group=pp_mesh.get_group())
 
     def loss_fn(hidden_BSE, targets_BS, num_tokens):

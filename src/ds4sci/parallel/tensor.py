@@ -46,7 +46,7 @@ def check_tensor_parallel(config, tp: int) -> None:
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, embeddings: bool = True) -> nn.Module:
-    """Shard ``model`` (a ``GenSLM``) in place over the 1-D ``tp_mesh``; returns it.
+    """Shard ``model`` (a ``GenSLM`` or a pipeline ``GenSLMStage``) in place over the 1-D ``tp_mesh``; returns it.
 
     Per layer: ``query_key_value`` and ``dense_h_to_4h`` column-wise, ``dense`` and
     ``dense_4h_to_h`` row-wise. ``embeddings``: also split ``embed_in`` (row-wise, by vocabulary)
@@ -65,11 +65,15 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, embeddings: 
         "mlp.dense_h_to_4h": ColwiseParallel(),
         "mlp.dense_4h_to_h": RowwiseParallel(),
     }
-    for layer in model.layers:
+    # A pipeline stage keys its layers by whole-model index (a ModuleDict); GenSLM has a list.
+    layers = model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers
+    for layer in layers:
         parallelize_module(layer, tp_mesh, layer_plan)
     if embeddings:
-        parallelize_module(model, tp_mesh, {
-            "embed_in": RowwiseParallel(input_layouts=Replicate()),
-            "embed_out": ColwiseParallel(output_layouts=Replicate()),
-        })
+        # A pipeline stage holds at most one of them.
+        plan = {"embed_in": RowwiseParallel(input_layouts=Replicate()),
+                "embed_out": ColwiseParallel(output_layouts=Replicate())}
+        plan = {name: style for name, style in plan.items() if hasattr(model, name)}
+        if plan:
+            parallelize_module(model, tp_mesh, plan)
     return model
