@@ -1,12 +1,17 @@
 """Atomic, verified checkpoints: model weights in safetensors, the rest in a torch file.
 
-A checkpoint is a directory ``step-NNNNNNNN/`` holding ``model.safetensors``, ``state.pt``
+A single-process checkpoint is a directory ``step-NNNNNNNN/`` holding ``model.safetensors``, ``state.pt``
 (optimizer, scheduler, RNG state, data position, config; tensors and plain values only, loaded
 with ``weights_only=True``) and ``manifest.json`` (size and
 sha256 of each file). It is written under a temporary name, fsynced, and renamed into place;
 ``latest`` (a one-line file naming it) is replaced atomically after that, and older checkpoints
 are pruned last, so a crash or power loss at any moment leaves a complete checkpoint. Loading verifies the manifest first: a truncated
 or altered file is refused with a message naming it.
+
+A distributed checkpoint (``train.distributed``) has the same frame, with ``dcp/`` (a
+``torch.distributed.checkpoint`` directory: every rank's shards of model and optimizer state,
+loadable under another parallel layout) in place of ``model.safetensors``; its manifest lists
+every file.
 """
 
 from __future__ import annotations
@@ -57,7 +62,6 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, state: di
     """Write checkpoint ``step`` under ``run_dir/checkpoints`` atomically; prune to ``keep``."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
     tmp = root / f".step-{step:08d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -69,6 +73,13 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, state: di
     for name in (*FILES, MANIFEST):
         _fsync(tmp / name)
     _fsync(tmp)
+    return _publish(root, tmp, step, keep)
+
+
+def _publish(root: Path, tmp: Path, step: int, keep: int) -> Path:
+    """Move a complete ``tmp`` checkpoint into place as step ``step``, point ``latest`` at it,
+    prune older ones (in that order, so a crash at any moment leaves a complete checkpoint)."""
+    final = root / f"step-{step:08d}"
     if final.exists():  # re-saving a step: move the old copy aside, never leave a gap
         old = root / f".step-{step:08d}.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -80,11 +91,86 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, state: di
     _fsync(root)
     _replace_text(root / "latest", final.name + "\n")
     _fsync(root)
-    # Only older steps are pruned, and only once the new one is durable.
     older = sorted(p for p in root.glob("step-*") if p.is_dir() and int(p.name[5:]) < step)
     for stale in older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def save_distributed_checkpoint(run_dir: str | Path, step: int, app_state: dict, state: dict, keep: int,
+                                *, is_main: bool, barrier) -> Path:
+    """Collective: every rank writes its shards of ``app_state`` (model/optimizer state dicts with
+    DTensors) with ``torch.distributed.checkpoint``; the main rank writes ``state`` and the manifest
+    and publishes the checkpoint. ``barrier()`` waits for all ranks."""
+    import torch.distributed.checkpoint as dcp
+
+    root = Path(run_dir) / "checkpoints"
+    tmp = root / f".step-{step:08d}.tmp"
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    dcp.save(app_state, checkpoint_id=str(tmp / "dcp"))
+    barrier()
+    final = root / f"step-{step:08d}"
+    if is_main:
+        torch.save(state, tmp / FILES[1])
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {"step": step, "distributed": True,
+                    "files": {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                              for p in files}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        for p in (*files, tmp / MANIFEST, tmp / "dcp", tmp):
+            _fsync(p)
+        _publish(root, tmp, step, keep)
+    barrier()
+    return final
+
+
+def _verify(path: Path) -> dict:
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{path} is not a ds4sci checkpoint (no {MANIFEST})")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{manifest_path} is corrupt: {err}") from err
+    names = manifest["files"] if manifest.get("distributed") else FILES
+    for name in names:
+        file = path / name
+        expected = manifest["files"].get(name)
+        if expected is None or not file.is_file():
+            raise CheckpointError(f"checkpoint {path}: {name} is missing")
+        if file.stat().st_size != expected["bytes"] or _sha256(file) != expected["sha256"]:
+            raise CheckpointError(
+                f"checkpoint {path}: {name} is corrupt (size or sha256 differs from {MANIFEST})"
+            )
+    return manifest
+
+
+def is_distributed_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / "dcp").is_dir()
+
+
+def read_distributed_state(path: str | Path) -> dict:
+    """The verified ``state.pt`` of a distributed checkpoint (step, scheduler, config, ...)."""
+    path = Path(path)
+    manifest = _verify(path)
+    if not manifest.get("distributed"):
+        raise CheckpointError(f"checkpoint {path} was written by a single-process run; resume it "
+                              "without torchrun (distributed runs resume distributed checkpoints)")
+    return torch.load(path / FILES[1], map_location="cpu", weights_only=True)
+
+
+def load_distributed_app_state(path: str | Path, app_state: dict) -> None:
+    """Collective: fill ``app_state`` (this rank's state dicts, any layout) from ``path/dcp``."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.load(app_state, checkpoint_id=str(Path(path) / "dcp"))
+    except Exception as err:  # DCP wraps per-rank failures; say which checkpoint did not fit
+        raise CheckpointError(f"checkpoint {path} does not fit this run: {err}") from err
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -100,22 +186,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
     """``(model_state, state)`` of a verified checkpoint directory, or CheckpointError."""
     path = Path(path)
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{path} is not a ds4sci checkpoint (no {MANIFEST})")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{manifest_path} is corrupt: {err}") from err
-    for name in FILES:
-        file = path / name
-        expected = manifest["files"].get(name)
-        if expected is None or not file.is_file():
-            raise CheckpointError(f"checkpoint {path}: {name} is missing")
-        if file.stat().st_size != expected["bytes"] or _sha256(file) != expected["sha256"]:
-            raise CheckpointError(
-                f"checkpoint {path}: {name} is corrupt (size or sha256 differs from {MANIFEST})"
-            )
+    manifest = _verify(path)
+    if manifest.get("distributed"):
+        raise CheckpointError(
+            f"checkpoint {path} is a distributed (torch.distributed.checkpoint) checkpoint; resume it "
+            "under torchrun with any layout (--nproc-per-node=1 works)")
     model_state = load_file(path / FILES[0])
     # weights_only: a checkpoint is data, never code (no arbitrary unpickling).
     state = torch.load(path / FILES[1], map_location="cpu", weights_only=True)

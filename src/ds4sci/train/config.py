@@ -83,6 +83,61 @@ class OptimConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How a run is spread over processes (``torchrun``); dp x sp x tp x pp = world size."""
+
+    dp: int = -1
+    """Data-parallel degree (FSDP over dp x sp); -1 = world size / (sp * tp * pp)."""
+    sp: int = 1
+    """Sequence-parallel degree: ranks sharing each sequence."""
+    tp: int = 1
+    """Tensor-parallel degree: ranks splitting heads and MLP columns."""
+    pp: int = 1
+    """Pipeline-parallel degree: stages the layers are cut into."""
+    sp_mode: str = "ulysses"
+    """Sequence-parallel attention: ulysses, ring or hybrid (ring of Ulysses groups)."""
+    sp_ulysses: int | None = None
+    """Ulysses degree inside hybrid mode (divides sp); None = the largest divisor of sp that
+    divides the heads (per tensor-parallel rank) and is < sp."""
+    sp_layout: str = "zigzag"
+    """Token layout of the ring level (ring, hybrid): zigzag (causal load balance) or contiguous."""
+    pp_schedule: str = "1f1b"
+    """Pipeline schedule: 1f1b or gpipe."""
+    pp_microbatches: int = 2
+    """Microbatches per pipeline step (divides the per-rank batch)."""
+    fsdp_cpu_offload: bool = False
+    """FSDP2 CPUOffloadPolicy: sharded parameters, gradients and optimizer state in host memory."""
+    fsdp_reshard_after_forward: bool = True
+    """ZeRO-3 (free gathered layer weights after forward) or keep them until backward."""
+    tp_embeddings: bool = True
+    """Tensor parallelism also splits the embeddings and output head by vocabulary."""
+    timeout_s: float = 300.0
+    """Collective timeout: a rank waiting this long on a dead or stuck peer raises."""
+
+    def __post_init__(self):
+        from ..parallel.dims import SP_MODES
+
+        if self.sp_mode not in SP_MODES:
+            raise ValueError(f"parallel.sp_mode={self.sp_mode!r}; expected one of {SP_MODES}")
+        if self.sp_layout not in ("zigzag", "contiguous"):
+            raise ValueError(f"parallel.sp_layout={self.sp_layout!r}; expected 'zigzag' or 'contiguous'")
+        if self.pp_schedule not in ("1f1b", "gpipe"):
+            raise ValueError(f"parallel.pp_schedule={self.pp_schedule!r}; expected '1f1b' or 'gpipe'")
+        for name in ("sp", "tp", "pp", "pp_microbatches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name}={getattr(self, name)}; expected >= 1")
+        if self.dp != -1 and self.dp < 1:
+            raise ValueError(f"parallel.dp={self.dp}; expected >= 1 or -1 (infer)")
+        if self.timeout_s <= 0:
+            raise ValueError(f"parallel.timeout_s={self.timeout_s}; expected > 0")
+
+    @property
+    def world_size(self) -> int | None:
+        """Processes this layout needs, or None when dp is inferred."""
+        return None if self.dp == -1 else self.dp * self.sp * self.tp * self.pp
+
+
+@dataclass
 class TrainConfig:
     model: str = "genslm-tiny"
     """GenSLM preset name."""
@@ -110,6 +165,8 @@ class TrainConfig:
     """Replace the checkpoints of an earlier run in out_dir (otherwise refused)."""
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto (CUDA when available)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Distributed layout (used when launched with torchrun; see ds4sci.train.distributed)."""
 
     def __post_init__(self):
         if self.precision not in ("fp32", "bf16"):
@@ -207,6 +264,8 @@ def load_config(yaml_path: str | Path | None = None, overrides: list[str] = ()) 
         _set(cfg, key, yaml.safe_load(raw))
     # Rebuild so every __post_init__ check runs on the final values.
     return TrainConfig(
-        **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in ("data", "optim")},
+        **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+           if f.name not in ("data", "optim", "parallel")},
         data=DataConfig(**dataclasses.asdict(cfg.data)), optim=OptimConfig(**dataclasses.asdict(cfg.optim)),
+        parallel=ParallelConfig(**dataclasses.asdict(cfg.parallel)),
     )

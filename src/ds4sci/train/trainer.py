@@ -113,6 +113,13 @@ _RESUMABLE_CHANGES = {"optim.max_steps", "progress", "eval_every", "checkpoint_e
                       "keep_checkpoints", "out_dir", "overwrite", "device"}
 
 
+def _changed_settings(saved: dict, now: dict) -> dict:
+    """Flat config keys whose change would change a resumed run's numbers: ``{key: (saved, now)}``.
+    The parallel layout may change: every layout computes the same numbers."""
+    return {k: (saved.get(k), now.get(k)) for k in saved.keys() | now.keys()
+            if k not in _RESUMABLE_CHANGES and not k.startswith("parallel.") and saved.get(k) != now.get(k)}
+
+
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -139,21 +146,34 @@ def evaluate(model: GenSLM, data: TokenDataset, pad_id: int, precision: str, dev
 
 
 class Trainer:
+    """One process trains the whole model. ``distributed.DistributedTrainer`` overrides the hooks
+    marked "hook" to spread the same computation over ranks."""
+
+    is_main = True
+    """Whether this process writes metrics, plots and the run's config (rank 0)."""
+
     def __init__(self, cfg: TrainConfig, resume: bool = False):
         self.cfg = cfg
         self.out = Path(cfg.out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.device = self._setup_device()
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self._barrier()
+        # Every rank decides (they read the same directory); only the main one deletes.
         if not resume and latest_checkpoint(self.out) is not None:
             if not cfg.overwrite:
                 raise ValueError(
                     f"out_dir {self.out} already holds a run's checkpoints; pass --resume to continue "
                     f"it, --overwrite=true to replace it, or choose another --out_dir"
                 )
-            shutil.rmtree(self.out / "checkpoints")
-        self.device = _device(cfg.device)
+            if self.is_main:
+                shutil.rmtree(self.out / "checkpoints")
         torch.manual_seed(cfg.seed)
         self.tokenizer = CodonTokenizer(cfg.data.vocab)
-        token_dir = prepare_data(cfg, self.tokenizer)
+        if self.is_main:
+            prepare_data(cfg, self.tokenizer)
+        self._barrier()
+        token_dir = Path(cfg.out_dir) / "data"
         self.train_data = TokenDataset(token_dir, "train", cfg.data.max_tokens)
         self.val_data = TokenDataset(token_dir, "val", cfg.data.max_tokens)
         self.pad_id = self.tokenizer.pad_id
@@ -161,7 +181,8 @@ class Trainer:
         if model_config.vocab_size < len(self.tokenizer):
             raise ValueError(f"model vocab_size={model_config.vocab_size} < tokenizer's {len(self.tokenizer)}")
         self.model = GenSLM(model_config).to(self.device)
-        self.optimizer = _optimizer(self.model, cfg)
+        self._parallelize()
+        self.optimizer = _optimizer(self._trained_module(), cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.sampler = RecordSampler(len(self.train_data), cfg.seed)
         self.position = DataPosition()
@@ -169,9 +190,50 @@ class Trainer:
         self.metrics_path = self.out / "metrics.jsonl"
         if resume:
             self._resume()
-        elif self.metrics_path.exists():
+        elif self.metrics_path.exists() and self.is_main:
             self.metrics_path.unlink()
-        (self.out / "config.yaml").write_text(_yaml(cfg.to_dict()))
+        if self.is_main:
+            (self.out / "config.yaml").write_text(_yaml(cfg.to_dict()))
+        self._barrier()
+
+    # ----- hooks (one process: the plain computation) -----
+    def _setup_device(self) -> torch.device:
+        return _device(self.cfg.device)
+
+    def _barrier(self) -> None:
+        """Wait for every rank (nothing to wait for in one process)."""
+
+    def _parallelize(self) -> None:
+        """Spread ``self.model`` over ranks (nothing to do in one process)."""
+
+    def _trained_module(self) -> torch.nn.Module:
+        """The module whose parameters this process optimizes (a pipeline stage under pp)."""
+        return self.model
+
+    def _micro_batches(self) -> tuple[list, int]:
+        """The step's micro-batches ``[(ids, labels)]`` for this process and the step's number of
+        predicted tokens over all of them (every process's)."""
+        o = self.cfg.optim
+        micro = []
+        for _ in range(o.grad_accum):
+            indices, self.position = self.sampler.take(self.position, o.batch_size)
+            ids, labels = collate([self.train_data[i] for i in indices], self.pad_id)
+            micro.append((ids.to(self.device), labels.to(self.device)))
+        return micro, sum(int((labels[:, 1:] != -100).sum()) for _, labels in micro)
+
+    def _micro_step(self, ids: torch.Tensor, labels: torch.Tensor, total_tokens: int) -> float:
+        """Forward and backward of one micro-batch, weighted by its share of the step's tokens;
+        returns its summed loss (over every rank's tokens)."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
+            out = self.model(ids, labels=labels)
+        (out.loss * (out.num_tokens / max(total_tokens, 1))).backward()
+        return out.loss.item() * out.num_tokens.item()
+
+    def _clip_grad_norm(self, max_norm: float) -> float:
+        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+
+    def _evaluate(self) -> float | None:
+        return evaluate(self.model, self.val_data, self.pad_id, self.cfg.precision, self.device)
 
     def _resume(self) -> None:
         ckpt = latest_checkpoint(self.out)
@@ -179,8 +241,7 @@ class Trainer:
             raise CheckpointError(f"--resume: no checkpoint in {self.out / 'checkpoints'}")
         model_state, state = load_checkpoint(ckpt)
         saved, now = _flat(state["config"]["train"]), _flat(self.cfg.to_dict())
-        changed = {k: (saved.get(k), now.get(k)) for k in saved.keys() | now.keys()
-                   if k not in _RESUMABLE_CHANGES and saved.get(k) != now.get(k)}
+        changed = _changed_settings(saved, now)
         if changed:
             raise CheckpointError(
                 f"checkpoint {ckpt} was made with other settings, (saved, now): {changed}; resume "
@@ -219,22 +280,13 @@ class Trainer:
 
     def train_step(self) -> dict:
         o = self.cfg.optim
-        micro = []
-        for _ in range(o.grad_accum):
-            indices, self.position = self.sampler.take(self.position, o.batch_size)
-            ids, labels = collate([self.train_data[i] for i in indices], self.pad_id)
-            micro.append((ids.to(self.device), labels.to(self.device)))
         # Every micro-batch's loss is weighted by its share of the step's predicted tokens.
-        total_tokens = sum(int((labels[:, 1:] != -100).sum()) for _, labels in micro)
+        micro, total_tokens = self._micro_batches()
         loss_sum = 0.0
         start = time.perf_counter()
         for ids, labels in micro:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
-                out = self.model(ids, labels=labels)
-            (out.loss * (out.num_tokens / max(total_tokens, 1))).backward()
-            loss_sum += out.loss.item() * out.num_tokens.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), o.grad_clip if o.grad_clip > 0 else float("inf"))
+            loss_sum += self._micro_step(ids, labels, total_tokens)
+        grad_norm = self._clip_grad_norm(o.grad_clip if o.grad_clip > 0 else float("inf"))
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -242,7 +294,7 @@ class Trainer:
         self.step += 1
         elapsed = time.perf_counter() - start
         return {"step": self.step, "loss": loss_sum / max(total_tokens, 1), "lr": lr,
-                "grad_norm": float(grad_norm), "tokens": total_tokens,
+                "grad_norm": grad_norm, "tokens": total_tokens,
                 "tokens_per_s": total_tokens / elapsed, "peak_memory_bytes": peak_memory_bytes(self.device),
                 "epoch": self.position.epoch}
 
@@ -252,7 +304,7 @@ class Trainer:
 
         cfg = self.cfg
         stop = cfg.optim.max_steps if until_step is None else min(until_step, cfg.optim.max_steps)
-        bar = tqdm(total=cfg.optim.max_steps, initial=self.step, disable=not cfg.progress,
+        bar = tqdm(total=cfg.optim.max_steps, initial=self.step, disable=not (cfg.progress and self.is_main),
                    desc="train genslm", unit="step", dynamic_ncols=True)
         row = {}
         self.model.train()
@@ -260,16 +312,19 @@ class Trainer:
             row = self.train_step()
             last = self.step == cfg.optim.max_steps
             if last or (cfg.eval_every and self.step % cfg.eval_every == 0):
-                row["val_perplexity"] = evaluate(self.model, self.val_data, self.pad_id, cfg.precision, self.device)
-            self._log(row)
+                row["val_perplexity"] = self._evaluate()
+            if self.is_main:
+                self._log(row)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
                             mem=f"{row['peak_memory_bytes'] / 2**30:.2f}GiB")
             if self.step == stop or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
                 self.save()
         bar.close()
+        self._barrier()  # the main rank's last metrics row is written
         rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
-        plot_metrics(rows, self.out / "loss_curve.png", title=f"{cfg.model} on {self._data_label()}")
+        if self.is_main:
+            plot_metrics(rows, self.out / "loss_curve.png", title=f"{cfg.model} on {self._data_label()}")
         return {"rows": rows, "final": row}
 
     def _data_label(self) -> str:

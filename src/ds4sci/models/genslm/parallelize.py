@@ -1,0 +1,116 @@
+"""How GenSLM is spread over a ``ParallelDims`` layout (the model itself stays plain PyTorch).
+
+Order, as in torchtitan: tensor parallelism first (its DTensor parameters are then sharded by
+FSDP on the other axis: "2D"), then sequence parallelism (it only swaps each layer's attention
+core), then FSDP over the flattened dp x sp mesh (ranks of one sequence hold the same weights, so
+for ZeRO they are data-parallel ranks too). Pipeline parallelism cuts the model into stages
+instead (``pipeline_genslm``).
+
+Combinations that do not work are refused before anything is built, with the reason
+(:func:`check_layout`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...parallel.dims import ParallelDims, ParallelMesh
+from .config import GenSLMConfig
+
+
+def default_sp_ulysses(sp: int, heads_per_tp_rank: int) -> int:
+    """Ulysses degree for hybrid mode when none is given: the largest proper divisor of ``sp``
+    that divides the heads (so the all-to-all splits heads evenly); the rest is the ring."""
+    return max(u for u in range(1, sp) if sp % u == 0 and heads_per_tp_rank % u == 0) if sp > 1 else 1
+
+
+def make_dims(parallel, world_size: int, config: GenSLMConfig) -> ParallelDims:
+    """``ParallelDims`` from a ``ParallelConfig`` (``train.config``) and the world size."""
+    sp_ulysses = parallel.sp_ulysses
+    if parallel.sp_mode == "hybrid" and sp_ulysses is None:
+        sp_ulysses = default_sp_ulysses(parallel.sp, config.num_attention_heads // max(parallel.tp, 1))
+    return ParallelDims(dp=parallel.dp, sp=parallel.sp, tp=parallel.tp, pp=parallel.pp,
+                        world_size=world_size, sp_mode=parallel.sp_mode,
+                        sp_ulysses=sp_ulysses if parallel.sp_mode == "hybrid" else None)
+
+
+def check_layout(dims: ParallelDims, config: GenSLMConfig) -> None:
+    """Raise ValueError, with the reason, for a layout this model cannot run under."""
+    from ...parallel.tensor import check_tensor_parallel
+
+    if dims.tp_enabled:
+        check_tensor_parallel(config, dims.tp)
+    if dims.pp_enabled:
+        if dims.sp_enabled:
+            raise ValueError(
+                f"parallel layout {dims.describe()}: pipeline x sequence parallelism is not supported: "
+                "pipeline stages pass whole-sequence activations and compute positions 0..S-1, so a "
+                "sequence shard would get wrong rotary positions; use sp or pp, not both")
+        if dims.tp_enabled:
+            raise ValueError(
+                f"parallel layout {dims.describe()}: pipeline x tensor parallelism is not supported "
+                "here (tensor parallelism is applied to the whole model, not to pipeline stages); "
+                "use tp or pp, not both")
+        if dims.dp_enabled:
+            raise ValueError(
+                f"parallel layout {dims.describe()}: pipeline x data parallelism is not supported "
+                "yet (FSDP is applied to the whole model, not to pipeline stages); use dp or pp, "
+                "not both")
+        if config.num_hidden_layers < dims.pp:
+            raise ValueError(f"parallel layout {dims.describe()}: num_hidden_layers="
+                             f"{config.num_hidden_layers} is less than pp={dims.pp}; each stage "
+                             "needs at least one layer")
+
+
+def sequence_layout(dims: ParallelDims, ring_layout: str) -> tuple[str, int]:
+    """``(layout, ulysses_size)`` for ``parallel.sequence.shard_batch`` under ``dims``."""
+    if dims.sp_mode == "ulysses":
+        return "contiguous", dims.sp
+    if dims.sp_mode == "ring":
+        return ring_layout, 1
+    return ring_layout, dims.ulysses
+
+
+def parallelize_genslm(model, dims: ParallelDims, mesh: ParallelMesh, *, ring_layout: str = "zigzag",
+                       cpu_offload: bool = False, reshard_after_forward: bool = True,
+                       tp_embeddings: bool = True, param_dtype: torch.dtype | None = None):
+    """Apply TP -> SP -> FSDP to ``model`` (a ``GenSLM``, identically initialised on every rank)
+    in place; returns it. Pipeline layouts go through :func:`pipeline_genslm`.
+
+    Afterwards feed each rank ``parallel.sequence.shard_batch(...)`` of its data-parallel share
+    with ``sequence_layout(dims, ring_layout)``, call ``model.hidden_states(ids,
+    positions=...)`` and ``model.loss_sum``, and scale the local loss sum by
+    ``dims.dp_sp / global_token_count`` (FSDP averages gradients over dp x sp).
+    """
+    check_layout(dims, model.config)
+    if dims.pp_enabled:
+        raise ValueError(f"parallelize_genslm: layout {dims.describe()} has pp={dims.pp}; use "
+                         "pipeline_genslm for pipeline layouts")
+    if dims.tp_enabled:
+        from ...parallel.tensor import apply_tensor_parallel
+
+        apply_tensor_parallel(model, mesh.tp, embeddings=tp_embeddings)
+    if dims.sp_enabled:
+        from ...parallel.sequence import apply_sequence_parallel
+
+        layout, _ = sequence_layout(dims, ring_layout)
+        apply_sequence_parallel(
+            model, dims.sp_mode, sp_group=mesh.group("sp"),
+            ulysses_group=mesh.group("ulysses") if dims.sp_mode == "hybrid" else None,
+            ring_group=mesh.group("ring") if dims.sp_mode == "hybrid" else None, layout=layout)
+    if dims.dp_sp > 1:
+        from ...parallel.fsdp import apply_fsdp
+
+        apply_fsdp(model, mesh.dp_sp, param_dtype=param_dtype, cpu_offload=cpu_offload,
+                   reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def pipeline_genslm(model, dims: ParallelDims, mesh: ParallelMesh, *, batch_size: int, seq_len: int,
+                    n_microbatches: int, schedule: str = "1f1b", device=None):
+    """This rank's pipeline stage of ``model`` and its schedule (``parallel.pipeline.Pipeline``)."""
+    check_layout(dims, model.config)
+    from ...parallel.pipeline import build_pipeline
+
+    return build_pipeline(model, mesh.pp, batch_size=batch_size, seq_len=seq_len,
+                          n_microbatches=n_microbatches, schedule=schedule, device=device)

@@ -1,0 +1,312 @@
+"""Distributed GenSLM training under ``torchrun``: the single-process trainer's computation spread
+over a ``ParallelDims`` layout (FSDP over dp x sp, sequence, tensor and pipeline parallelism).
+
+Launch (one process per rank; gloo on CPU, NCCL on GPUs)::
+
+    torchrun --nproc-per-node=4 -m ds4sci.cli train genslm --dp=2 --sp=2
+
+Same numbers as one process. ``optim.batch_size`` is the *global* number of records per
+micro-batch: every rank draws the same record indices (the sampler is a pure function of the
+seed) and keeps its data-parallel share, so the step's token count is known everywhere without
+communication and each rank's loss is ``local sum * dp_sp / global count`` (FSDP averages
+gradients over dp x sp). Gradient clipping uses the global norm (over shards and pipeline
+stages). A layout therefore changes only how the work is split, which is also why a checkpoint
+resumes under any other layout.
+
+Checkpoints are ``torch.distributed.checkpoint`` directories (every rank writes its shards;
+loading reshards to the new layout) beside ``state.pt`` (step, scheduler, data position, RNG,
+config) and a manifest of sizes and hashes, made atomic like the single-process ones.
+
+Faults: collectives time out after ``parallel.timeout_s`` (the process group's timeout), and
+torchrun stops every rank when one exits with an error, so a rank that raises or dies ends the
+job with an error instead of a hang. The config is compared across ranks at start (hash, then
+the differing keys). ``DS4SCI_FAULT=<rank>:<step>:raise|exit`` makes one rank fail on purpose
+at the start of that step (used by the tests of this behaviour).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..data.dataset import collate
+from ..models.genslm.model import IGNORE_INDEX
+from ..models.genslm.parallelize import (
+    check_layout,
+    make_dims,
+    parallelize_genslm,
+    pipeline_genslm,
+    sequence_layout,
+)
+from .checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_distributed_app_state,
+    read_distributed_state,
+    save_distributed_checkpoint,
+)
+from .config import TrainConfig
+from .trainer import DataPosition, Trainer, _changed_settings, _device, _flat, _set_rng_state, _rng_state
+
+FAULT_ENV = "DS4SCI_FAULT"
+
+
+def launched_distributed() -> bool:
+    """True when this process was started by torchrun (or any launcher setting RANK/WORLD_SIZE)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(timeout_s: float, device: torch.device) -> tuple[int, int]:
+    """Join the job's default process group (unless already joined); ``(rank, world_size)``.
+
+    ``timeout_s`` bounds every collective: a rank whose peer died raises after it.
+    """
+    if not dist.is_initialized():
+        if not launched_distributed():
+            raise RuntimeError("distributed training needs RANK and WORLD_SIZE in the environment; "
+                               "launch with torchrun --nproc-per-node=N -m ds4sci.cli train genslm ...")
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def config_digest(cfg: TrainConfig) -> str:
+    payload = json.dumps({"config": cfg.to_dict(), "torch": torch.__version__}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def agree_on_config(cfg: TrainConfig) -> None:
+    """Raise on every rank, naming the ranks and keys, unless all ranks have the same config."""
+    mine = (config_digest(cfg), _flat(cfg.to_dict()))
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    if len({digest for digest, _ in gathered}) == 1:
+        return
+    ref = gathered[0][1]
+    diffs = []
+    for rank, (_, flat) in enumerate(gathered[1:], start=1):
+        keys = sorted(k for k in ref.keys() | flat.keys() if ref.get(k) != flat.get(k))
+        if keys:
+            diffs.append(f"rank {rank} differs from rank 0 in " +
+                         ", ".join(f"{k} ({ref.get(k)!r} vs {flat.get(k)!r})" for k in keys))
+        elif gathered[rank][0] != gathered[0][0]:
+            diffs.append(f"rank {rank} runs another torch version")
+    raise ValueError("the ranks of this job were started with different configs: " + "; ".join(diffs))
+
+
+def inject_fault(rank: int, step: int) -> None:
+    """Fail on purpose when ``DS4SCI_FAULT=<rank>:<step>:raise|exit`` names this rank and step."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    try:
+        fault_rank, fault_step, kind = spec.split(":")
+        fault_rank, fault_step = int(fault_rank), int(fault_step)
+    except ValueError as err:
+        raise ValueError(f"{FAULT_ENV}={spec!r}; expected <rank>:<step>:raise|exit") from err
+    if (fault_rank, fault_step) != (rank, step):
+        return
+    if kind == "exit":
+        os._exit(13)  # dies without cleanup, like a killed process
+    raise RuntimeError(f"{FAULT_ENV}: injected failure on rank {rank} at step {step}")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class DistributedTrainer(Trainer):
+    """``Trainer`` over the layout ``cfg.parallel`` on the ranks of the default process group."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False):
+        p = cfg.parallel
+        self._dist_device = self._rank_device(cfg.device)
+        self.rank, self.world_size = init_distributed(p.timeout_s, self._dist_device)
+        self.is_main = self.rank == 0
+        model_config = cfg.model_config()
+        agree_on_config(cfg)
+        self.dims = make_dims(p, self.world_size, model_config)
+        check_layout(self.dims, model_config)
+        o = cfg.optim
+        if o.batch_size % self.dims.dp:
+            raise ValueError(f"optim.batch_size={o.batch_size} is not divisible by dp={self.dims.dp}: "
+                             f"the batch size is global (records per micro-batch over all data-parallel "
+                             f"ranks); use a multiple of {self.dims.dp}")
+        if self.dims.pp_enabled and (o.batch_size // self.dims.dp) % p.pp_microbatches:
+            raise ValueError(f"parallel.pp_microbatches={p.pp_microbatches} does not divide the "
+                             f"per-rank batch of {o.batch_size // self.dims.dp} records")
+        self.mesh = self.dims.build_mesh(self._dist_device.type)
+        self.pipeline = None
+        super().__init__(cfg, resume)
+
+    # ----- hooks -----
+    @staticmethod
+    def _rank_device(name: str) -> torch.device:
+        device = _device(name)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return device
+
+    def _setup_device(self) -> torch.device:
+        return self._dist_device
+
+    def _barrier(self) -> None:
+        dist.barrier()
+
+    def _parallelize(self) -> None:
+        p = self.cfg.parallel
+        if self.dims.pp_enabled:
+            lengths = [len(d[i]) for d in (self.train_data, self.val_data) for i in range(len(d))]
+            self.pipeline = pipeline_genslm(
+                self.model, self.dims, self.mesh, batch_size=self.cfg.optim.batch_size,
+                seq_len=max(lengths), n_microbatches=p.pp_microbatches, schedule=p.pp_schedule,
+                device=self.device)
+            return
+        parallelize_genslm(self.model, self.dims, self.mesh, ring_layout=p.sp_layout,
+                           cpu_offload=p.fsdp_cpu_offload,
+                           reshard_after_forward=p.fsdp_reshard_after_forward,
+                           tp_embeddings=p.tp_embeddings)
+
+    def _trained_module(self) -> torch.nn.Module:
+        return self.pipeline.module if self.pipeline is not None else self.model
+
+    def _micro_batches(self) -> tuple[list, int]:
+        o, dp, dp_rank = self.cfg.optim, self.dims.dp, self.mesh.dp_rank
+        share = o.batch_size // dp
+        micro, total = [], 0
+        for _ in range(o.grad_accum):
+            indices, self.position = self.sampler.take(self.position, o.batch_size)
+            records = [self.train_data[i] for i in indices]
+            total += sum(len(r) - 1 for r in records)  # a record of n tokens predicts n - 1
+            mine = records[dp_rank * share : (dp_rank + 1) * share]
+            ids, labels = collate(mine, self.pad_id)
+            micro.append((ids.to(self.device), labels.to(self.device)))
+        return micro, total
+
+    def _local_loss_sum(self, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's summed loss and count for its data-parallel share (its sequence shard)."""
+        if self.dims.sp_enabled:
+            from ..parallel.sequence import shard_batch
+
+            layout, ulysses = sequence_layout(self.dims, self.cfg.parallel.sp_layout)
+            ids, targets, positions = shard_batch(ids, labels, self.mesh.sp_rank, self.dims.sp, layout,
+                                                  ulysses, pad_id=self.pad_id)
+        else:
+            targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+            positions = None
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
+            hidden = self.model.hidden_states(ids, positions=positions)
+            loss_sum, count, _ = self.model.loss_sum(hidden, targets)
+        return loss_sum, count
+
+    def _global_sum(self, value: torch.Tensor, group_name: str) -> torch.Tensor:
+        value = value.detach().float().clone()
+        if self.mesh[group_name].size() > 1:
+            dist.all_reduce(value, group=self.mesh.group(group_name))
+        return value
+
+    def _micro_step(self, ids: torch.Tensor, labels: torch.Tensor, total_tokens: int) -> float:
+        if self.pipeline is not None:
+            mean = self.pipeline.step(ids, labels, num_tokens=total_tokens)
+            # Only the last stage knows the loss; every rank returns it (for rank 0's log).
+            part = mean.float() * total_tokens if mean is not None else torch.zeros((), device=self.device)
+            return float(self._global_sum(part, "pp"))
+        loss_sum, _ = self._local_loss_sum(ids, labels)
+        (loss_sum * (self.dims.dp_sp / max(total_tokens, 1))).backward()
+        return float(self._global_sum(loss_sum, "dp_sp"))
+
+    def _clip_grad_norm(self, max_norm: float) -> float:
+        """Global gradient norm over every shard (DTensor) and pipeline stage; clip to max_norm."""
+        grads = [p.grad for p in self._trained_module().parameters() if p.grad is not None]
+        sq = torch.zeros((), dtype=torch.float32, device=self.device)
+        for g in grads:
+            sq = sq + _local(torch.linalg.vector_norm(g, dtype=torch.float32)).to(self.device) ** 2
+        if self.dims.pp_enabled:
+            dist.all_reduce(sq, group=self.mesh.group("pp"))
+        total = sq.sqrt()
+        coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        for g in grads:
+            g.mul_(coef)
+        return float(total)
+
+    @torch.no_grad()
+    def _evaluate(self) -> float | None:
+        """Validation perplexity over every validation token, the data split over dp ranks."""
+        if self.pipeline is not None:
+            return None  # the pipeline schedules run training steps only
+        self.model.eval()
+        n, dp, dp_rank = len(self.val_data), self.dims.dp, self.mesh.dp_rank
+        stats = torch.zeros(2, dtype=torch.float32, device=self.device)
+        # Every rank runs the same number of forwards (FSDP gathers weights collectively); a rank
+        # without a record left runs the first one with every label ignored.
+        for start in range(0, n, dp):
+            i = start + dp_rank
+            ids, labels = collate([self.val_data[min(i, n - 1)]], self.pad_id)
+            if i >= n:
+                labels.fill_(IGNORE_INDEX)
+            loss_sum, count = self._local_loss_sum(ids.to(self.device), labels.to(self.device))
+            stats += torch.stack((loss_sum.float(), count.float()))
+        self.model.train()
+        if self.mesh.dp_sp.size() > 1:
+            dist.all_reduce(stats, group=self.mesh.group("dp_sp"))
+        total, count = stats.tolist()
+        return float(torch.tensor(total / count).exp()) if count else None
+
+    def train_step(self) -> dict:
+        inject_fault(self.rank, self.step + 1)
+        row = super().train_step()
+        row["layout"] = self.dims.describe()
+        return row
+
+    # ----- checkpoints -----
+    def _app_state(self):
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self._trained_module(), self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def save(self) -> Path:
+        state = {
+            "step": self.step, "scheduler": self.scheduler.state_dict(), "rng": _rng_state(),
+            "data_position": vars(self.position), "layout": self.dims.describe(),
+            "config": {"train": self.cfg.to_dict(), "model_config": self.model.config.to_dict()},
+        }
+        return save_distributed_checkpoint(self.out, self.step, self._app_state(), state,
+                                           self.cfg.keep_checkpoints, is_main=self.is_main,
+                                           barrier=self._barrier)
+
+    def _resume(self) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is None:
+            raise CheckpointError(f"--resume: no checkpoint in {self.out / 'checkpoints'}")
+        state = read_distributed_state(ckpt)
+        changed = _changed_settings(_flat(state["config"]["train"]), _flat(self.cfg.to_dict()))
+        if changed:
+            raise CheckpointError(
+                f"checkpoint {ckpt} was made with other settings, (saved, now): {changed}; resume with "
+                "the same config (the parallel layout, max_steps and logging settings may change)")
+        if state["config"]["model_config"] != self.model.config.to_dict():
+            raise CheckpointError(f"checkpoint {ckpt} was made for another model")
+        app_state = self._app_state()
+        load_distributed_app_state(ckpt, app_state)
+        set_state_dict(self._trained_module(), self.optimizer, model_state_dict=app_state["model"],
+                       optim_state_dict=app_state["optim"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        self.position = DataPosition(**state["data_position"])
+        self.step = state["step"]
+        if self.is_main and self.metrics_path.exists():  # drop rows logged after the checkpoint
+            rows = [line for line in self.metrics_path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= self.step]
+            self.metrics_path.write_text("".join(r + "\n" for r in rows))
+        self._barrier()
