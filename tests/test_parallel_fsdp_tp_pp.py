@@ -116,11 +116,12 @@ def _compare(result, ref, *, atol=2e-6, rtol=1e-4, param_atol=PARAM_ATOL):
 # FSDP, TP and FSDP x TP: one worker, the layout chosen by arguments.
 
 
-def _train_sharded(rank, world_size, dp, tp, fsdp_kwargs, tp_embeddings=True):
+def _train_sharded(rank, world_size, dp, tp, fsdp_kwargs, tp_embeddings=True, cfg=CFG):
     """AdamW steps with batch rows split over ``dp`` and the model over ``tp`` (FSDP over dp
-    when ``fsdp_kwargs`` is not None); returns (losses, full grads per step, full params)."""
+    when ``fsdp_kwargs`` is not None); returns (losses, full grads per step, full params).
+    ``cfg`` may differ from ``CFG`` only in ways that keep the numbers (checkpointing, tiling)."""
     mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
-    model = _model()
+    model = _model(cfg)
     if tp > 1:
         apply_tensor_parallel(model, mesh["tp"], embeddings=tp_embeddings)
     if fsdp_kwargs is not None:
@@ -154,6 +155,15 @@ def _train_sharded(rank, world_size, dp, tp, fsdp_kwargs, tp_embeddings=True):
 ], ids=["dp2", "dp2-offload", "dp4-no-reshard"])
 def test_fsdp_matches_single_process(world_size, kwargs):
     results = run_distributed(_train_sharded, world_size, world_size, 1, kwargs)
+    for result in results:
+        _compare(result, reference())
+
+
+@pytest.mark.parametrize("checkpointing", ["full", "selective"])
+def test_fsdp_with_activation_checkpointing_matches_single_process(checkpointing):
+    """Recomputing a layer in backward re-gathers its FSDP-sharded parameters."""
+    cfg = CFG.replace(activation_checkpointing=checkpointing, mlp_chunk_size=5)
+    results = run_distributed(_train_sharded, 2, 2, 1, dict(), True, cfg)
     for result in results:
         _compare(result, reference())
 
@@ -215,6 +225,15 @@ def test_fsdp_mixed_precision_computes_in_bf16_keeps_fp32_master():
 @pytest.mark.parametrize("embeddings", [True, False], ids=["vocab-split", "layers-only"])
 def test_tensor_parallel_matches_single_process(embeddings):
     results = run_distributed(_train_sharded, 2, 1, 2, None, embeddings)
+    for result in results:
+        _compare(result, reference())
+
+
+def test_tensor_parallel_with_tiled_mlp_and_checkpointing_matches_single_process():
+    """The tiled MLP slices the sequence of the column-parallel activations; recomputation in
+    backward replays the TP collectives."""
+    cfg = CFG.replace(activation_checkpointing="full", mlp_chunk_size=5)
+    results = run_distributed(_train_sharded, 2, 1, 2, None, True, cfg)
     for result in results:
         _compare(result, reference())
 

@@ -79,9 +79,10 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype |
     layers = model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers
     for layer in layers:
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **kwargs)
-    # The root keeps its parameters gathered after forward anyway (FSDP2 heuristic: the output
-    # head is needed again first thing in backward).
-    fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
+    # The root (embeddings, final norm, output head) stays gathered from forward to backward: the
+    # output head is needed again first thing in backward, and sequence-parallel training calls
+    # the root twice (hidden_states, then loss_sum) per step (FSDP2's own default for a root).
+    fully_shard(model, reshard_after_forward=False, **kwargs)
     for method in ("hidden_states", "loss_sum"):
         if hasattr(model, method):
             register_fsdp_forward_method(model, method)
