@@ -98,6 +98,14 @@ def generate(args) -> int:
     return 0
 
 
+BENCHMARKS = {
+    "evoformer-attention": "evoformer_attention",
+    "evoformer-block": "evoformer_block",
+    "genslm-memory": "genslm_memory",
+}
+"""``ds4sci bench NAME`` -> module in ``ds4sci.bench`` (its ``main(argv)`` takes the rest)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="ds4sci", description="DeepSpeed4Science technologies on plain PyTorch")
@@ -126,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="versions, devices and which op backends run here")
     sub.add_parser("demo", help="Evoformer attention demo: exactness and memory vs naive PyTorch")
     bench = sub.add_parser("bench", help="run a benchmark (see benchmarks/)")
-    bench.add_argument("name", choices=["evoformer-attention", "genslm-memory"])
+    bench.add_argument("name", choices=sorted(BENCHMARKS))
     args, rest = parser.parse_known_args(argv)
     if args.command not in ("bench", "train") and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -146,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo_main
 
         return demo_main()
-    from .bench import evoformer_attention, genslm_memory
+    import importlib
 
-    return (evoformer_attention if args.name == "evoformer-attention" else genslm_memory).main(rest)
+    return importlib.import_module(f"ds4sci.bench.{BENCHMARKS[args.name]}").main(rest)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,185 @@
+"""One Evoformer / extra-MSA block training step (forward + backward, checkpointed): ds4sci's
+memory-efficient attention vs the same modules with naive attention (stock OpenFold's way),
+at OpenFold's initial-training and fine-tuning dims, fp32 and bf16 on CPU.
+
+Each case runs in a fresh process under a 20 GiB address-space budget (an allocation beyond it
+fails and is recorded as OOM). Peak memory is the process's high-water RSS above its baseline
+after building the block (so it includes the inputs, activations and gradients); time is the
+second of two steps (the first loads kernels and allocates parameter gradients).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .common import (current_rss_bytes, limit_address_space, machine_info, merge_rows,
+                     peak_rss_bytes, reset_peak_rss, run_worker, write_rows)
+
+CONFIGS = {
+    # name: (preset, N_res, N_seq for the Evoformer block, N_extra for the extra-MSA block)
+    "initial": ("openfold-initial-training", 256, 128, 1024),
+    "finetune": ("openfold-finetuning", 384, 512, 5120),
+}
+QUICK_CONFIGS = {"tiny": ("openfold-initial-training", 16, 8, 24)}
+BLOCKS = ("evoformer", "extra_msa")
+CONTENDERS = {"ds4sci": "auto", "naive": "naive"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MEMORY_BUDGET = 20 * 2**30
+
+
+def _build(block: str, preset_name: str, backend: str, dtype):
+    from ds4sci.models.evoformer import EvoformerBlock, ExtraMSABlock, preset
+
+    p = preset(preset_name)
+    cfg = p.evoformer_stack if block == "evoformer" else p.extra_msa_stack
+    cls = EvoformerBlock if block == "evoformer" else ExtraMSABlock
+    return cls(attention_backend=backend, **cfg.block_kwargs()).to(dtype).train(), cfg
+
+
+def _inputs(cfg, n_res: int, n_seq: int, dtype):
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(1, n_seq, n_res, cfg.c_m, generator=gen).to(dtype).requires_grad_()
+    z = torch.randn(1, n_res, n_res, cfg.c_z, generator=gen).to(dtype).requires_grad_()
+    msa_mask = torch.ones(1, n_seq, n_res, dtype=dtype)
+    pair_mask = torch.ones(1, n_res, n_res, dtype=dtype)
+    return m, z, msa_mask, pair_mask
+
+
+def _step(block_module, inputs) -> None:
+    from ds4sci.models.evoformer.evoformer import _run_blocks
+
+    m, z, msa_mask, pair_mask = inputs
+    m.grad = z.grad = None
+    m_out, z_out = _run_blocks([block_module], m, z, msa_mask, pair_mask, None, blocks_per_ckpt=1)
+    # A fixed upstream gradient of ones: the loss is the sum of both outputs.
+    torch.autograd.backward([m_out, z_out], [torch.ones_like(m_out), torch.ones_like(z_out)])
+
+
+def worker(contender: str, block: str, config: str, dtype_name: str, quick: bool) -> dict:
+    preset_name, n_res, n_seq, n_extra = (QUICK_CONFIGS if quick else CONFIGS)[config]
+    dtype = DTYPES[dtype_name]
+    module, cfg = _build(block, preset_name, CONTENDERS[contender], dtype)
+    _step(module, _inputs(cfg, 4, 3, dtype))  # load kernels, allocate parameter gradients
+    limit_address_space(MEMORY_BUDGET)
+    reset_peak_rss()
+    base = current_rss_bytes()
+    try:
+        inputs = _inputs(cfg, n_res, n_seq if block == "evoformer" else n_extra, dtype)
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            _step(module, inputs)
+            times.append(time.perf_counter() - start)
+    except RuntimeError as err:  # an allocation beyond the budget
+        if "can't allocate" not in str(err).lower() and "out of memory" not in str(err).lower():
+            raise
+        return {"status": "oom", "error": str(err).splitlines()[0][:200]}
+    return {"status": "ok", "peak_bytes": peak_rss_bytes() - base, "time_s": times[-1],
+            "first_step_s": times[0]}
+
+
+def run(configs: dict, blocks, dtypes, out_dir: Path, stem: str, quick: bool, update: bool,
+        progress=print) -> list[dict]:
+    rows = []
+    for dtype_name in dtypes:
+        for config, (preset_name, n_res, n_seq, n_extra) in configs.items():
+            for block in blocks:
+                case = {}
+                for contender in CONTENDERS:
+                    args = ["--worker", contender, block, config, dtype_name] + (["--quick"] if quick else [])
+                    result = run_worker("ds4sci.bench.evoformer_block", args, timeout=3600)
+                    row = {"block": block, "config": config, "preset": preset_name, "dtype": dtype_name,
+                           "contender": contender, "n_res": n_res,
+                           "n_seq": n_seq if block == "evoformer" else n_extra,
+                           "status": result["status"], "peak_bytes": result.get("peak_bytes"),
+                           "time_s": result.get("time_s"), "first_step_s": result.get("first_step_s"),
+                           "error": result.get("error"),
+                           "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                    case[contender] = row
+                ours, naive = case["ds4sci"], case["naive"]
+                if ours["status"] == "ok" and naive["status"] == "ok":
+                    ours["naive_peak_over_ours"] = naive["peak_bytes"] / ours["peak_bytes"]
+                    ours["naive_time_over_ours"] = naive["time_s"] / ours["time_s"]
+                for row in case.values():
+                    rows.append(row)
+                    progress(_format(row))
+    meta = machine_info()
+    meta["memory_budget_bytes"] = MEMORY_BUDGET
+    if update:
+        rows = merge_rows(out_dir / f"{stem}.json", rows,
+                          lambda r: (r["block"], r["config"], r["dtype"], r["contender"]), meta)
+    json_path, csv_path = write_rows(rows, meta, out_dir, stem)
+    png = plot(rows, out_dir / f"{stem}.png", meta)
+    progress(f"wrote {json_path}, {csv_path}, {png}")
+    return rows
+
+
+def _format(r: dict) -> str:
+    what = f"{r['block']:>9} {r['config']:>8} {r['dtype']:>8} {r['contender']:>6}: "
+    if r["status"] != "ok":
+        return what + r["status"].upper()
+    extra = ""
+    if "naive_peak_over_ours" in r:
+        extra = f"  (naive/ours: memory {r['naive_peak_over_ours']:.2f}x, time {r['naive_time_over_ours']:.2f}x)"
+    return what + f"peak {r['peak_bytes'] / 2**30:.2f} GiB, step {r['time_s']:.2f} s" + extra
+
+
+def plot(rows, path: Path, meta: dict) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys((r["block"], r["config"], r["dtype"]) for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    width = 0.4
+    for ax, metric, label in ((axes[0], "peak_bytes", "peak memory (GiB)"), (axes[1], "time_s", "step time (s)")):
+        for ci, contender in enumerate(CONTENDERS):
+            by = {(r["block"], r["config"], r["dtype"]): r for r in rows if r["contender"] == contender}
+            for xi, case in enumerate(cases):
+                r = by.get(case)
+                x = xi + ci * width
+                if r and r["status"] == "ok":
+                    ax.bar(x, r[metric] / (2**30 if metric == "peak_bytes" else 1), width,
+                           color=f"C{ci}", label=contender if xi == 0 else None)
+                elif r:
+                    ax.text(x, 0.02, r["status"].upper(), rotation=90, ha="center", va="bottom",
+                            fontsize=8, color=f"C{ci}", transform=ax.get_xaxis_transform())
+        ax.set_yscale("log")
+        ax.set_xticks([i + width / 2 for i in range(len(cases))], ["\n".join(c) for c in cases], fontsize=7)
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"One Evoformer / extra-MSA block training step (checkpointed), {meta['host_cpu']}, "
+                 f"torch {meta['torch']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="ds4sci bench evoformer-block", description=__doc__.split("\n")[0])
+    parser.add_argument("--worker", nargs=4, metavar=("CONTENDER", "BLOCK", "CONFIG", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), help="subset of dims (default all)")
+    parser.add_argument("--blocks", nargs="+", choices=BLOCKS, default=list(BLOCKS))
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--quick", action="store_true", help="tiny dims: a smoke test of the pipeline")
+    parser.add_argument("--update", action="store_true", help="replace only these cases' rows in the results file")
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(*args.worker, quick=args.quick)))
+        return 0
+    configs = QUICK_CONFIGS if args.quick else {k: CONFIGS[k] for k in (args.configs or CONFIGS)}
+    stem = "evoformer_block_quick" if args.quick else "evoformer_block_cpu"
+    run(configs, args.blocks, args.dtypes, args.out, stem, args.quick, args.update)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
