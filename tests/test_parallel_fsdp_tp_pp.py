@@ -295,7 +295,11 @@ def _train_pipeline(rank, world_size, cfg, schedule, n_microbatches, seq_len, pp
         grads.append(_state(pipe.module))
         opt.step()
         opt.zero_grad()
-    return losses, grads, _params(pipe.module)
+    # Forward only, after training, on a smaller batch than the pipeline's (rows padded too).
+    ids, labels = _batch(STEPS)
+    evaluated = pipe.evaluate(ids[:pipe.batch_size - 1, :SEQ - 2], labels[:pipe.batch_size - 1, :SEQ - 2])
+    assert (evaluated is not None) == pipe.is_last
+    return losses, grads, _params(pipe.module), evaluated, pipe.batch_size - 1
 
 
 @pytest.mark.parametrize("world_size, layers, schedule, n_microbatches, seq_len, pp, other", [
@@ -315,10 +319,17 @@ def test_pipeline_matches_single_process(world_size, layers, schedule, n_microba
     ref_losses, ref_grads, ref_params = reference(cfg)
     per_stage = world_size // pp
     seen_params = {}
-    for rank, (losses, grads, params) in enumerate(results):
+    trained = _model(cfg)
+    trained.load_state_dict(ref_params)
+    for rank, (losses, grads, params, evaluated, rows) in enumerate(results):
         if rank // per_stage == pp - 1:
             for step in range(STEPS):
                 torch.testing.assert_close(losses[step], ref_losses[step], atol=2e-6, rtol=1e-4)
+            ids, labels = _batch(STEPS)
+            with torch.no_grad():
+                want = trained(ids[:rows, :SEQ - 2], labels=labels[:rows, :SEQ - 2])
+            torch.testing.assert_close(evaluated[0] / evaluated[1], want.loss, atol=1e-5, rtol=1e-4)
+            assert evaluated[1] == want.num_tokens
         for step in range(STEPS):
             for name, g in grads[step].items():
                 torch.testing.assert_close(g, ref_grads[step][name], atol=2e-6, rtol=1e-4,
@@ -368,7 +379,7 @@ def _bad_inputs(rank, world_size):
         except ValueError as e:
             errors.append(str(e))
     pipe = build_pipeline(_model(), mesh["a"], batch_size=4, seq_len=8, n_microbatches=2)
-    for ids in (torch.zeros(2, 8, dtype=torch.long), torch.zeros(4, 9, dtype=torch.long)):
+    for ids in (torch.zeros(5, 8, dtype=torch.long), torch.zeros(4, 9, dtype=torch.long)):
         try:
             pipe.step(ids, ids)
             errors.append(None)
@@ -385,7 +396,7 @@ def test_bad_inputs_raise_clear_errors():
         "apply_tensor_parallel: tp_mesh has 2 dims",
         "n_microbatches=3 does not divide batch_size=4",
         "schedule='zb'; expected one of ['1f1b', 'gpipe']",
-        "batch size 2; this pipeline was built for batch_size=4",
+        "batch size 5 exceeds batch_size=4",
         "sequence length 9 exceeds seq_len=8",
     ]
     assert len(errors) == len(expected)

@@ -96,7 +96,8 @@ class Pipeline:
     """One pipeline stage of a GenSLM on this rank and the schedule that drives it.
 
     Build with ``build_pipeline``; call ``step(input_ids, labels)`` on every rank of the pipeline
-    (each rank passes the same whole batch), then the optimizer on ``module.parameters()``.
+    (each rank passes the same whole batch), then the optimizer on ``module.parameters()``;
+    ``evaluate`` runs forward only.
     """
 
     def __init__(self, module: GenSLMStage, stage: PipelineStage, schedule, seq_len: int,
@@ -108,45 +109,62 @@ class Pipeline:
     def is_last(self) -> bool:
         return self.module.is_last
 
-    def step(self, input_ids: torch.Tensor, labels: torch.Tensor,
-             num_tokens: torch.Tensor | int | None = None) -> torch.Tensor | None:
-        """Forward and backward of one batch through the pipeline; gradients accumulate in
-        ``module``'s parameters. Returns the batch's mean next-token loss on the last stage and
-        None on the others.
-
-        ``input_ids``, ``labels``: ``[B, S]`` with ``B = batch_size`` and ``S <= seq_len``
-        (``-100`` = ignored label). ``num_tokens``: the count the summed loss is divided by
-        (default: this batch's non-ignored targets); pass a global count, scaled as the data
-        parallelism in use requires, when batches are split over data-parallel ranks.
-        """
+    def _inputs(self, what: str, input_ids: torch.Tensor, labels: torch.Tensor):
+        """``(ids, targets)`` shifted and padded to the fixed ``[batch_size, seq_len]``."""
         if input_ids.dim() != 2 or labels.shape != input_ids.shape:
-            raise ValueError(f"pipeline step: input_ids {tuple(input_ids.shape)} and labels "
+            raise ValueError(f"pipeline {what}: input_ids {tuple(input_ids.shape)} and labels "
                              f"{tuple(labels.shape)}; expected both [B, S]")
         b, s = input_ids.shape
-        if b != self.batch_size:
-            raise ValueError(f"pipeline step: batch size {b}; this pipeline was built for "
-                             f"batch_size={self.batch_size} (stages' buffers are fixed)")
+        if b > self.batch_size:
+            raise ValueError(f"pipeline {what}: batch size {b} exceeds batch_size="
+                             f"{self.batch_size} given to build_pipeline (stages' buffers are fixed)")
         if s > self.seq_len:
-            raise ValueError(f"pipeline step: sequence length {s} exceeds seq_len={self.seq_len} "
-                             f"given to build_pipeline")
+            raise ValueError(f"pipeline {what}: sequence length {s} exceeds seq_len={self.seq_len} "
+                             f"given to build_pipeline (stages' buffers are fixed)")
         # Shift before padding: token t predicts label t+1, the last real token nothing.
         targets = torch.cat([labels[:, 1:], labels.new_full((b, 1), IGNORE_INDEX)], dim=1)
-        if s < self.seq_len:
-            pad = self.seq_len - s
-            input_ids = torch.cat([input_ids, input_ids.new_zeros((b, pad))], dim=1)
-            targets = torch.cat([targets, targets.new_full((b, pad), IGNORE_INDEX)], dim=1)
+        # Padding rows and columns have every target ignored: they add nothing to loss or grads.
+        ids = input_ids.new_zeros((self.batch_size, self.seq_len))
+        padded = targets.new_full((self.batch_size, self.seq_len), IGNORE_INDEX)
+        ids[:b, :s], padded[:b, :s] = input_ids, targets
+        return ids.to(self.stage.device), padded.to(self.stage.device)
+
+    def _run(self, run, ids, targets, num_tokens) -> list[torch.Tensor]:
+        losses: list[torch.Tensor] = []
+        run(*((ids,) if self.module.is_first else ()), target=targets if self.is_last else None,
+            losses=losses, return_outputs=False, loss_kwargs={"num_tokens": num_tokens})
+        return losses
+
+    def step(self, input_ids: torch.Tensor, labels: torch.Tensor,
+             num_tokens: torch.Tensor | float | None = None) -> torch.Tensor | None:
+        """Forward and backward of one batch through the pipeline; gradients accumulate in
+        ``module``'s parameters. Returns the batch's loss (summed cross-entropy / ``num_tokens``)
+        on the last stage and None on the others.
+
+        ``input_ids``, ``labels``: ``[B, S]`` with ``B <= batch_size`` and ``S <= seq_len``
+        (``-100`` = ignored label). ``num_tokens``: the count the summed loss is divided by
+        (default: this batch's non-ignored targets, giving the mean loss); pass a global count,
+        scaled as the data parallelism in use requires, when batches are split over
+        data-parallel ranks.
+        """
+        ids, targets = self._inputs("step", input_ids, labels)
         if num_tokens is None:
             num_tokens = (targets != IGNORE_INDEX).sum()
         num_tokens = torch.as_tensor(num_tokens).clamp_min(1)  # all ignored: loss 0, not 0/0
-        device = self.stage.device
-        args = (input_ids.to(device),) if self.module.is_first else ()
-        losses: list[torch.Tensor] = []
-        self.schedule.step(*args, target=targets.to(device) if self.is_last else None,
-                           losses=losses, return_outputs=False,
-                           loss_kwargs={"num_tokens": num_tokens})
+        losses = self._run(self.schedule.step, ids, targets, num_tokens)
         if not self.is_last:
             return None
         return torch.stack([loss.detach() for loss in losses]).sum()
+
+    @torch.no_grad()
+    def evaluate(self, input_ids: torch.Tensor, labels: torch.Tensor):
+        """Forward only: ``(summed cross-entropy, count of non-ignored targets)`` of the batch on
+        the last stage, None on the others (same shapes as ``step``)."""
+        ids, targets = self._inputs("evaluate", input_ids, labels)
+        losses = self._run(self.schedule.eval, ids, targets, torch.ones(()))
+        if not self.is_last:
+            return None
+        return torch.stack(losses).sum(), (targets != IGNORE_INDEX).sum()
 
 
 def build_pipeline(model: GenSLM, pp_mesh: DeviceMesh, *, batch_size: int, seq_len: int,
