@@ -8,7 +8,8 @@ closure or a lambda for that reason.
     results = run_distributed(fn, 2, x)   # fn(rank, world_size, x) on ranks 0 and 1
     results[1]                             # what rank 1 returned (tensors, dicts, ...)
 
-A rank that raises fails the call with that rank's traceback and the other ranks are killed; a
+A rank that raises fails the call with a ``RuntimeError`` carrying every failed rank's traceback,
+the first failure first, and the other ranks are killed; a
 job that does not finish within ``timeout`` seconds is killed and raises ``TimeoutError``, so a
 collective that never completes cannot hang the suite.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import traceback
 from datetime import timedelta
 
 import torch
@@ -34,8 +36,32 @@ def _entry(rank, fn, world_size, store_dir, args, kwargs, pg_timeout):
     try:
         result = fn(rank, world_size, *args, **kwargs)
         torch.save(result, os.path.join(store_dir, f"result{rank}.pt"))
+    except BaseException:
+        # Time-stamped, so the parent can report the rank that failed first (the others usually
+        # fail after it, with "connection closed by peer").
+        with open(os.path.join(store_dir, f"error{rank}.txt"), "w") as f:
+            f.write(f"{time.time()!r}\n{traceback.format_exc()}")
+        raise
     finally:
         dist.destroy_process_group()
+
+
+def _first_errors(store_dir, world_size, grace=2.0):
+    """The ranks' tracebacks, earliest failure first (waiting up to ``grace`` seconds for the
+    ranks still failing to write theirs)."""
+    paths = [os.path.join(store_dir, f"error{r}.txt") for r in range(world_size)]
+    end = time.monotonic() + grace
+    while time.monotonic() < end and not all(os.path.exists(p) for p in paths):
+        time.sleep(0.05)
+    errors = []
+    for rank, path in enumerate(paths):
+        if os.path.exists(path):
+            with open(path) as f:
+                stamp, _, text = f.read().partition("\n")
+            errors.append((float(stamp), rank, text))
+    errors.sort()
+    return "\n".join(f"rank {rank} failed{' first' if i == 0 else ''}:\n{text}"
+                     for i, (_, rank, text) in enumerate(errors))
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 120.0, pg_timeout: float = 60.0,
@@ -55,6 +81,8 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 120.0, pg_timeo
                 if time.monotonic() >= deadline:
                     raise TimeoutError(f"run_distributed: {world_size} ranks of {fn!r} did not "
                                        f"finish within {timeout:.0f} s")
+        except mp.ProcessRaisedException as e:
+            raise RuntimeError(_first_errors(store_dir, world_size)) from e
         finally:
             for p in ctx.processes:
                 if p.is_alive():

@@ -37,31 +37,50 @@ LAYOUTS = ("contiguous", "zigzag")
 
 # ----- block kernels: attention of q against one K/V block, with its log-sum-exp --------------
 
-def _block_forward_math(q, k, v, causal):
-    """fp32 reference block kernel (any device): ``out`` in q's dtype, ``lse`` fp32 ``[B, H, S]``."""
-    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+MATH_TILE_ROWS = 1024
+"""Query rows per tile of the math kernel: its fp32 scores are ``[B, H, tile, S_block]``."""
+
+
+def _scores(q_tile, kf, row0, causal):
+    """fp32 scaled scores of a query tile starting at row ``row0`` of the block, causally masked
+    (top-left aligned: query row i sees key columns <= i)."""
+    scores = (q_tile.float() @ kf.transpose(-1, -2)) * q_tile.shape[-1] ** -0.5
     if causal:
-        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~mask, float("-inf"))
-    lse = scores.logsumexp(dim=-1)
-    out = (scores - lse[..., None]).exp() @ v.float()
-    return out.to(q.dtype), lse
+        rows = torch.arange(row0, row0 + q_tile.shape[-2], device=q_tile.device)[:, None]
+        cols = torch.arange(kf.shape[-2], device=q_tile.device)[None, :]
+        scores = scores.masked_fill(cols > rows, float("-inf"))
+    return scores
+
+
+def _block_forward_math(q, k, v, causal):
+    """fp32 block kernel for any device, tiled over query rows so the scores never exceed
+    ``MATH_TILE_ROWS x S_block``: ``out`` in q's dtype, ``lse`` fp32 ``[B, H, S]``."""
+    kf, vf = k.float(), v.float()
+    outs, lses = [], []
+    for row0 in range(0, q.shape[-2], MATH_TILE_ROWS):
+        scores = _scores(q[..., row0:row0 + MATH_TILE_ROWS, :], kf, row0, causal)
+        lse = scores.logsumexp(dim=-1)
+        outs.append(((scores - lse[..., None]).exp() @ vf).to(q.dtype))
+        lses.append(lse)
+    return torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)
 
 
 def _block_backward_math(dout, q, k, v, out, lse, causal):
     scale = q.shape[-1] ** -0.5
-    qf, kf, vf, dof = q.float(), k.float(), v.float(), dout.float()
-    scores = (qf @ kf.transpose(-1, -2)) * scale
-    if causal:
-        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~mask, float("-inf"))
-    p = (scores - lse[..., None]).exp()
-    dv = p.transpose(-1, -2) @ dof
-    dp = dof @ vf.transpose(-1, -2)
-    # D = rowsum(dO * O) with the *global* output, so this block's share of the softmax
-    # gradient is exact even though the block saw only part of the keys.
-    ds = p * (dp - (dof * out.float()).sum(-1, keepdim=True))
-    return (ds @ kf * scale).to(q.dtype), (ds.transpose(-1, -2) @ qf * scale).to(k.dtype), dv.to(v.dtype)
+    kf, vf = k.float(), v.float()
+    dq = torch.empty_like(q)
+    dk, dv = torch.zeros_like(kf), torch.zeros_like(vf)
+    for row0 in range(0, q.shape[-2], MATH_TILE_ROWS):
+        rows = slice(row0, row0 + MATH_TILE_ROWS)
+        qf, dof = q[..., rows, :].float(), dout[..., rows, :].float()
+        p = (_scores(qf, kf, row0, causal) - lse[..., rows, None]).exp()
+        dv += p.transpose(-1, -2) @ dof
+        # D = rowsum(dO * O) with the *global* output, so this block's share of the softmax
+        # gradient is exact even though the block saw only part of the keys.
+        ds = p * (dof @ vf.transpose(-1, -2) - (dof * out[..., rows, :].float()).sum(-1, keepdim=True))
+        dq[..., rows, :] = (ds @ kf * scale).to(q.dtype)
+        dk += ds.transpose(-1, -2) @ qf * scale
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 def _block_forward_cpu(q, k, v, causal):
@@ -81,8 +100,8 @@ BACKENDS = {"math": (_block_forward_math, _block_backward_math),
 
 def _pick_backend(q, backend):
     if backend == "auto":
-        # DISCREPANCY: on GPUs this uses the fp32 math kernel (an [S, S] block of scores per
-        # step): correct everywhere, memory-efficient only on CPU for now.
+        # DISCREPANCY: on GPUs this uses the tiled fp32 math kernel (no fused flash kernel with
+        # log-sum-exp is wired in yet): exact, memory bounded by the tile, slower than flash.
         backend = "cpu_flash" if q.device.type == "cpu" and q.dtype != torch.float64 else "math"
     if backend not in BACKENDS:
         raise ValueError(f"ring_attention: backend={backend!r}; expected 'auto' or one of {sorted(BACKENDS)}")
