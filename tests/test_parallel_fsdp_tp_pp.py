@@ -262,6 +262,59 @@ def test_tensor_parallel_column_split_keeps_heads_whole():
 
 
 # --------------------------------------------------------------------------------------------
+# Composed with sequence parallelism: SP (attention cores) -> TP -> FSDP over dp x sp.
+
+
+def _train_with_sp(rank, world_size, dp, sp, tp, sp_mode, layout, fsdp):
+    from ds4sci.parallel.dims import ParallelDims
+    from ds4sci.parallel.sequence import apply_sequence_parallel, shard_batch
+
+    dims = ParallelDims(dp=dp, sp=sp, tp=tp, world_size=world_size, sp_mode=sp_mode)
+    mesh = dims.build_mesh("cpu")
+    model = apply_sequence_parallel(_model(), sp_mode, sp_group=mesh.group("sp"), layout=layout)
+    if tp > 1:
+        apply_tensor_parallel(model, mesh.tp)
+    if fsdp:
+        apply_fsdp(model, mesh.dp_sp)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS)
+    rows = slice(mesh.dp_rank * BATCH // dp, (mesh.dp_rank + 1) * BATCH // dp)
+    group = mesh.group("dp_sp")
+    losses, grads = [], []
+    for step in range(STEPS):
+        ids, labels = _batch(step)
+        ids, targets, positions = shard_batch(ids[rows], labels[rows], mesh.sp_rank, sp, layout)
+        loss_sum, count, _ = model.loss_sum(model.hidden_states(ids, positions=positions), targets)
+        count = count.clone()
+        dist.all_reduce(count, group=group)
+        if fsdp:  # FSDP averages gradients over dp x sp
+            (loss_sum * dims.dp_sp / count).backward()
+        else:  # replicated weights: each gets the sum of the sequence shards' gradients
+            (loss_sum / count).backward()
+            for p in model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad,
+                                    group=group)
+        total = loss_sum.detach().clone()
+        dist.all_reduce(total, group=group)
+        losses.append(total / count)
+        grads.append(_state(model))
+        opt.step()
+        opt.zero_grad()
+    return losses, grads, _params(model)
+
+
+@pytest.mark.parametrize("dp, sp, tp, sp_mode, layout, fsdp", [
+    (1, 2, 2, "ulysses", "contiguous", False),  # sp x tp (Ulysses on each TP rank's 2 heads)
+    (1, 2, 2, "ring", "zigzag", True),  # sp x tp, FSDP over the sp ranks
+    (2, 2, 1, "ulysses", "contiguous", True),  # dp x sp, FSDP over dp x sp = 4 ranks
+], ids=["sp2xtp2-ulysses", "sp2xtp2-ring-fsdp", "dp2xsp2-ulysses-fsdp"])
+def test_composed_with_sequence_parallel_matches_single_process(dp, sp, tp, sp_mode, layout, fsdp):
+    results = run_distributed(_train_with_sp, dp * sp * tp, dp, sp, tp, sp_mode, layout, fsdp)
+    for result in results:
+        _compare(result, reference())
+
+
+# --------------------------------------------------------------------------------------------
 # Pipeline parallelism.
 
 
