@@ -57,8 +57,9 @@ def input_reasons(q: torch.Tensor, biases: Sequence[torch.Tensor]) -> list[str]:
 
 
 def _kernels(device: torch.device):
-    """The kernel module for this device: compiled for GPUs, interpreted for CPU tensors."""
-    interpret = device.type == "cpu"
+    """The kernel module for this device: compiled for GPUs, interpreted for CPU tensors (and
+    for every device under ``TRITON_INTERPRET=1``, as Triton does)."""
+    interpret = _interpreted(device)
     if interpret not in _KERNEL_MODULES:
         name = f"{__package__}.triton_kernels" + ("_interpreted" if interpret else "")
         spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("triton_kernels.py"))
@@ -80,7 +81,7 @@ def _kernels(device: torch.device):
 def _blocks(device: torch.device, head_dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes: ``BQ``/``BK`` query/key block, ``DP`` padded head dim, launch options."""
     dp = max(16, _next_power_of_2(head_dim))
-    if device.type == "cpu":  # interpreter: small blocks so tests cross block edges
+    if _interpreted(device):  # small blocks, so tests cross block edges
         return {"BQ": 32, "BK": 32, "DP": dp, "num_warps": 1}
     wide = dp > 64 or (dtype == torch.float32 and dp > 32)
     return {"BQ": 64, "BK": 32 if wide else 64, "DP": dp, "num_warps": 4}
@@ -90,9 +91,13 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def _interpreted(device: torch.device) -> bool:
+    return device.type == "cpu" or interpreter_enabled()
+
+
 def _ieee(q: torch.Tensor) -> bool:
     """Dots in fp32: for fp32 inputs, and always in the interpreter (see ``triton_kernels._dot``)."""
-    return q.dtype == torch.float32 or q.device.type == "cpu"
+    return q.dtype == torch.float32 or _interpreted(q.device)
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -35,6 +35,21 @@ def _dot(a, b, IEEE: tl.constexpr):
     return c
 
 
+# Reductions go through ``tl.reduce`` with Triton's own combine functions: compiled, this is
+# exactly ``tl.sum``/``tl.max``; in the interpreter it takes numpy's fast path, and unlike
+# ``tl.sum``/``tl.max``/``tl.zeros`` (themselves ``@jit`` functions, interpreted only if
+# ``TRITON_INTERPRET=1`` was set when triton was first imported) it works in a process that
+# imported triton normally.
+@triton.jit
+def _sum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
+@triton.jit
+def _max(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._elementwise_max)
+
+
 @triton.jit
 def _load_rows(X, b, h, r, mr, rd, md, s_b, s_l, s_h, s_d):
     """Tile ``X[b, r, h, :]`` of a ``[Bf, L, H, D]`` tensor, zero outside ``mr x md``."""
@@ -87,8 +102,8 @@ def _fwd_kernel(Q, K, V, O, Stats, B0, B0_off, B1, B1_off,
     md = rd < D
     q = _load_rows(Q, b, h, rq, mq, rd, md, s_qb, s_ql, s_qh, s_qd)
     m_i = tl.full([BQ], float("-inf"), tl.float32)
-    l_i = tl.zeros([BQ], tl.float32)
-    acc = tl.zeros([BQ, DP], tl.float32)
+    l_i = tl.full([BQ], 0.0, tl.float32)
+    acc = tl.full([BQ, DP], 0.0, tl.float32)
     for k0 in range(0, Lk, BK):
         rk = k0 + tl.arange(0, BK)
         mk = rk < Lk
@@ -96,12 +111,12 @@ def _fwd_kernel(Q, K, V, O, Stats, B0, B0_off, B1, B1_off,
         vt = _load_rows(V, b, h, rk, mk, rd, md, s_vb, s_vl, s_vh, s_vd)
         s = _scores(q, kt, b, h, rq, rk, mq, mk, scale, B0, B0_off, b0_h, b0_q, b0_k,
                     B1, B1_off, b1_h, b1_q, b1_k, HAS_B0, HAS_B1, IEEE)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, _max(s, 1))
         # While every logit seen is -inf, shift by 0 so exp never sees -inf - -inf.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_use)
         p = tl.exp(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + _sum(p, 1)
         acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, IEEE)
         m_i = m_new
     empty = l_i == 0.0  # every logit -inf: output 0, log denominator +inf
@@ -126,7 +141,7 @@ def _delta_kernel(O, DO, Delta, s_ob, s_ol, s_oh, s_od, s_gb, s_gl, s_gh, s_gd, 
     md = rd < D
     o = _load_rows(O, b, h, rq, mq, rd, md, s_ob, s_ol, s_oh, s_od).to(tl.float32)
     do = _load_rows(DO, b, h, rq, mq, rd, md, s_gb, s_gl, s_gh, s_gd).to(tl.float32)
-    tl.store(Delta + row * Lq + rq, tl.sum(o * do, 1), mask=mq)
+    tl.store(Delta + row * Lq + rq, _sum(o * do, 1), mask=mq)
 
 
 @triton.jit
@@ -150,8 +165,8 @@ def _dkdv_kernel(Q, K, V, DO, Stats, Delta, DK, DV, B0, B0_off, B1, B1_off,
     md = rd < D
     kt = _load_rows(K, b, h, rk, mk, rd, md, s_kb, s_kl, s_kh, s_kd)
     vt = _load_rows(V, b, h, rk, mk, rd, md, s_vb, s_vl, s_vh, s_vd)
-    dk = tl.zeros([BK, DP], tl.float32)
-    dv = tl.zeros([BK, DP], tl.float32)
+    dk = tl.full([BK, DP], 0.0, tl.float32)
+    dv = tl.full([BK, DP], 0.0, tl.float32)
     for q0 in range(0, Lq, BQ):
         rq = q0 + tl.arange(0, BQ)
         mq = rq < Lq
@@ -189,7 +204,7 @@ def _dq_kernel(Q, K, V, DO, Stats, Delta, DQ, B0, B0_off, B1, B1_off,
     q = _load_rows(Q, b, h, rq, mq, rd, md, s_qb, s_ql, s_qh, s_qd)
     do = _load_rows(DO, b, h, rq, mq, rd, md, s_gb, s_gl, s_gh, s_gd)
     delta = tl.load(Delta + row * Lq + rq, mask=mq, other=0.0)
-    dq = tl.zeros([BQ, DP], tl.float32)
+    dq = tl.full([BQ, DP], 0.0, tl.float32)
     for k0 in range(0, Lk, BK):
         rk = k0 + tl.arange(0, BK)
         mk = rk < Lk
@@ -244,7 +259,7 @@ def _dbias_kernel(Q, K, V, DO, Stats, Delta, G, Members, Group_ptr,
     else:
         k_lo = tl.program_id(2) * BK
         k_hi = k_lo + BK
-    acc = tl.zeros([BQ, BK], tl.float32)
+    acc = tl.full([BQ, BK], 0.0, tl.float32)
     for i in range(tl.load(Group_ptr + g), tl.load(Group_ptr + g + 1)):
         b = tl.load(Members + i).to(tl.int64)
         for h in range(h_lo, h_hi):
@@ -267,14 +282,14 @@ def _dbias_kernel(Q, K, V, DO, Stats, Delta, G, Members, Group_ptr,
     pid64 = pid.to(tl.int64)
     if BCAST_Q:
         if BCAST_K:
-            tl.store(G + pid64, tl.sum(tl.sum(acc, 1), 0))
+            tl.store(G + pid64, _sum(_sum(acc, 1), 0))
         else:
             rk = k_lo + tl.arange(0, BK)
-            tl.store(G + pid64 * Lk + rk, tl.sum(acc, 0), mask=rk < Lk)
+            tl.store(G + pid64 * Lk + rk, _sum(acc, 0), mask=rk < Lk)
     else:
         rq = q_lo + tl.arange(0, BQ)
         if BCAST_K:
-            tl.store(G + pid64 * Lq + rq, tl.sum(acc, 1), mask=rq < Lq)
+            tl.store(G + pid64 * Lq + rq, _sum(acc, 1), mask=rq < Lq)
         else:
             rk = k_lo + tl.arange(0, BK)
             tl.store(G + (pid64 * Lq + rq[:, None]) * Lk + rk[None, :], acc,
