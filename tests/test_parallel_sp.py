@@ -308,3 +308,64 @@ def test_genslm_loss_and_grads_match_single_process(case):
         for name, p in model.named_parameters():
             torch.testing.assert_close(grads[name], p.grad, atol=1e-6, rtol=1e-4,
                                        msg=lambda m: f"grad of {name}: {m}")
+
+
+# ----- sequence parallelism composed with FSDP (dp x sp) and tensor parallelism (tp x sp) ------
+
+
+def _composed_rank(rank, world_size, config, state, ids, labels, dims_kwargs, layout):
+    from ds4sci.parallel import ParallelDims
+    from ds4sci.parallel.fsdp import apply_fsdp
+    from ds4sci.parallel.tensor import apply_tensor_parallel
+
+    dims = ParallelDims(world_size=world_size, **dims_kwargs)
+    mesh = dims.build_mesh("cpu")
+    model = GenSLM(config)
+    model.load_state_dict(state)
+    if dims.tp_enabled:
+        apply_tensor_parallel(model, mesh.tp)
+    hybrid = dims.sp_mode == "hybrid"
+    apply_sequence_parallel(model, dims.sp_mode, sp_group=mesh.group("sp"),
+                            ulysses_group=mesh.group("ulysses") if hybrid else None,
+                            ring_group=mesh.group("ring") if hybrid else None, layout=layout)
+    apply_fsdp(model, mesh.dp_sp)
+    # Each data-parallel rank takes its rows of the batch, then its shard of their sequence.
+    rows = slice(mesh.dp_rank * ids.shape[0] // dims.dp, (mesh.dp_rank + 1) * ids.shape[0] // dims.dp)
+    layout = "contiguous" if dims.sp_mode == "ulysses" else layout
+    ids_l, targets_l, pos_l = shard_batch(ids[rows], labels[rows], mesh.sp_rank, dims.sp, layout,
+                                          dims.ulysses, pad_id=3)
+    hidden = model.hidden_states(ids_l, positions=pos_l)
+    loss_sum, count, _ = model.loss_sum(hidden, targets_l)
+    # FSDP (over dp x sp: the ranks of one sequence hold the same weights) averages gradients.
+    loss, mean = global_mean_loss(loss_sum, count, mesh.group("dp_sp"), dims.dp_sp)
+    loss.backward()
+    grads = {name: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+             for name, p in model.named_parameters()}
+    return mean, grads
+
+
+COMPOSED_CASES = [
+    (dict(dp=2, sp=2, sp_mode="ulysses"), "contiguous", 19),
+    (dict(dp=2, sp=2, sp_mode="ring"), "zigzag", 21),
+    (dict(dp=1, sp=2, tp=2, sp_mode="ulysses"), "contiguous", 17),  # FSDP over sp, x TP
+    (dict(dp=1, sp=2, tp=2, sp_mode="ring"), "zigzag", 22),
+    (dict(dp=1, sp=4, sp_mode="hybrid", sp_ulysses=2), "zigzag", 18),
+]
+
+
+@pytest.mark.parametrize("case", COMPOSED_CASES,
+                         ids=lambda c: "-".join(f"{k}{v}" for k, v in c[0].items()) + f"-{c[1]}")
+def test_sequence_parallel_composes_with_fsdp_and_tp(case):
+    dims_kwargs, layout, seq = case
+    config = preset("genslm-tiny")
+    model = GenSLM(config)
+    ids, labels = _batch(config, seq)
+    out = model(ids, labels=labels)
+    out.loss.backward()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    results = run_distributed(_composed_rank, 4, config, state, ids, labels, dims_kwargs, layout)
+    for mean, grads in results:
+        torch.testing.assert_close(mean, out.loss.detach(), atol=1e-6, rtol=1e-5)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(grads[name], p.grad, atol=1e-6, rtol=1e-4,
+                                       msg=lambda m: f"grad of {name}: {m}")
