@@ -61,13 +61,13 @@ def _full(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _state(model):
-    """Full (gathered) gradients and parameters by name; collective for sharded models."""
-    grads = {n: _full(p.grad).detach().clone() for n, p in model.named_parameters()}
-    return grads
+def _grads(model):
+    """Full (gathered) gradients by name; collective for sharded models."""
+    return {n: _full(p.grad).detach().clone() for n, p in model.named_parameters()}
 
 
 def _params(model):
+    """Full (gathered) parameters by name; collective for sharded models."""
     return {n: _full(p).detach().clone() for n, p in model.named_parameters()}
 
 
@@ -142,7 +142,7 @@ def _train_sharded(rank, world_size, dp, tp, fsdp_kwargs, tp_embeddings=True, cf
         total = loss_sum.detach().clone()
         dist.all_reduce(total, group=dp_group)
         losses.append(total / count)
-        grads.append(_state(model))
+        grads.append(_grads(model))
         opt.step()
         opt.zero_grad()
     return losses, grads, _params(model)
@@ -178,7 +178,8 @@ def _offload_placement(rank, world_size):
     state = {
         "params": {p.to_local().device.type for p in model.parameters()},
         "grads": {p.grad.to_local().device.type for p in model.parameters()},
-        "optim": {v.device.type for s in opt.state.values() for v in s.values() if torch.is_tensor(v)},
+        "optim": {v.device.type for s in opt.state.values() for v in s.values()
+                  if torch.is_tensor(v)},
         "local_numel": sum(p.to_local().numel() for p in model.parameters()),
     }
     return state
@@ -205,7 +206,7 @@ def _train_bf16(rank, world_size):
     ids, labels = _batch(0)
     out = model(ids, labels=labels)  # every rank the same batch: grads = the batch's grads
     out.loss.backward()
-    return out.loss.detach().float(), _state(model), seen, {p.dtype for p in model.parameters()}
+    return out.loss.detach().float(), _grads(model), seen, {p.dtype for p in model.parameters()}
 
 
 def test_fsdp_mixed_precision_computes_in_bf16_keeps_fp32_master():
@@ -253,7 +254,8 @@ def _tp_heads(rank, world_size):
     h, d = CFG.num_attention_heads, CFG.head_dim
     local = model.layers[0].attention.query_key_value.weight.to_local()
     per_head = full.layers[0].attention.query_key_value.weight.view(h, 3 * d, -1)
-    mine = per_head[rank * h // world_size:(rank + 1) * h // world_size].reshape(-1, CFG.hidden_size)
+    heads = slice(rank * h // world_size, (rank + 1) * h // world_size)
+    mine = per_head[heads].reshape(-1, CFG.hidden_size)
     return torch.equal(local, mine)
 
 
@@ -297,7 +299,7 @@ def _train_with_sp(rank, world_size, dp, sp, tp, sp_mode, layout, fsdp):
         total = loss_sum.detach().clone()
         dist.all_reduce(total, group=group)
         losses.append(total / count)
-        grads.append(_state(model))
+        grads.append(_grads(model))
         opt.step()
         opt.zero_grad()
     return losses, grads, _params(model)
@@ -345,14 +347,15 @@ def _train_pipeline(rank, world_size, cfg, schedule, n_microbatches, seq_len, pp
             dist.all_reduce(loss, group=mesh["dp"].get_group())
             loss = loss / dp
         losses.append(loss)
-        grads.append(_state(pipe.module))
+        grads.append(_grads(pipe.module))
         opt.step()
         opt.zero_grad()
     # Forward only, after training, on a smaller batch than the pipeline's (rows padded too).
     ids, labels = _batch(STEPS)
-    evaluated = pipe.evaluate(ids[:pipe.batch_size - 1, :SEQ - 2], labels[:pipe.batch_size - 1, :SEQ - 2])
+    n_eval = pipe.batch_size - 1
+    evaluated = pipe.evaluate(ids[:n_eval, :SEQ - 2], labels[:n_eval, :SEQ - 2])
     assert (evaluated is not None) == pipe.is_last
-    return losses, grads, _params(pipe.module), evaluated, pipe.batch_size - 1
+    return losses, grads, _params(pipe.module), evaluated, n_eval
 
 
 @pytest.mark.parametrize("world_size, layers, schedule, n_microbatches, seq_len, pp, other", [
@@ -385,8 +388,9 @@ def test_pipeline_matches_single_process(world_size, layers, schedule, n_microba
             assert evaluated[1] == want.num_tokens
         for step in range(STEPS):
             for name, g in grads[step].items():
-                torch.testing.assert_close(g, ref_grads[step][name], atol=2e-6, rtol=1e-4,
-                                           msg=lambda m: f"rank {rank} step {step} grad {name}: {m}")
+                torch.testing.assert_close(
+                    g, ref_grads[step][name], atol=2e-6, rtol=1e-4,
+                    msg=lambda m: f"rank {rank} step {step} grad {name}: {m}")
         for name, p in params.items():
             torch.testing.assert_close(p, ref_params[name], atol=PARAM_ATOL, rtol=1e-4,
                                        msg=lambda m: f"param {name} after {STEPS} steps: {m}")

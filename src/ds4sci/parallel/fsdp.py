@@ -44,7 +44,8 @@ def _check_dtype(name: str, dtype) -> None:
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype | None = None,
                reduce_dtype: torch.dtype | None = torch.float32, cpu_offload: bool = False,
                reshard_after_forward: bool = True) -> nn.Module:
-    """Shard ``model`` (a ``GenSLM`` or a pipeline ``GenSLMStage``) in place over the 1-D data-parallel ``mesh``; returns it.
+    """Shard ``model`` (a ``GenSLM`` or a pipeline ``GenSLMStage``) in place over the 1-D
+    data-parallel ``mesh``; returns it.
 
     ``param_dtype``: dtype the gathered parameters compute in (mixed precision; None = their own
     dtype); the sharded fp32 master copy and the optimizer state stay fp32.
@@ -63,12 +64,14 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype |
     over this mesh as well: FSDP x TP, "2D").
     """
     if mesh.ndim != 1:
-        raise ValueError(f"apply_fsdp: mesh has {mesh.ndim} dims {mesh.mesh_dim_names}; expected a "
-                         f"1-D data-parallel mesh (flatten dp x sp first, e.g. mesh['dp', 'sp']._flatten())")
+        raise ValueError(f"apply_fsdp: mesh has {mesh.ndim} dims {mesh.mesh_dim_names}; expected "
+                         f"a 1-D data-parallel mesh (flatten dp x sp first, e.g. "
+                         f"mesh['dp', 'sp']._flatten())")
     _check_dtype("param_dtype", param_dtype)
     _check_dtype("reduce_dtype", reduce_dtype)
     if not hasattr(model, "layers"):
-        raise TypeError(f"apply_fsdp: model is a {type(model).__name__}; expected a GenSLM or a GenSLMStage (with .layers)")
+        raise TypeError(f"apply_fsdp: model is a {type(model).__name__}; expected a GenSLM or a "
+                        f"GenSLMStage (with .layers)")
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     if cpu_offload:
         offload_policy = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu")

@@ -117,7 +117,8 @@ class Pipeline:
         b, s = input_ids.shape
         if b > self.batch_size:
             raise ValueError(f"pipeline {what}: batch size {b} exceeds batch_size="
-                             f"{self.batch_size} given to build_pipeline (stages' buffers are fixed)")
+                             f"{self.batch_size} given to build_pipeline (stages' buffers are "
+                             f"fixed)")
         if s > self.seq_len:
             raise ValueError(f"pipeline {what}: sequence length {s} exceeds seq_len={self.seq_len} "
                              f"given to build_pipeline (stages' buffers are fixed)")
@@ -184,15 +185,18 @@ def build_pipeline(model: GenSLM, pp_mesh: DeviceMesh, *, batch_size: int, seq_l
     this rank (give them to the optimizer; the rest of ``model`` may be freed).
     """
     if pp_mesh.ndim != 1:
-        raise ValueError(f"build_pipeline: pp_mesh has {pp_mesh.ndim} dims {pp_mesh.mesh_dim_names}; "
-                         f"expected a 1-D pipeline mesh")
+        raise ValueError(f"build_pipeline: pp_mesh has {pp_mesh.ndim} dims "
+                         f"{pp_mesh.mesh_dim_names}; expected a 1-D pipeline mesh")
     if schedule not in SCHEDULES:
-        raise ValueError(f"build_pipeline: schedule={schedule!r}; expected one of {sorted(SCHEDULES)}")
+        raise ValueError(f"build_pipeline: schedule={schedule!r}; expected one of "
+                         f"{sorted(SCHEDULES)}")
     if batch_size < 1 or seq_len < 1:
-        raise ValueError(f"build_pipeline: batch_size={batch_size}, seq_len={seq_len}; expected >= 1")
+        raise ValueError(f"build_pipeline: batch_size={batch_size}, seq_len={seq_len}; "
+                         f"expected >= 1")
     if n_microbatches < 1 or batch_size % n_microbatches:
         raise ValueError(f"build_pipeline: n_microbatches={n_microbatches} does not divide "
-                         f"batch_size={batch_size}; microbatches must be equal (fixed stage buffers)")
+                         f"batch_size={batch_size}; microbatches must be equal (fixed stage "
+                         f"buffers)")
     pp, stage_index = pp_mesh.size(), pp_mesh.get_local_rank()
     ranges = stage_layer_ranges(model.config.num_hidden_layers, pp)
     if device is None:
@@ -209,5 +213,6 @@ def build_pipeline(model: GenSLM, pp_mesh: DeviceMesh, *, batch_size: int, seq_l
         return loss_sum / num_tokens
 
     # scale_grads=False: the loss already carries the whole batch's normalisation (see module doc).
-    sched = SCHEDULES[schedule](stage, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+    sched = SCHEDULES[schedule](stage, n_microbatches=n_microbatches, loss_fn=loss_fn,
+                                scale_grads=False)
     return Pipeline(module, stage, sched, seq_len, batch_size, n_microbatches)

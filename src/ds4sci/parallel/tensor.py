@@ -45,8 +45,10 @@ def check_tensor_parallel(config, tp: int) -> None:
         )
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, embeddings: bool = True) -> nn.Module:
-    """Shard ``model`` (a ``GenSLM`` or a pipeline ``GenSLMStage``) in place over the 1-D ``tp_mesh``; returns it.
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *,
+                          embeddings: bool = True) -> nn.Module:
+    """Shard ``model`` (a ``GenSLM`` or a pipeline ``GenSLMStage``) in place over the 1-D
+    ``tp_mesh``; returns it.
 
     Per layer: ``query_key_value`` and ``dense_h_to_4h`` column-wise, ``dense`` and
     ``dense_4h_to_h`` row-wise. ``embeddings``: also split ``embed_in`` (row-wise, by vocabulary)
