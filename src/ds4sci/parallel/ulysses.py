@@ -51,17 +51,18 @@ def head_splits(num_heads: int, size: int) -> list[int]:
     return [base + (j < extra) for j in range(size)]
 
 
-def seq_to_head(x_BHsD: torch.Tensor, group) -> torch.Tensor:
-    """Sequence shard with all heads ``[B, H, S/P, D]`` -> whole sequence with this rank's heads
-    ``[B, H_j, S, D]`` (shards concatenated in group-rank order)."""
+def seq_to_head(tensors, group) -> list[torch.Tensor]:
+    """Sequence shards with all heads ``[B, H, S/P, D]`` -> the whole sequence with this rank's
+    heads ``[B, H_j, S, D]`` (shards concatenated in group-rank order), for each of ``tensors``
+    (same shape) in one all-to-all."""
     size, rank = dist.get_world_size(group), dist.get_rank(group)
-    b, h, s_local, d = x_BHsD.shape
+    b, h, s_local, d = tensors[0].shape
     splits = head_splits(h, size)
-    # all_to_all_single splits dim 0, so heads go first: rank j is sent its H_j heads.
-    x_HBsD = x_BHsD.permute(1, 0, 2, 3)
-    out = _AllToAll.apply(x_HBsD, group, splits, [splits[rank]] * size)  # [P * H_j, B, S/P, D]
-    out = out.view(size, splits[rank], b, s_local, d).permute(2, 1, 0, 3, 4)
-    return out.reshape(b, splits[rank], size * s_local, d)
+    # all_to_all_single splits dim 0, so heads go first; stacking writes that layout in one copy.
+    x_HnBsD = torch.stack([t.transpose(0, 1) for t in tensors], dim=1)
+    out = _AllToAll.apply(x_HnBsD, group, splits, [splits[rank]] * size)  # [P * H_j, n, B, S/P, D]
+    out = out.view(size, splits[rank], len(tensors), b, s_local, d).permute(2, 3, 1, 0, 4, 5)
+    return list(out.reshape(len(tensors), b, splits[rank], size * s_local, d).unbind(0))
 
 
 def head_to_seq(x_BHjSD: torch.Tensor, group, num_heads: int) -> torch.Tensor:
@@ -96,9 +97,5 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group,
     _check_qkv("ulysses_attention", q, k, v)
     if dist.get_world_size(group) == 1:
         return core(q, k, v)
-    h = q.shape[1]
-    # One collective for q, k and v together, stacked on the batch axis (heads are the split).
-    b = q.shape[0]
-    qkv = seq_to_head(torch.stack((q, k, v)).view(3 * b, *q.shape[1:]), group)  # [3B, H_j, S, D]
-    q_j, k_j, v_j = qkv.view(3, b, *qkv.shape[1:]).unbind(0)
-    return head_to_seq(core(q_j, k_j, v_j), group, h)
+    q_j, k_j, v_j = seq_to_head((q, k, v), group)  # one collective for all three
+    return head_to_seq(core(q_j, k_j, v_j), group, q.shape[1])
