@@ -117,10 +117,6 @@ def inject_fault(rank: int, step: int) -> None:
     raise RuntimeError(f"{FAULT_ENV}: injected failure on rank {rank} at step {step}")
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 class DistributedTrainer(Trainer):
     """``Trainer`` over the layout ``cfg.parallel`` on the ranks of the default process group."""
 
@@ -166,9 +162,10 @@ class DistributedTrainer(Trainer):
         if self.dims.pp_enabled:
             lengths = [len(d[i]) for d in (self.train_data, self.val_data) for i in range(len(d))]
             self.pipeline = pipeline_genslm(
-                self.model, self.dims, self.mesh, batch_size=self.cfg.optim.batch_size,
+                self.model, self.dims, self.mesh, batch_size=self.cfg.optim.batch_size // self.dims.dp,
                 seq_len=max(lengths), n_microbatches=p.pp_microbatches, schedule=p.pp_schedule,
-                device=self.device)
+                device=self.device, cpu_offload=p.fsdp_cpu_offload,
+                reshard_after_forward=p.fsdp_reshard_after_forward, tp_embeddings=p.tp_embeddings)
             return
         parallelize_genslm(self.model, self.dims, self.mesh, ring_layout=p.sp_layout,
                            cpu_offload=p.fsdp_cpu_offload,
@@ -215,9 +212,13 @@ class DistributedTrainer(Trainer):
 
     def _micro_step(self, ids: torch.Tensor, labels: torch.Tensor, total_tokens: int) -> float:
         if self.pipeline is not None:
-            mean = self.pipeline.step(ids, labels, num_tokens=total_tokens)
-            # Only the last stage knows the loss; every rank returns it (for rank 0's log).
-            part = mean.float() * total_tokens if mean is not None else torch.zeros((), device=self.device)
+            # Each microbatch's summed loss is divided by this count: the global one over dp
+            # (FSDP averages gradients over the dp ranks).
+            scaled_count = total_tokens / self.dims.dp_sp
+            mean = self.pipeline.step(ids, labels, num_tokens=torch.tensor(max(scaled_count, 1e-9)))
+            # Only last stages know the loss; sum them over dp and pp (for rank 0's log).
+            part = mean.float() * scaled_count if mean is not None else torch.zeros((), device=self.device)
+            part = self._global_sum(part, "dp_sp")
             return float(self._global_sum(part, "pp"))
         loss_sum, _ = self._local_loss_sum(ids, labels)
         (loss_sum * (self.dims.dp_sp / max(total_tokens, 1))).backward()
@@ -226,12 +227,25 @@ class DistributedTrainer(Trainer):
     def _clip_grad_norm(self, max_norm: float) -> float:
         """Global gradient norm over every shard (DTensor) and pipeline stage; clip to max_norm."""
         grads = [p.grad for p in self._trained_module().parameters() if p.grad is not None]
-        sq = torch.zeros((), dtype=torch.float32, device=self.device)
+        # Squared norms of local shards, summed per set of mesh axes they are sharded over, then
+        # one all-reduce per axis: a few collectives per step, not one per parameter.
+        buckets: dict[tuple, torch.Tensor] = {}
         for g in grads:
-            sq = sq + _local(torch.linalg.vector_norm(g, dtype=torch.float32)).to(self.device) ** 2
-        if self.dims.pp_enabled:
-            dist.all_reduce(sq, group=self.mesh.group("pp"))
-        total = sq.sqrt()
+            groups = ()
+            if hasattr(g, "to_local"):
+                groups = tuple(g.device_mesh.get_group(i) for i, pl in enumerate(g.placements)
+                               if not pl.is_replicate())
+                g = g.to_local()
+            sq = torch.linalg.vector_norm(g, dtype=torch.float32) ** 2
+            buckets[groups] = buckets.get(groups, 0) + sq.to(self.device)
+        total_sq = torch.zeros((), dtype=torch.float32, device=self.device)
+        for groups, sq in buckets.items():
+            for group in groups:
+                dist.all_reduce(sq, group=group)
+            total_sq = total_sq + sq
+        if self.dims.pp_enabled:  # each stage holds different parameters
+            dist.all_reduce(total_sq, group=self.mesh.group("pp"))
+        total = total_sq.sqrt()
         coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
         for g in grads:
             g.mul_(coef)
@@ -240,9 +254,8 @@ class DistributedTrainer(Trainer):
     @torch.no_grad()
     def _evaluate(self) -> float | None:
         """Validation perplexity over every validation token, the data split over dp ranks."""
-        if self.pipeline is not None:
-            return None  # the pipeline schedules run training steps only
-        self.model.eval()
+        module = self._trained_module()
+        module.eval()
         n, dp, dp_rank = len(self.val_data), self.dims.dp, self.mesh.dp_rank
         stats = torch.zeros(2, dtype=torch.float32, device=self.device)
         # Every rank runs the same number of forwards (FSDP gathers weights collectively); a rank
@@ -252,11 +265,17 @@ class DistributedTrainer(Trainer):
             ids, labels = collate([self.val_data[min(i, n - 1)]], self.pad_id)
             if i >= n:
                 labels.fill_(IGNORE_INDEX)
-            loss_sum, count = self._local_loss_sum(ids.to(self.device), labels.to(self.device))
-            stats += torch.stack((loss_sum.float(), count.float()))
-        self.model.train()
-        if self.mesh.dp_sp.size() > 1:
-            dist.all_reduce(stats, group=self.mesh.group("dp_sp"))
+            if self.pipeline is not None:
+                result = self.pipeline.evaluate(ids, labels)  # (sum, count) on the last stage only
+                if result is not None:
+                    stats += torch.stack([t.float().to(self.device) for t in result])
+            else:
+                loss_sum, count = self._local_loss_sum(ids.to(self.device), labels.to(self.device))
+                stats += torch.stack((loss_sum.float(), count.float()))
+        module.train()
+        for axis in ("dp_sp", "pp"):
+            if self.mesh[axis].size() > 1:
+                dist.all_reduce(stats, group=self.mesh.group(axis))
         total, count = stats.tolist()
         return float(torch.tensor(total / count).exp()) if count else None
 

@@ -1,10 +1,10 @@
 """How GenSLM is spread over a ``ParallelDims`` layout (the model itself stays plain PyTorch).
 
-Order, as in torchtitan: tensor parallelism first (its DTensor parameters are then sharded by
-FSDP on the other axis: "2D"), then sequence parallelism (it only swaps each layer's attention
-core), then FSDP over the flattened dp x sp mesh (ranks of one sequence hold the same weights, so
-for ZeRO they are data-parallel ranks too). Pipeline parallelism cuts the model into stages
-instead (``pipeline_genslm``).
+Order, as in torchtitan: sequence parallelism (it only swaps each layer's attention core, so it
+is independent of the rest), tensor parallelism (its DTensor parameters are then sharded by FSDP
+on the other axis: "2D"), then FSDP over the flattened dp x sp mesh (ranks of one sequence hold
+the same weights, so for ZeRO they are data-parallel ranks too). Pipeline parallelism cuts the
+model into stages and applies TP and FSDP to each stage (``pipeline_genslm``).
 
 Combinations that do not work are refused before anything is built, with the reason
 (:func:`check_layout`).
@@ -46,16 +46,6 @@ def check_layout(dims: ParallelDims, config: GenSLMConfig) -> None:
                 f"parallel layout {dims.describe()}: pipeline x sequence parallelism is not supported: "
                 "pipeline stages pass whole-sequence activations and compute positions 0..S-1, so a "
                 "sequence shard would get wrong rotary positions; use sp or pp, not both")
-        if dims.tp_enabled:
-            raise ValueError(
-                f"parallel layout {dims.describe()}: pipeline x tensor parallelism is not supported "
-                "here (tensor parallelism is applied to the whole model, not to pipeline stages); "
-                "use tp or pp, not both")
-        if dims.dp_enabled:
-            raise ValueError(
-                f"parallel layout {dims.describe()}: pipeline x data parallelism is not supported "
-                "yet (FSDP is applied to the whole model, not to pipeline stages); use dp or pp, "
-                "not both")
         if config.num_hidden_layers < dims.pp:
             raise ValueError(f"parallel layout {dims.describe()}: num_hidden_layers="
                              f"{config.num_hidden_layers} is less than pp={dims.pp}; each stage "
@@ -74,7 +64,7 @@ def sequence_layout(dims: ParallelDims, ring_layout: str) -> tuple[str, int]:
 def parallelize_genslm(model, dims: ParallelDims, mesh: ParallelMesh, *, ring_layout: str = "zigzag",
                        cpu_offload: bool = False, reshard_after_forward: bool = True,
                        tp_embeddings: bool = True, param_dtype: torch.dtype | None = None):
-    """Apply TP -> SP -> FSDP to ``model`` (a ``GenSLM``, identically initialised on every rank)
+    """Apply SP, TP and FSDP to ``model`` (a ``GenSLM``, identically initialised on every rank)
     in place; returns it. Pipeline layouts go through :func:`pipeline_genslm`.
 
     Afterwards feed each rank ``parallel.sequence.shard_batch(...)`` of its data-parallel share
@@ -86,10 +76,7 @@ def parallelize_genslm(model, dims: ParallelDims, mesh: ParallelMesh, *, ring_la
     if dims.pp_enabled:
         raise ValueError(f"parallelize_genslm: layout {dims.describe()} has pp={dims.pp}; use "
                          "pipeline_genslm for pipeline layouts")
-    if dims.tp_enabled:
-        from ...parallel.tensor import apply_tensor_parallel
-
-        apply_tensor_parallel(model, mesh.tp, embeddings=tp_embeddings)
+    # SP only swaps attention cores; it must be set before FSDP wraps the layers.
     if dims.sp_enabled:
         from ...parallel.sequence import apply_sequence_parallel
 
@@ -98,19 +85,37 @@ def parallelize_genslm(model, dims: ParallelDims, mesh: ParallelMesh, *, ring_la
             model, dims.sp_mode, sp_group=mesh.group("sp"),
             ulysses_group=mesh.group("ulysses") if dims.sp_mode == "hybrid" else None,
             ring_group=mesh.group("ring") if dims.sp_mode == "hybrid" else None, layout=layout)
+    return _tp_then_fsdp(model, dims, mesh, cpu_offload=cpu_offload, tp_embeddings=tp_embeddings,
+                         reshard_after_forward=reshard_after_forward, param_dtype=param_dtype)
+
+
+def _tp_then_fsdp(module, dims: ParallelDims, mesh: ParallelMesh, *, cpu_offload: bool,
+                  reshard_after_forward: bool, tp_embeddings: bool, param_dtype):
+    if dims.tp_enabled:
+        from ...parallel.tensor import apply_tensor_parallel
+
+        apply_tensor_parallel(module, mesh.tp, embeddings=tp_embeddings)
     if dims.dp_sp > 1:
         from ...parallel.fsdp import apply_fsdp
 
-        apply_fsdp(model, mesh.dp_sp, param_dtype=param_dtype, cpu_offload=cpu_offload,
+        apply_fsdp(module, mesh.dp_sp, param_dtype=param_dtype, cpu_offload=cpu_offload,
                    reshard_after_forward=reshard_after_forward)
-    return model
+    return module
 
 
 def pipeline_genslm(model, dims: ParallelDims, mesh: ParallelMesh, *, batch_size: int, seq_len: int,
-                    n_microbatches: int, schedule: str = "1f1b", device=None):
-    """This rank's pipeline stage of ``model`` and its schedule (``parallel.pipeline.Pipeline``)."""
+                    n_microbatches: int, schedule: str = "1f1b", device=None, cpu_offload: bool = False,
+                    reshard_after_forward: bool = True, tp_embeddings: bool = True,
+                    param_dtype: torch.dtype | None = None):
+    """This rank's pipeline stage of ``model`` (TP, then FSDP over dp applied to the stage) and its
+    schedule, a ``parallel.pipeline.Pipeline``. ``batch_size``: records per step on this rank."""
     check_layout(dims, model.config)
     from ...parallel.pipeline import build_pipeline
 
+    def parallelize_stage(stage):
+        return _tp_then_fsdp(stage, dims, mesh, cpu_offload=cpu_offload, tp_embeddings=tp_embeddings,
+                             reshard_after_forward=reshard_after_forward, param_dtype=param_dtype)
+
     return build_pipeline(model, mesh.pp, batch_size=batch_size, seq_len=seq_len,
-                          n_microbatches=n_microbatches, schedule=schedule, device=device)
+                          n_microbatches=n_microbatches, schedule=schedule, device=device,
+                          parallelize_stage=parallelize_stage)

@@ -1,0 +1,251 @@
+"""Distributed GenSLM training (``ds4sci.train.distributed``) against one process.
+
+Each case runs the real trainer for a few steps on 2 or 4 gloo ranks under one parallel layout
+and compares with the same config in one process: the loss of every step, the gradient norm,
+the validation perplexity and the final parameters. Records are cropped to 37 tokens, which no
+sequence-parallel degree here divides (padding path). Then: resume under another layout, config
+mismatch across ranks, and a failing rank ending a ``torchrun`` job with an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dist_helpers import run_distributed
+from ds4sci.train.checkpoint import CheckpointError, latest_checkpoint
+from ds4sci.train.config import load_config
+from ds4sci.train.trainer import Trainer
+
+STEPS = 3
+SMALL = ["data.n_simulated=9", "data.max_tokens=37", "optim.warmup_steps=1", "progress=false",
+         "eval_every=0", "checkpoint_every=0", "model.hidden_size=32", "model.intermediate_size=64",
+         "model.loss_chunk_size=16", "optim.batch_size=4", f"optim.max_steps={STEPS}"]
+# Parameters after the steps: Adam turns a rounding-level difference in a gradient that is zero
+# in exact arithmetic (the key bias: softmax ignores a constant shift) into an update of up to
+# lr, so parameters are compared at a few lr (a wrong gradient shows in the losses first).
+PARAM_ATOL = 1e-2
+
+
+def _cfg(out, *extra):
+    return load_config(None, [f"out_dir={out}", *SMALL, *extra])
+
+
+def _summary(trainer, rows):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    module = trainer._trained_module()
+    if hasattr(trainer, "dims"):
+        params = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
+    else:
+        params = module.state_dict()
+    return {"loss": [r["loss"] for r in rows], "grad_norm": [r["grad_norm"] for r in rows],
+            "val_perplexity": rows[-1].get("val_perplexity"),
+            "params": {k: v.detach().clone() for k, v in params.items()}}
+
+
+_REFERENCE = {}
+
+
+def _reference(tmp_path, *extra):
+    key = tuple(extra)
+    if key not in _REFERENCE:
+        trainer = Trainer(_cfg(tmp_path / "single", *extra))
+        _REFERENCE[key] = _summary(trainer, trainer.fit()["rows"])
+    return _REFERENCE[key]
+
+
+def _distributed(rank, world_size, out, extra):
+    from ds4sci.train.distributed import DistributedTrainer
+
+    trainer = DistributedTrainer(_cfg(out, *extra))
+    return _summary(trainer, trainer.fit()["rows"])
+
+
+def _compare(ref, results):
+    assert ref["val_perplexity"] is not None and len(ref["loss"]) >= 3
+    params = {}
+    for res in results:  # pipeline stages each hold some of the parameters
+        params.update(res["params"])
+    for res in results:
+        assert res["loss"] == pytest.approx(ref["loss"], rel=2e-5), "loss curve differs"
+        assert res["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
+        assert res["val_perplexity"] == pytest.approx(ref["val_perplexity"], rel=2e-5)
+    assert params.keys() == ref["params"].keys()
+    for name, value in ref["params"].items():
+        torch.testing.assert_close(params[name], value, atol=PARAM_ATOL, rtol=0, msg=name)
+
+
+LAYOUTS_2 = [
+    pytest.param(["parallel.dp=2"], id="fsdp2"),
+    pytest.param(["parallel.dp=2", "parallel.fsdp_cpu_offload=true"], id="fsdp2-offload"),
+    pytest.param(["parallel.sp=2"], id="ulysses2"),
+    # 3 heads on 2 ranks: an uneven head split in the all-to-all
+    pytest.param(["parallel.sp=2", "model.num_attention_heads=3", "model.hidden_size=24"], id="ulysses2-uneven-heads"),
+    pytest.param(["parallel.sp=2", "parallel.sp_mode=ring"], id="ring2-zigzag"),
+    pytest.param(["parallel.sp=2", "parallel.sp_mode=ring", "parallel.sp_layout=contiguous"], id="ring2-contiguous"),
+    pytest.param(["parallel.tp=2"], id="tp2"),
+    pytest.param(["parallel.pp=2", "parallel.pp_schedule=1f1b"], id="pp2-1f1b"),
+    pytest.param(["parallel.pp=2", "parallel.pp_schedule=gpipe", "optim.grad_accum=2"], id="pp2-gpipe-accum"),
+]
+
+LAYOUTS_4 = [
+    pytest.param(["parallel.sp=4", "parallel.sp_mode=hybrid", "parallel.sp_ulysses=2"], id="hybrid-2x2"),
+    pytest.param(["parallel.dp=2", "parallel.sp=2"], id="dp2-ulysses2"),
+    pytest.param(["parallel.tp=2", "parallel.sp=2", "parallel.sp_mode=ring"], id="tp2-ring2"),
+    pytest.param(["parallel.tp=2", "parallel.dp=2"], id="tp2-fsdp2"),
+    pytest.param(["parallel.pp=2", "parallel.dp=2"], id="pp2-fsdp2"),
+    pytest.param(["parallel.pp=2", "parallel.tp=2"], id="pp2-tp2"),
+]
+
+# Settings that change the single-process run too (the model), as opposed to the layout.
+_MODEL_KEYS = ("model.", "optim.")
+
+
+def _model_settings(layout):
+    return [x for x in layout if x.startswith(_MODEL_KEYS)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS_2)
+def test_two_ranks_equal_one_process(tmp_path, layout):
+    ref = _reference(tmp_path, *_model_settings(layout))
+    _compare(ref, run_distributed(_distributed, 2, str(tmp_path / "dist"), layout))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", LAYOUTS_4)
+def test_four_ranks_equal_one_process(tmp_path, layout):
+    ref = _reference(tmp_path, *_model_settings(layout))
+    _compare(ref, run_distributed(_distributed, 4, str(tmp_path / "dist"), layout))
+
+
+def _train_until(rank, world_size, out, extra, until, resume):
+    from ds4sci.train.distributed import DistributedTrainer
+
+    trainer = DistributedTrainer(_cfg(out, *extra), resume=resume)
+    start = trainer.step
+    rows = trainer.fit(until_step=until)["rows"]
+    return start, _summary(trainer, rows)
+
+
+def test_resume_under_another_layout(tmp_path):
+    """Save under FSDP (dp=2), resume under tensor parallelism (tp=2), then under sequence
+    parallelism (sp=2): the loss curve equals an uninterrupted single-process run."""
+    steps = ["optim.max_steps=5", "checkpoint_every=2"]
+    ref = _reference(tmp_path, *steps)
+    out = str(tmp_path / "dist")
+    run_distributed(_train_until, 2, out, [*steps, "parallel.dp=2"], 2, False)
+    assert latest_checkpoint(out).name == "step-00000002"
+    assert (latest_checkpoint(out) / "dcp" / ".metadata").is_file()
+    start, _ = run_distributed(_train_until, 2, out, [*steps, "parallel.tp=2"], 4, True)[0]
+    assert start == 2
+    results = run_distributed(_train_until, 2, out, [*steps, "parallel.sp=2", "parallel.sp_mode=ring"],
+                              None, True)
+    assert results[0][0] == 4
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "dist" / "metrics.jsonl").read_text().splitlines()]
+    assert losses == pytest.approx(ref["loss"], rel=2e-5)
+    _compare(ref, [summary for _, summary in results])
+    # A single process cannot resume it (it says how to), and a changed setting is refused.
+    with pytest.raises(CheckpointError, match="distributed .*checkpoint; resume it under torchrun"):
+        Trainer(_cfg(out, *steps), resume=True)
+    with pytest.raises(Exception, match=r"made with other settings.*optim.lr"):
+        run_distributed(_train_until, 2, out, [*steps, "parallel.dp=2", "optim.lr=0.5"], None, True)
+
+
+def _mismatched(rank, world_size, out):
+    from ds4sci.train.distributed import DistributedTrainer
+
+    DistributedTrainer(_cfg(out, "parallel.dp=2", f"optim.lr={1e-3 * (rank + 1)}"))
+
+
+def test_config_mismatch_across_ranks_is_refused(tmp_path):
+    with pytest.raises(Exception, match=r"different configs: rank 1 differs from rank 0 in optim.lr \(0.001 vs 0.002\)"):
+        run_distributed(_mismatched, 2, str(tmp_path))
+
+
+def _layout_error(rank, world_size, out, extra):
+    from ds4sci.train.distributed import DistributedTrainer
+
+    DistributedTrainer(_cfg(out, *extra))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["parallel.sp=2", "parallel.pp=2"], "sp\\*tp\\*pp = 2\\*1\\*2 = 4 does not divide world size 2"),
+    (["parallel.tp=4"], "tp=4 does not divide world size 2"),
+    (["parallel.tp=2", "model.num_attention_heads=1"], "num_attention_heads=1 is not divisible by tp=2"),
+    (["parallel.dp=2", "optim.batch_size=3"], "optim.batch_size=3 is not divisible by dp=2"),
+])
+def test_unsupported_layouts_are_refused_up_front(tmp_path, extra, message):
+    with pytest.raises(Exception, match=message):
+        run_distributed(_layout_error, 2, str(tmp_path), extra)
+
+
+def test_pipeline_with_sequence_parallelism_is_refused():
+    from ds4sci.models.genslm.config import preset
+    from ds4sci.models.genslm.parallelize import check_layout
+    from ds4sci.parallel import ParallelDims
+
+    with pytest.raises(ValueError, match="pipeline x sequence parallelism is not supported: pipeline "
+                                         "stages pass whole-sequence activations"):
+        check_layout(ParallelDims(world_size=4, sp=2, pp=2), preset("genslm-tiny"))
+    with pytest.raises(ValueError, match="num_hidden_layers=2 is less than pp=4"):
+        check_layout(ParallelDims(world_size=4, pp=4), preset("genslm-tiny"))
+
+
+def _torchrun(tmp_path, *args, env=None, timeout=180):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=0",
+           "-m", "ds4sci.cli", "train", "genslm", f"--out_dir={tmp_path}", *SMALL, *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    return proc, time.monotonic() - start
+
+
+@pytest.mark.subprocess
+def test_torchrun_cli_trains_and_matches_one_process(tmp_path):
+    proc, _ = _torchrun(tmp_path / "dist", "--sp=2", "--sp-mode=ring")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "layout dp=1 sp=2(ring) tp=1 pp=1" in proc.stdout
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "dist" / "metrics.jsonl").read_text().splitlines()]
+    assert losses == pytest.approx(_reference(tmp_path)["loss"], rel=2e-5)
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("kind", ["raise", "exit"])
+def test_failing_rank_ends_torchrun_job_with_error(tmp_path, kind):
+    """Rank 1 raises (or dies without cleanup) at step 2 while rank 0 waits in a collective:
+    the job ends with an error well before the collective timeout, no hang."""
+    proc, elapsed = _torchrun(tmp_path, "--dp=2", "optim.max_steps=20", "parallel.timeout_s=60",
+                              env={"DS4SCI_FAULT": f"1:2:{kind}"})
+    assert proc.returncode != 0
+    assert elapsed < 60, f"took {elapsed:.0f} s"
+    if kind == "raise":
+        assert "injected failure on rank 1 at step 2" in proc.stderr
+    else:
+        assert "exitcode  : 13" in proc.stderr or "exit code 13" in proc.stderr.lower(), proc.stderr[-2000:]
+
+
+def _stuck_peer(rank, world_size, out):
+    import torch.distributed as dist
+
+    if rank == 1:
+        time.sleep(30)  # alive but never joins the collective
+        return None
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    return t
+
+
+def test_collective_timeout_bounds_a_stuck_peer(tmp_path):
+    """Without torchrun's supervision a rank waiting on a stuck peer raises after the process
+    group's timeout (parallel.timeout_s in training) instead of waiting forever."""
+    start = time.monotonic()
+    with pytest.raises(Exception, match="(?i)timed out|timeout"):
+        run_distributed(_stuck_peer, 2, str(tmp_path), pg_timeout=3, timeout=60)
+    assert time.monotonic() - start < 25
