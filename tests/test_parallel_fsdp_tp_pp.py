@@ -313,10 +313,12 @@ def test_composed_with_sequence_parallel_matches_single_process(dp, sp, tp, sp_m
 # Pipeline parallelism.
 
 
-def _train_pipeline(rank, world_size, cfg, schedule, n_microbatches, seq_len, pp, other=None):
+def _train_pipeline(rank, world_size, cfg, schedule, n_microbatches, seq_len, pp, other=None,
+                    accum=1):
     """AdamW steps through a ``pp``-stage pipeline; with ``other`` = "dp" (FSDP over 2 ranks, batch
-    rows split) or "tp" (2 ranks) each stage is also sharded. Returns this rank's stage's
-    (losses, full grads per step, full params); losses are global (None off the last stage)."""
+    rows split) or "tp" (2 ranks) each stage is also sharded; ``accum`` pipeline steps (gradient
+    accumulation) per optimizer step. Returns this rank's stage's (losses, full grads per step,
+    full params, evaluation, evaluated rows); losses are global (None off the last stage)."""
     if other is None:
         mesh, par, dp = init_device_mesh("cpu", (pp,), mesh_dim_names=("pp",)), None, 1
     else:
@@ -325,8 +327,8 @@ def _train_pipeline(rank, world_size, cfg, schedule, n_microbatches, seq_len, pp
                else (lambda m: apply_tensor_parallel(m, mesh["tp"])))
         dp = mesh["dp"].size() if other == "dp" else 1
     dp_rank = mesh["dp"].get_local_rank() if dp > 1 else 0
-    rows = slice(dp_rank * BATCH // dp, (dp_rank + 1) * BATCH // dp)
-    pipe = build_pipeline(_model(cfg), mesh["pp"], batch_size=BATCH // dp, seq_len=seq_len,
+    share = BATCH // dp // accum
+    pipe = build_pipeline(_model(cfg), mesh["pp"], batch_size=share, seq_len=seq_len,
                           n_microbatches=n_microbatches, schedule=schedule, parallelize_stage=par)
     opt = torch.optim.AdamW(pipe.module.parameters(), lr=LR, eps=EPS)
     losses, grads = [], []
@@ -334,8 +336,12 @@ def _train_pipeline(rank, world_size, cfg, schedule, n_microbatches, seq_len, pp
         ids, labels = _batch(step)
         count = (_targets(labels) != IGNORE_INDEX).sum()
         # FSDP averages gradients over dp, so each dp rank normalises by count / dp.
-        loss = pipe.step(ids[rows], labels[rows], num_tokens=count / dp)
-        assert (loss is not None) == pipe.is_last
+        parts = []
+        for a in range(accum):
+            rows = slice((dp_rank * accum + a) * share, (dp_rank * accum + a + 1) * share)
+            parts.append(pipe.step(ids[rows], labels[rows], num_tokens=count / dp))
+        assert all((part is not None) == pipe.is_last for part in parts)
+        loss = sum(parts) if pipe.is_last else None
         if loss is not None and dp > 1:
             dist.all_reduce(loss, group=mesh["dp"].get_group())
             loss = loss / dp
@@ -345,26 +351,28 @@ def _train_pipeline(rank, world_size, cfg, schedule, n_microbatches, seq_len, pp
         opt.zero_grad()
     # Forward only, after training, on a smaller batch than the pipeline's (rows padded too).
     ids, labels = _batch(STEPS)
-    n_eval = pipe.batch_size - 1
+    n_eval = max(pipe.batch_size - 1, 1)
     evaluated = pipe.evaluate(ids[:n_eval, :SEQ - 2], labels[:n_eval, :SEQ - 2])
     assert (evaluated is not None) == pipe.is_last
     return losses, grads, _params(pipe.module), evaluated, n_eval
 
 
-@pytest.mark.parametrize("world_size, layers, schedule, n_microbatches, seq_len, pp, other", [
-    (2, 2, "gpipe", 2, SEQ, 2, None),
-    (2, 3, "1f1b", 4, SEQ + 3, 2, None),  # uneven stages (2 + 1 layers); padded to a fixed length
-    (4, 5, "1f1b", 4, SEQ, 4, None),  # 4 stages of 2, 1, 1, 1 layers
-    (4, 4, "gpipe", 4, SEQ + 1, 4, None),
-    (4, 3, "1f1b", 2, SEQ, 2, "dp"),  # pp=2 x FSDP dp=2
-    (4, 3, "gpipe", 2, SEQ + 2, 2, "tp"),  # pp=2 x tp=2
-], ids=["pp2-gpipe", "pp2-1f1b-uneven-padded", "pp4-1f1b", "pp4-gpipe-padded", "pp2xfsdp2-1f1b",
-        "pp2xtp2-gpipe"])
+@pytest.mark.parametrize("world_size, layers, schedule, n_microbatches, seq_len, pp, other, accum", [
+    (2, 2, "gpipe", 1, SEQ, 2, None, 2),  # 2 accumulated pipeline steps of 2 rows
+    (2, 3, "1f1b", 4, SEQ + 3, 2, None, 1),  # uneven stages (2 + 1 layers); padded length
+    (4, 5, "1f1b", 4, SEQ, 4, None, 1),  # 4 stages of 2, 1, 1, 1 layers
+    (4, 4, "gpipe", 4, SEQ + 1, 4, None, 1),
+    # pp=2 x FSDP dp=2, accumulating 2 steps of 1 row (1F1B needs >= pp microbatches)
+    (4, 3, "gpipe", 1, SEQ, 2, "dp", 2),
+    (4, 3, "1f1b", 2, SEQ, 2, "dp", 1),
+    (4, 3, "1f1b", 2, SEQ + 2, 2, "tp", 1),  # pp=2 x tp=2
+], ids=["pp2-gpipe-accum", "pp2-1f1b-uneven-padded", "pp4-1f1b", "pp4-gpipe-padded",
+        "pp2xfsdp2-gpipe-accum", "pp2xfsdp2-1f1b", "pp2xtp2-1f1b"])
 def test_pipeline_matches_single_process(world_size, layers, schedule, n_microbatches, seq_len,
-                                         pp, other):
+                                         pp, other, accum):
     cfg = CFG.replace(num_hidden_layers=layers)
     results = run_distributed(_train_pipeline, world_size, cfg, schedule, n_microbatches, seq_len,
-                              pp, other)
+                              pp, other, accum)
     ref_losses, ref_grads, ref_params = reference(cfg)
     per_stage = world_size // pp
     seen_params = {}
