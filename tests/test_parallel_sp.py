@@ -201,6 +201,15 @@ def test_attention_half_precision_error_within_twice_plain_torch(case, dtype):
         assert err <= 2 * plain_err + 1e-6, f"{name}: error {err:.3g} vs plain torch {plain_err:.3g}"
 
 
+@pytest.mark.parametrize("case", [ATTENTION_CASES[1], ATTENTION_CASES[7], ATTENTION_CASES[10]],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_attention_float64(case):
+    ours, (q, k, v, dout) = _run_attention(case, torch.float64)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), ours, _sdpa(*(t.double() for t in (q, k, v, dout)))):
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
 def _comm_rank(rank, world_size, mode, ulysses, heads, seq, dtype):
     """Bytes this rank's collectives send in forward and backward, counted at the torch.distributed
     calls (this process is a forked rank, so patching the module here touches nothing else)."""

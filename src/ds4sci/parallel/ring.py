@@ -26,6 +26,7 @@ Legend: ``B`` batch, ``H`` heads, ``S`` local sequence, ``D`` head dim, ``P`` ri
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,7 @@ import torch.distributed as dist
 from .ulysses import _check_qkv, ulysses_attention
 
 LAYOUTS = ("contiguous", "zigzag")
+log = logging.getLogger(__name__)
 
 
 # ----- block kernels: attention of q against one K/V block, with its log-sum-exp --------------
@@ -41,10 +43,15 @@ MATH_TILE_ROWS = 1024
 """Query rows per tile of the math kernel: its fp32 scores are ``[B, H, tile, S_block]``."""
 
 
+def _acc(dtype):
+    """Statistics and accumulation dtype: fp32, or the input's own when wider (fp64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _scores(q_tile, kf, row0, causal):
     """fp32 scaled scores of a query tile starting at row ``row0`` of the block, causally masked
     (top-left aligned: query row i sees key columns <= i)."""
-    scores = (q_tile.float() @ kf.transpose(-1, -2)) * q_tile.shape[-1] ** -0.5
+    scores = (q_tile.to(kf.dtype) @ kf.transpose(-1, -2)) * q_tile.shape[-1] ** -0.5
     if causal:
         rows = torch.arange(row0, row0 + q_tile.shape[-2], device=q_tile.device)[:, None]
         cols = torch.arange(kf.shape[-2], device=q_tile.device)[None, :]
@@ -55,7 +62,7 @@ def _scores(q_tile, kf, row0, causal):
 def _block_forward_math(q, k, v, causal):
     """fp32 block kernel for any device, tiled over query rows so the scores never exceed
     ``MATH_TILE_ROWS x S_block``: ``out`` in q's dtype, ``lse`` fp32 ``[B, H, S]``."""
-    kf, vf = k.float(), v.float()
+    kf, vf = k.to(_acc(k.dtype)), v.to(_acc(v.dtype))
     outs, lses = [], []
     for row0 in range(0, q.shape[-2], MATH_TILE_ROWS):
         scores = _scores(q[..., row0:row0 + MATH_TILE_ROWS, :], kf, row0, causal)
@@ -67,17 +74,17 @@ def _block_forward_math(q, k, v, causal):
 
 def _block_backward_math(dout, q, k, v, out, lse, causal):
     scale = q.shape[-1] ** -0.5
-    kf, vf = k.float(), v.float()
+    kf, vf = k.to(_acc(k.dtype)), v.to(_acc(v.dtype))
     dq = torch.empty_like(q)
     dk, dv = torch.zeros_like(kf), torch.zeros_like(vf)
     for row0 in range(0, q.shape[-2], MATH_TILE_ROWS):
         rows = slice(row0, row0 + MATH_TILE_ROWS)
-        qf, dof = q[..., rows, :].float(), dout[..., rows, :].float()
+        qf, dof = q[..., rows, :].to(kf.dtype), dout[..., rows, :].to(kf.dtype)
         p = (_scores(qf, kf, row0, causal) - lse[..., rows, None]).exp()
         dv += p.transpose(-1, -2) @ dof
         # D = rowsum(dO * O) with the *global* output, so this block's share of the softmax
         # gradient is exact even though the block saw only part of the keys.
-        ds = p * (dof @ vf.transpose(-1, -2) - (dof * out[..., rows, :].float()).sum(-1, keepdim=True))
+        ds = p * (dof @ vf.transpose(-1, -2) - (dof * out[..., rows, :].to(kf.dtype)).sum(-1, keepdim=True))
         dq[..., rows, :] = (ds @ kf * scale).to(q.dtype)
         dk += ds.transpose(-1, -2) @ qf * scale
     return dq, dk.to(k.dtype), dv.to(v.dtype)
@@ -102,13 +109,19 @@ def _pick_backend(q, backend):
     if backend == "auto":
         # DISCREPANCY: on GPUs this uses the tiled fp32 math kernel (no fused flash kernel with
         # log-sum-exp is wired in yet): exact, memory bounded by the tile, slower than flash.
-        backend = "cpu_flash" if q.device.type == "cpu" and q.dtype != torch.float64 else "math"
+        backend = auto_backend(q.device.type, q.dtype)
     if backend not in BACKENDS:
         raise ValueError(f"ring_attention: backend={backend!r}; expected 'auto' or one of {sorted(BACKENDS)}")
     if backend == "cpu_flash" and (q.device.type != "cpu" or q.dtype == torch.float64):
         raise ValueError(f"ring_attention: backend='cpu_flash' needs CPU fp32/bf16/fp16 tensors; got "
                          f"{q.device.type} {q.dtype}")
+    log.debug("ring_attention: block kernel %s for %s %s", backend, q.device.type, q.dtype)
     return BACKENDS[backend]
+
+
+def auto_backend(device_type: str, dtype: torch.dtype) -> str:
+    """The block kernel ``backend="auto"`` picks (for ``ds4sci info``)."""
+    return "cpu_flash" if device_type == "cpu" and dtype != torch.float64 else "math"
 
 
 # ----- the ring schedule --------------------------------------------------------------------
@@ -147,7 +160,7 @@ def _merge(out, lse, rows, block_out, block_lse):
     old_lse = lse[..., rows]
     new_lse = torch.logaddexp(old_lse, block_lse)
     out[..., rows, :] = (out[..., rows, :] * (old_lse - new_lse).exp()[..., None]
-                         + block_out.float() * (block_lse - new_lse).exp()[..., None])
+                         + block_out.to(out.dtype) * (block_lse - new_lse).exp()[..., None])
     lse[..., rows] = new_lse
 
 
@@ -169,7 +182,7 @@ class _RingAttention(torch.autograd.Function):
                 rows, cols, causal = block
                 block_out, block_lse = fwd(q[..., rows, :], kv[0][..., cols, :], kv[1][..., cols, :], causal)
                 if out is None:  # step 0 is the own (diagonal) block: every row has a key
-                    out, lse = block_out.float(), block_lse.float().contiguous()
+                    out, lse = block_out.to(_acc(q.dtype)), block_lse.to(_acc(q.dtype)).contiguous()
                 else:
                     _merge(out, lse, rows, block_out, block_lse)
             if step + 1 < size:
@@ -189,22 +202,22 @@ class _RingAttention(torch.autograd.Function):
         recv_from = dist.get_global_rank(group, (rank - 1) % size)
         s = q.shape[-2]
         dout = dout.contiguous()
-        dq = torch.zeros_like(q, dtype=torch.float32)
+        dq = torch.zeros_like(q, dtype=_acc(q.dtype))
         # dK/dV of the shard currently held, accumulated in fp32 as it travels with that shard.
         kv, dkv = torch.stack((k, v)), None
         for step in range(size):
             if step + 1 < size:
                 next_kv, kv_reqs = _exchange(kv, group, send_to, recv_from, tag=0)
-            acc = torch.zeros_like(kv, dtype=torch.float32) if dkv is None else dkv
+            acc = torch.zeros_like(kv, dtype=_acc(kv.dtype)) if dkv is None else dkv
             block = _blocks(rank, (rank - step) % size, layout, s)
             if block is not None:
                 rows, cols, causal = block
                 bdq, bdk, bdv = bwd(dout[..., rows, :], q[..., rows, :], kv[0][..., cols, :],
                                     kv[1][..., cols, :], out[..., rows, :], lse[..., rows].contiguous(),
                                     causal)
-                dq[..., rows, :] += bdq.float()
-                acc[0][..., cols, :] += bdk.float()
-                acc[1][..., cols, :] += bdv.float()
+                dq[..., rows, :] += bdq
+                acc[0][..., cols, :] += bdk
+                acc[1][..., cols, :] += bdv
             # Pass the accumulated dK/dV on with the shard; after the last step one more hop
             # brings each shard's gradient home.
             dkv, dkv_reqs = _exchange(acc, group, send_to, recv_from, tag=1)

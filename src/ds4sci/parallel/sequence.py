@@ -177,7 +177,8 @@ def comm_bytes_per_layer(mode: str, *, batch: int, seq_len: int, num_heads: int,
     if u is None or u < 1 or sp % u:
         raise ValueError(f"comm_bytes_per_layer: ulysses={ulysses} must divide sp={sp} in hybrid mode")
     ring = sp // u
-    item, f32 = torch.empty((), dtype=dtype).element_size(), 4
+    item = torch.empty((), dtype=dtype).element_size()
+    acc = max(item, 4)  # dK/dV travel in fp32 (fp64 for fp64 inputs)
     local = batch * (seq_len // sp) * head_dim  # one head of this rank's shard, in elements
     heads = num_heads
     fwd = bwd = 0
@@ -190,5 +191,5 @@ def comm_bytes_per_layer(mode: str, *, batch: int, seq_len: int, num_heads: int,
     if ring > 1:
         kv = 2 * heads * batch * (seq_len // ring) * head_dim  # a stacked K/V ring shard
         fwd += (ring - 1) * kv * item
-        bwd += (ring - 1) * kv * item + ring * kv * f32
+        bwd += (ring - 1) * kv * item + ring * kv * acc
     return {"forward": fwd, "backward": bwd}
