@@ -436,6 +436,11 @@ def _bad_inputs(rank, world_size):
             errors.append(None)
         except ValueError as e:
             errors.append(str(e))
+    try:
+        apply_fsdp(torch.nn.Linear(2, 2), mesh["a"])
+        errors.append(None)
+    except TypeError as e:
+        errors.append(str(e))
     pipe = build_pipeline(_model(), mesh["a"], batch_size=4, seq_len=8, n_microbatches=2)
     for ids in (torch.zeros(5, 8, dtype=torch.long), torch.zeros(4, 9, dtype=torch.long)):
         try:
@@ -454,6 +459,7 @@ def test_bad_inputs_raise_clear_errors():
         "apply_tensor_parallel: tp_mesh has 2 dims",
         "n_microbatches=3 does not divide batch_size=4",
         "schedule='zb'; expected one of ['1f1b', 'gpipe']",
+        "apply_fsdp: model is a Linear; expected a GenSLM or a GenSLMStage",
         "batch size 5 exceeds batch_size=4",
         "sequence length 9 exceeds seq_len=8",
     ]
