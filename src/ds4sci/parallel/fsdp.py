@@ -48,9 +48,10 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype |
     data-parallel ``mesh``; returns it.
 
     ``param_dtype``: dtype the gathered parameters compute in (mixed precision; None = their own
-    dtype); the sharded fp32 master copy and the optimizer state stay fp32.
-    ``reduce_dtype``: dtype of the gradient reduce-scatter (fp32 by default so bf16 compute still
-    sums gradients exactly enough); None = the compute dtype.
+    dtype); the sharded master copy and the optimizer state keep the parameters' own dtype (fp32
+    for a model built in fp32).
+    ``reduce_dtype``: dtype of the gradient reduce-scatter (fp32 by default, so gradients computed
+    in bf16 are summed over ranks without further rounding); None = the compute dtype.
     ``cpu_offload``: keep sharded parameters/gradients/optimizer state in host memory (see the
     module docstring for CPU-only meshes).
     ``reshard_after_forward``: free each layer's gathered parameters after its forward (ZeRO-3;
