@@ -258,3 +258,31 @@ def test_loading_interpreter_kernels_leaves_environment_alone(monkeypatch):
     kernels = triton_backend._kernels(torch.device("cpu"))
     assert "TRITON_INTERPRET" not in os.environ
     assert type(kernels._fwd_kernel).__name__ == "InterpretedFunction"
+
+
+# --- the GPU check script's device-independent parts ----------------------------------------
+
+def test_gpu_check_plan_measure_and_outputs(tmp_path):
+    from ds4sci.bench import gpu_check
+
+    shapes = {"ds-test-256": ((1, 2, 9, 2, 8), "tiny stand-in"), "of-triangle": ((1, 2, 7, 1, 16), "tiny")}
+    cases = gpu_check.plan(shapes, ["bfloat16", "float16"], list(gpu_check.CONTENDERS))
+    assert cases[: len(gpu_check.CONTENDERS)] == [("bfloat16", "ds-test-256", c) for c in gpu_check.CONTENDERS]
+    assert ("float16", "of-triangle", "flex") not in cases and ("float16", "ds-test-256", "flex") in cases
+    assert len(cases) == len(set(cases)) == 2 * 2 * 5 - 1
+    rows = []
+    for name in ("torch", "naive", "sdpa"):
+        row = gpu_check.measure(name, shapes["ds-test-256"][0], torch.bfloat16, torch.device("cpu"), iters=1)
+        assert row["status"] == "ok" and row["time_s"] > 0, row
+        rows.append({"shape_key": "ds-test-256", "shape": "1x2x9x2x8", "dtype": "bfloat16",
+                     "contender": name, "floor_bytes": 1000, "peak_bytes": 1500.0, "peak_over_floor": 1.5,
+                     **row})
+    rows.append({"shape_key": "ds-test-256", "shape": "1x2x9x2x8", "dtype": "bfloat16",
+                 "contender": "triton", "status": "skipped", "floor_bytes": 1000})
+    meta = {"host_cpu": "test cpu", "torch": torch.__version__, "date": "today", "cuda_device": None,
+            "bf16_matmul_tflops": 100.0, "correctness": [{"shape_key": "ds-test-256", "dtype": "bfloat16",
+                                                          "status": "pass", "deterministic": True}]}
+    assert gpu_check.plot(rows, tmp_path / "x.png", meta).stat().st_size > 0
+    table = gpu_check.summary_markdown(rows, meta)
+    assert "SKIPPED" in table and "1.50x" in table and "correctness ds-test-256 bfloat16: pass" in table
+    assert gpu_check.attention_flops((1, 2, 9, 2, 8)) == 3.5 * 4 * 2 * 2 * 81 * 8

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One command on a CUDA machine (< 8 minutes on an H100/H200), from anywhere in the repo:
+#   1. the Triton backend's unit tests compiled on CUDA (tiny shapes, every case; <= 150 s),
+#   2. correctness at DeepSpeed's test shapes vs the fp64 truth, then the fwd+bwd benchmark of
+#      triton / torch backend / naive / SDPA / compiled FlexAttention in bf16 and fp16
+#      (starts no new case after --budget-s; results in benchmarks/results/evoformer_attention_gpu.*).
+# Extra arguments go to step 2 (e.g. --shapes ds-test-256 --dtypes bfloat16).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check: no CUDA device')" || exit 2
+status=0
+timeout 150 python3 -m pytest -q tests/test_evoformer_attention_triton.py -k "cuda" -p no:cacheprovider
+rc=$?
+if [ $rc -eq 124 ]; then
+  echo "gpu_check: unit tests cut off after 150 s (kernel compilation); run them alone:" \
+       "python3 -m pytest -q tests/test_evoformer_attention_triton.py -k cuda"
+elif [ $rc -ne 0 ]; then
+  status=1
+fi
+python3 -m ds4sci.bench.gpu_check --budget-s 240 "$@" || status=1
+exit $status
