@@ -210,6 +210,27 @@ def test_attention_float64(case):
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10, msg=lambda m: f"{name}: {m}")
 
 
+def _autocast_rank(rank, world_size, q, k, v, backend):
+    pos = shard_positions(q.shape[2], rank, world_size, "zigzag")
+    q_l, k_l, v_l = (t[:, :, pos].clone().requires_grad_() for t in (q, k, v))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ring_attention(q_l, k_l, v_l, dist.group.WORLD, backend=backend)
+        out.sum().backward()
+    return pos, out.detach(), q_l.grad
+
+
+@pytest.mark.parametrize("backend", ["math", "cpu_flash"])
+def test_ring_under_autocast_keeps_input_precision(backend):
+    # fp32 inputs inside a bf16 autocast region (as the trainer's --precision bf16 runs): the
+    # kernels must not silently drop to bf16.
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    want, dq_want = _sdpa(q, k, v, torch.ones(1, 2, 16, 8))[:2]
+    for pos, out, dq in run_distributed(_autocast_rank, 2, q, k, v, backend):
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, want[:, :, pos], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(dq, dq_want[:, :, pos], atol=2e-5, rtol=1e-4)
+
+
 def _comm_rank(rank, world_size, mode, ulysses, heads, seq, dtype):
     """Bytes this rank's collectives send in forward and backward, counted at the torch.distributed
     calls (this process is a forked rank, so patching the module here touches nothing else)."""

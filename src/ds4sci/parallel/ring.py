@@ -59,6 +59,17 @@ def _scores(q_tile, kf, row0, causal):
     return scores
 
 
+def _no_autocast(kernel):
+    """Run a block kernel with autocast off: its inputs arrive in the dtype autocast already chose,
+    and its fp32 statistics must stay fp32 (an autocast region would run its matmuls in bf16)."""
+    @functools.wraps(kernel)
+    def run(*args):
+        with torch.autocast(args[1].device.type, enabled=False):
+            return kernel(*args)
+    return run
+
+
+@_no_autocast
 def _block_forward_math(q, k, v, causal):
     """fp32 block kernel for any device, tiled over query rows so the scores never exceed
     ``MATH_TILE_ROWS x S_block``: ``out`` in q's dtype, ``lse`` fp32 ``[B, H, S]``."""
@@ -72,6 +83,7 @@ def _block_forward_math(q, k, v, causal):
     return torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)
 
 
+@_no_autocast
 def _block_backward_math(dout, q, k, v, out, lse, causal):
     scale = q.shape[-1] ** -0.5
     kf, vf = k.to(_acc(k.dtype)), v.to(_acc(v.dtype))
