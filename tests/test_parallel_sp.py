@@ -231,6 +231,31 @@ def test_ring_under_autocast_keeps_input_precision(backend):
         torch.testing.assert_close(dq, dq_want[:, :, pos], atol=2e-5, rtol=1e-4)
 
 
+def _work_rank(rank, world_size, layout):
+    """Score entries this rank's block kernels compute (causal blocks count their lower half)."""
+    work = [0]
+    fwd, bwd = ring.BACKENDS["math"]
+
+    def counting_fwd(q, k, v, causal):
+        n = q.shape[-2] * k.shape[-2]
+        work[0] += (n + q.shape[-2]) // 2 if causal else n
+        return fwd(q, k, v, causal)
+
+    ring.BACKENDS["math"] = (counting_fwd, bwd)
+    x = torch.randn(1, 1, 8, 4)
+    ring_attention(x, x, x, dist.group.WORLD, layout=layout, backend="math")
+    return work[0]
+
+
+def test_zigzag_balances_causal_work():
+    # 32 tokens on 4 ranks: the causal triangle has 32 * 33 / 2 = 528 score entries.
+    zigzag = run_distributed(_work_rank, 4, "zigzag")
+    contiguous = run_distributed(_work_rank, 4, "contiguous")
+    assert sum(zigzag) == sum(contiguous) == 528
+    assert len(set(zigzag)) == 1  # every rank the same
+    assert contiguous == [36, 100, 164, 228]  # rank r: r full blocks and one triangle
+
+
 def _comm_rank(rank, world_size, mode, ulysses, heads, seq, dtype):
     """Bytes this rank's collectives send in forward and backward, counted at the torch.distributed
     calls (this process is a forked rank, so patching the module here touches nothing else)."""
