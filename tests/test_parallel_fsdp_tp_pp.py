@@ -402,6 +402,35 @@ def test_pipeline_matches_single_process(world_size, layers, schedule, n_microba
     assert seen_params.keys() == ref_params.keys()
 
 
+def _pipeline_autocast(rank, world_size):
+    pipe = build_pipeline(_model(), init_device_mesh("cpu", (world_size,)), batch_size=BATCH,
+                          seq_len=SEQ, n_microbatches=2, schedule="1f1b",
+                          autocast_dtype=torch.bfloat16)
+    seen = []
+    for layer in pipe.module.layers.values():
+        layer.mlp.dense_4h_to_h.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    loss = pipe.step(*_batch(0))
+    return loss, _grads(pipe.module), seen
+
+
+def test_pipeline_autocast_bf16_matches_single_process_autocast():
+    """The schedule calls the stages itself, so autocast is entered inside each stage."""
+    results = run_distributed(_pipeline_autocast, 2)
+    model = _model()
+    ids, labels = _batch(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=labels)
+    out.loss.backward()
+    for rank, (loss, grads, seen) in enumerate(results):
+        assert seen and set(seen) == {torch.bfloat16}  # the layers really ran in bf16
+        if rank == 1:
+            torch.testing.assert_close(loss, out.loss.detach(), atol=1e-2, rtol=1e-2)
+        for name, g in grads.items():
+            ref = dict(model.named_parameters())[name].grad
+            err = (g - ref).abs().max() / ref.abs().max().clamp_min(1e-6)
+            assert err < 0.05, f"{name}: grad relative error {err:.3g} vs autocast single process"
+
+
 def test_stage_layer_ranges():
     assert stage_layer_ranges(5, 4) == [range(0, 2), range(2, 3), range(3, 4), range(4, 5)]
     assert stage_layer_ranges(8, 2) == [range(0, 4), range(4, 8)]
