@@ -102,6 +102,8 @@ def test_bad_inputs_name_the_argument():
         sequence_parallel_core("hybrid", ring_group=object())
     with pytest.raises(ValueError, match="needs sp_group"):
         sequence_parallel_core("ring")
+    with pytest.raises(TypeError, match="model is a Linear; expected a GenSLM"):
+        apply_sequence_parallel(torch.nn.Linear(2, 2), "ring", sp_group=object())
 
 
 def test_global_mean_loss_single_process():
@@ -343,6 +345,7 @@ MODEL_CASES = [
     ("ulysses", 2, "contiguous", 2, 19, {}),
     ("ulysses", 2, "contiguous", 2, 16, dict(hidden_size=48, num_attention_heads=3)),
     ("ring", 2, "zigzag", 1, 21, dict(loss_chunk_size=5)),
+    ("ring", 4, "zigzag", 1, 5, {}),  # padded 5 -> 8: chunks of one token, some all padding
     ("ring", 4, "contiguous", 1, 18, dict(activation_checkpointing="full")),
     ("hybrid", 4, "zigzag", 2, 23, dict(hidden_size=32, num_attention_heads=2)),
 ]

@@ -128,14 +128,23 @@ def apply_sequence_parallel(model, mode: str, *, sp_group=None, ulysses_group=No
         layout = "contiguous"
     core = sequence_parallel_core(mode, sp_group=sp_group, ulysses_group=ulysses_group,
                                   ring_group=ring_group, layout=layout)
-    for layer in model.layers:
+    for layer in _layers(model):
         layer.attention.core = core
     return model
 
 
+def _layers(model):
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        raise TypeError(f"sequence parallelism: model is a {type(model).__name__}; expected a GenSLM "
+                        "(or a pipeline stage) with .layers")
+    # A pipeline stage keys its layers by whole-model index (a ModuleDict).
+    return layers.values() if isinstance(layers, torch.nn.ModuleDict) else layers
+
+
 def remove_sequence_parallel(model):
     """Back to plain single-process attention (e.g. for generation after SP training)."""
-    for layer in model.layers:
+    for layer in _layers(model):
         layer.attention.core = causal_attention
     return model
 
@@ -150,12 +159,14 @@ def global_mean_loss(loss_sum: torch.Tensor, count: torch.Tensor, group=None,
     whose gradients are later averaged (FSDP over dp x sp averages, so pass its size; pass 1 when
     gradients are summed), so the resulting gradient is the single-process one.
     """
-    stats = torch.stack((loss_sum.detach().float(), count.float()))
+    # fp64: token counts stay exact far beyond fp32's 2**24.
+    stats = torch.stack((loss_sum.detach().double(), count.double()))
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(stats, group=group)
     total, global_count = stats.unbind(0)
     global_count = global_count.clamp_min(1)
-    return loss_sum * (grads_averaged_over / global_count), total / global_count
+    scale = (grads_averaged_over / global_count).to(loss_sum.dtype)
+    return loss_sum * scale, (total / global_count).float()
 
 
 def comm_bytes_per_layer(mode: str, *, batch: int, seq_len: int, num_heads: int, head_dim: int,
