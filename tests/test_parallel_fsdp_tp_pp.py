@@ -404,17 +404,17 @@ def test_pipeline_matches_single_process(world_size, layers, schedule, n_microba
 
 def _pipeline_autocast(rank, world_size):
     pipe = build_pipeline(_model(), init_device_mesh("cpu", (world_size,)), batch_size=BATCH,
-                          seq_len=SEQ, n_microbatches=2, schedule="1f1b",
-                          autocast_dtype=torch.bfloat16)
+                          seq_len=SEQ, n_microbatches=2, schedule="1f1b")
     seen = []
     for layer in pipe.module.layers.values():
         layer.mlp.dense_4h_to_h.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-    loss = pipe.step(*_batch(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = pipe.step(*_batch(0))
     return loss, _grads(pipe.module), seen
 
 
 def test_pipeline_autocast_bf16_matches_single_process_autocast():
-    """The schedule calls the stages itself, so autocast is entered inside each stage."""
+    """Autocast around ``step`` reaches the stages and the loss (run in the calling thread)."""
     results = run_distributed(_pipeline_autocast, 2)
     model = _model()
     ids, labels = _batch(0)

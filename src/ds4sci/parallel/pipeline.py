@@ -68,12 +68,10 @@ class GenSLMStage(nn.Module):
     loss_sum = GenSLM.loss_sum
     _chunk_loss = GenSLM._chunk_loss
 
-    def __init__(self, model: GenSLM, layer_ids: range, is_first: bool, is_last: bool,
-                 autocast_dtype: torch.dtype | None = None):
+    def __init__(self, model: GenSLM, layer_ids: range, is_first: bool, is_last: bool):
         super().__init__()
         self.config = model.config
         self.is_first, self.is_last = is_first, is_last
-        self.autocast_dtype = autocast_dtype
         self.rotary = model.rotary
         if is_first:
             self.embed_in = model.embed_in
@@ -84,12 +82,6 @@ class GenSLMStage(nn.Module):
             self.embed_out = model.embed_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The schedule calls this, so autocast must be entered here, not around ``step``.
-        with torch.autocast(x.device.type, dtype=self.autocast_dtype or torch.bfloat16,
-                            enabled=self.autocast_dtype is not None):
-            return self._forward(x)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_first:
             x = self.embed_in(x.long())
         # Every stage sees the full (unsharded) sequence, so positions are 0..S-1.
@@ -105,7 +97,9 @@ class Pipeline:
 
     Build with ``build_pipeline``; call ``step(input_ids, labels)`` on every rank of the pipeline
     (each rank passes the same whole batch), then the optimizer on ``module.parameters()``;
-    ``evaluate`` runs forward only.
+    ``evaluate`` runs forward only. The schedule runs the stages and the loss in the calling
+    thread, so mixed precision is ``with torch.autocast(...): pipeline.step(...)``, as without
+    pipelining.
     """
 
     def __init__(self, module: GenSLMStage, stage: PipelineStage, schedule, seq_len: int,
@@ -179,8 +173,7 @@ class Pipeline:
 def build_pipeline(model: GenSLM, pp_mesh: DeviceMesh, *, batch_size: int, seq_len: int,
                    n_microbatches: int, schedule: str = "1f1b",
                    device: torch.device | str | None = None,
-                   parallelize_stage: Callable[[GenSLMStage], object] | None = None,
-                   autocast_dtype: torch.dtype | None = None) -> Pipeline:
+                   parallelize_stage: Callable[[GenSLMStage], object] | None = None) -> Pipeline:
     """Cut ``model`` into ``pp_mesh.size()`` stages and return this rank's stage and schedule.
 
     ``pp_mesh``: 1-D pipeline mesh; the rank's position in it is its stage index.
@@ -190,8 +183,6 @@ def build_pipeline(model: GenSLM, pp_mesh: DeviceMesh, *, batch_size: int, seq_l
     on GPUs). ``parallelize_stage``: called on this rank's stage module before the pipeline stage
     is built, to apply tensor parallelism and/or FSDP to it (in that order), e.g.
     ``lambda m: apply_fsdp(apply_tensor_parallel(m, tp_mesh), dp_mesh)``.
-    ``autocast_dtype``: run each stage (and the loss) under ``torch.autocast`` in this dtype
-    (e.g. ``torch.bfloat16``); None = no autocast.
     The returned stage module shares parameters with ``model``: only its parameters are used on
     this rank (give them to the optimizer; the rest of ``model`` may be freed).
     """
@@ -214,15 +205,13 @@ def build_pipeline(model: GenSLM, pp_mesh: DeviceMesh, *, batch_size: int, seq_l
         device = (torch.device(pp_mesh.device_type, torch.cuda.current_device())
                   if pp_mesh.device_type == "cuda" else torch.device(pp_mesh.device_type))
     module = GenSLMStage(model, ranges[stage_index], is_first=stage_index == 0,
-                         is_last=stage_index == pp - 1, autocast_dtype=autocast_dtype).to(device)
+                         is_last=stage_index == pp - 1).to(device)
     if parallelize_stage is not None:
         parallelize_stage(module)
     stage = PipelineStage(module, stage_index, pp, torch.device(device), group=pp_mesh.get_group())
 
     def loss_fn(hidden_BSE, targets_BS, num_tokens):
-        with torch.autocast(hidden_BSE.device.type, dtype=autocast_dtype or torch.bfloat16,
-                            enabled=autocast_dtype is not None):
-            loss_sum, _, _ = module.loss_sum(hidden_BSE, targets_BS)
+        loss_sum, _, _ = module.loss_sum(hidden_BSE, targets_BS)
         return loss_sum / num_tokens
 
     # scale_grads=False: the loss already carries the whole batch's normalisation (see module doc).
