@@ -61,6 +61,7 @@ def seq_to_head(tensors, group) -> list[torch.Tensor]:
     # all_to_all_single splits dim 0, so heads go first; stacking writes that layout in one copy.
     x_HnBsD = torch.stack([t.transpose(0, 1) for t in tensors], dim=1)
     out = _AllToAll.apply(x_HnBsD, group, splits, [splits[rank]] * size)  # [P * H_j, n, B, S/P, D]
+    del x_HnBsD  # free the send buffer before the reordering copy below
     out = out.view(size, splits[rank], len(tensors), b, s_local, d).permute(2, 3, 1, 0, 4, 5)
     return list(out.reshape(len(tensors), b, splits[rank], size * s_local, d).unbind(0))
 
