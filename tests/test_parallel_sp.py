@@ -161,6 +161,7 @@ ATTENTION_CASES = [
     ("ring", 2, 2, 8, "contiguous", 1, "math"),
     ("hybrid", 4, 2, 19, "zigzag", 2, "auto"),        # sp 4 > 2 heads
     ("hybrid", 4, 3, 16, "contiguous", 2, "auto"),    # uneven heads inside the Ulysses group
+    ("hybrid", 4, 2, 8, "zigzag", 4, "auto"),         # Ulysses degree 4 > 2 heads: empty rings
 ]
 
 

@@ -103,12 +103,16 @@ def _block_backward_math(dout, q, k, v, out, lse, causal):
 
 
 def _block_forward_cpu(q, k, v, causal):
+    if q.numel() == 0:  # the CPU flash kernel dies (SIGFPE) on empty inputs, e.g. a rank with no head
+        return _block_forward_math(q, k, v, causal)
     # PyTorch's CPU flash-attention kernel (what SDPA runs on CPU) returns the fp32 lse we need.
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
     return out, lse
 
 
 def _block_backward_cpu(dout, q, k, v, out, lse, causal):
+    if q.numel() == 0:
+        return _block_backward_math(dout, q, k, v, out, lse, causal)
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         dout, q, k, v, out, lse, 0.0, causal)
 
@@ -232,6 +236,9 @@ class _RingAttention(torch.autograd.Function):
                 acc[1][..., cols, :] += bdv
             # Pass the accumulated dK/dV on with the shard; after the last step one more hop
             # brings each shard's gradient home.
+            if size == 1:  # nowhere to travel (gloo refuses a send to oneself)
+                dkv = acc
+                break
             dkv, dkv_reqs = _exchange(acc, group, send_to, recv_from, tag=1)
             _wait(dkv_reqs)
             if step + 1 < size:
