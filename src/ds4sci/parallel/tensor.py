@@ -1,9 +1,9 @@
 """Megatron-style tensor parallelism for GenSLM through DTensor's ``parallelize_module``.
 
 Follows Shoeybi et al. 2019 ("Megatron-LM", section 3): in each layer the first linear of the
-attention and of the MLP is split by output columns and the second by input rows, so a layer
-needs one all-reduce in forward (after each row-parallel linear) and one in backward (at each
-column-parallel input). PyTorch's ``ColwiseParallel`` / ``RowwiseParallel`` insert exactly those
+attention and of the MLP is split by output columns and the second by input rows, so each of
+the two blocks needs one all-reduce in forward (after its row-parallel linear) and one in
+backward (at its column-parallel input). PyTorch's ``ColwiseParallel`` / ``RowwiseParallel`` insert exactly those
 collectives; the model code is unchanged (STYLE habit 2).
 
 GPT-NeoX's fused ``query_key_value`` output is laid out per head as ``[q | k | v]`` (``[H, 3, D]``
