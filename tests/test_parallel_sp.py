@@ -21,6 +21,7 @@ from ds4sci.parallel.ring import ring_attention
 from ds4sci.parallel.sequence import (
     apply_sequence_parallel,
     comm_bytes_per_layer,
+    count_sent_bytes,
     global_mean_loss,
     sequence_parallel_core,
     shard_batch,
@@ -299,31 +300,16 @@ def test_zigzag_balances_causal_work():
 
 
 def _comm_rank(rank, world_size, mode, ulysses, heads, seq, dtype):
-    """Bytes this rank's collectives send in forward and backward, counted at the torch.distributed
-    calls (this process is a forked rank, so patching the module here touches nothing else)."""
-    sent = [0]
-    a2a, batch = dist.all_to_all_single, dist.batch_isend_irecv
-
-    def counting_a2a(out, x, output_split_sizes=None, input_split_sizes=None, group=None, **kw):
-        me = dist.get_rank(group)
-        row = x[0].numel() * x.element_size()
-        sent[0] += sum(n for j, n in enumerate(input_split_sizes) if j != me) * row
-        return a2a(out, x, output_split_sizes, input_split_sizes, group, **kw)
-
-    def counting_batch(ops):
-        sent[0] += sum(op.tensor.numel() * op.tensor.element_size() for op in ops if op.op is dist.isend)
-        return batch(ops)
-
-    dist.all_to_all_single, dist.batch_isend_irecv = counting_a2a, counting_batch
     ulysses_group, ring_group = _groups(mode, world_size, ulysses)
     core = sequence_parallel_core(mode, sp_group=dist.group.WORLD, ulysses_group=ulysses_group,
                                   ring_group=ring_group, layout="zigzag")
     q, k, v = (torch.randn(2, heads, seq // world_size, 8, dtype=dtype, requires_grad=True)
                for _ in range(3))
-    out = core(q, k, v)
-    forward = sent[0]
-    out.sum().backward()
-    return forward, sent[0] - forward
+    with count_sent_bytes() as forward:
+        out = core(q, k, v)
+    with count_sent_bytes() as backward:
+        out.sum().backward()
+    return forward.total, backward.total
 
 
 @pytest.mark.parametrize("mode,world_size,ulysses,heads", [("ulysses", 2, 2, 3), ("ulysses", 4, 4, 6),

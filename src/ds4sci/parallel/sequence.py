@@ -20,6 +20,7 @@ Usage (what ``parallelize.py`` and the trainer do)::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -204,3 +205,43 @@ def comm_bytes_per_layer(mode: str, *, batch: int, seq_len: int, num_heads: int,
         fwd += (ring - 1) * kv * item
         bwd += (ring - 1) * kv * item + ring * kv * acc
     return {"forward": fwd, "backward": bwd}
+
+
+@contextlib.contextmanager
+def count_sent_bytes():
+    """Count the bytes this rank sends through the collectives sequence parallelism uses
+    (``all_to_all_single``, ``batch_isend_irecv``) while the block runs::
+
+        with count_sent_bytes() as sent:
+            loss.backward()
+        sent.total   # bytes that left this rank
+
+    To compare with :func:`comm_bytes_per_layer`. Rows an all-to-all keeps on the rank do not
+    count. It swaps the two functions in ``torch.distributed`` for the duration: use it in one
+    thread, around sequence-parallel code only.
+    """
+    counter = _Sent()
+    a2a, batch = dist.all_to_all_single, dist.batch_isend_irecv
+
+    def counting_a2a(output, input, output_split_sizes=None, input_split_sizes=None, group=None,
+                     async_op=False):
+        me, size = dist.get_rank(group), dist.get_world_size(group)
+        splits = input_split_sizes or [input.shape[0] // size] * size
+        row = input[0].numel() * input.element_size() if input.shape[0] else 0
+        counter.total += sum(n for j, n in enumerate(splits) if j != me) * row
+        return a2a(output, input, output_split_sizes, input_split_sizes, group, async_op)
+
+    def counting_batch(p2p_op_list):
+        counter.total += sum(op.tensor.numel() * op.tensor.element_size()
+                             for op in p2p_op_list if op.op is dist.isend)
+        return batch(p2p_op_list)
+
+    dist.all_to_all_single, dist.batch_isend_irecv = counting_a2a, counting_batch
+    try:
+        yield counter
+    finally:
+        dist.all_to_all_single, dist.batch_isend_irecv = a2a, batch
+
+
+class _Sent:
+    total: int = 0
