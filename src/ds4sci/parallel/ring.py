@@ -220,11 +220,13 @@ class _RingAttention(torch.autograd.Function):
         dout = dout.contiguous()
         dq = torch.zeros_like(q, dtype=_acc(q.dtype))
         # dK/dV of the shard currently held, accumulated in fp32 as it travels with that shard.
-        kv, dkv = torch.stack((k, v)), None
+        # Its transfer overlaps the next step's block kernel: it is only waited for when that
+        # step's contribution is added.
+        kv = torch.stack((k, v))
+        dkv, dkv_reqs = None, []
         for step in range(size):
             if step + 1 < size:
                 next_kv, kv_reqs = _exchange(kv, group, send_to, recv_from, tag=0)
-            acc = torch.zeros_like(kv, dtype=_acc(kv.dtype)) if dkv is None else dkv
             block = _blocks(rank, (rank - step) % size, layout, s)
             if block is not None:
                 rows, cols, causal = block
@@ -232,18 +234,21 @@ class _RingAttention(torch.autograd.Function):
                                     kv[1][..., cols, :], out[..., rows, :], lse[..., rows].contiguous(),
                                     causal)
                 dq[..., rows, :] += bdq
+            _wait(dkv_reqs)
+            acc = torch.zeros_like(kv, dtype=_acc(kv.dtype)) if dkv is None else dkv
+            if block is not None:
                 acc[0][..., cols, :] += bdk
                 acc[1][..., cols, :] += bdv
-            # Pass the accumulated dK/dV on with the shard; after the last step one more hop
-            # brings each shard's gradient home.
             if size == 1:  # nowhere to travel (gloo refuses a send to oneself)
                 dkv = acc
                 break
+            # Pass the accumulated dK/dV on with the shard; after the last step this hop brings
+            # each shard's gradient home.
             dkv, dkv_reqs = _exchange(acc, group, send_to, recv_from, tag=1)
-            _wait(dkv_reqs)
             if step + 1 < size:
                 _wait(kv_reqs)
                 kv = next_kv
+        _wait(dkv_reqs)
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
 
 
