@@ -2,9 +2,10 @@
 
 Each rank of the sequence-parallel group holds a contiguous shard of the sequence with every
 head. Before attention one all-to-all turns that into the whole sequence for a subset of heads;
-attention runs unchanged on it; a second all-to-all turns the result back. Per layer and rank
-this moves ``4 * S * E / P`` elements of the ``[S, E]`` activations (q, k, v in and the output
-back; each element crosses once, ``(P-1)/P`` of them leave the rank).
+attention runs unchanged on it; a second all-to-all turns the result back. q, k and v travel in
+one all-to-all. Per layer each rank sends ``4 B (S/P) E (P-1)/P`` elements in forward (its
+shard's q, k, v and output, less the part it keeps) and as many in backward: constant per rank
+when S grows with P (``sequence.comm_bytes_per_layer`` has the exact figure for uneven heads).
 
 Heads need not divide the group size: rank ``j`` takes ``H // P`` heads, plus one for the first
 ``H % P`` ranks (uneven ``all_to_all_single`` splits), so nothing is padded or replicated. A rank
