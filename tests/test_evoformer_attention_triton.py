@@ -286,3 +286,57 @@ def test_gpu_check_plan_measure_and_outputs(tmp_path):
     table = gpu_check.summary_markdown(rows, meta)
     assert "SKIPPED" in table and "1.50x" in table and "correctness ds-test-256 bfloat16: pass" in table
     assert gpu_check.attention_flops((1, 2, 9, 2, 8)) == 3.5 * 4 * 2 * 2 * 81 * 8
+
+
+# --- the compiled (GPU) path, checked without a GPU ------------------------------------------
+
+@pytest.mark.slow
+def test_kernels_compile_for_an_nvidia_gpu(monkeypatch):
+    """Every launch the backend makes for a bf16 call with both bias gradients, with the GPU
+    block settings, compiles to a cubin for sm_90 (Triton ships ptxas): catches code that only
+    the interpreter accepts, without a GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    compiled = triton_backend._kernels(torch.device("cuda"))  # loads the module; needs no GPU
+    assert type(compiled._fwd_kernel).__name__ == "JITFunction"
+    launches = []
+
+    class Recorder:
+        def __getattr__(self, name):
+            return _Launch(name, launches)
+
+    monkeypatch.setitem(triton_backend._KERNEL_MODULES, False, Recorder())
+    monkeypatch.setattr(triton_backend, "_interpreted", lambda device: False)
+    lead, length, heads, dim = (1, 2), 33, 2, 32
+    q, k, v, biases, do = make_inputs(lead, length, length, heads, dim, torch.bfloat16,
+                                      _bias_shapes(lead, length, length, heads))
+    out, stats = triton_backend.forward(q, k, v, biases)
+    triton_backend.backward(do, q, k, v, biases, out, stats, [True, True])
+    assert [name for name, *_ in launches] == ["_fwd_kernel", "_delta_kernel", "_dkdv_kernel", "_dq_kernel",
+                                               "_dbias_kernel", "_dbias_kernel"]
+    types = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int64: "i64"}
+    for name, args, kwargs in launches:
+        fn = getattr(compiled, name)
+        options = {"num_warps": kwargs.pop("num_warps")}
+        signature = {}
+        for arg_name, value in zip(fn.arg_names, args):
+            if isinstance(value, torch.Tensor):
+                signature[arg_name] = "*" + types[value.dtype]
+            else:
+                signature[arg_name] = "fp32" if isinstance(value, float) else "i32"
+        signature.update({key: "constexpr" for key in kwargs})
+        kernel = triton.compile(ASTSource(fn, signature, kwargs), target=GPUTarget("cuda", 90, 32),
+                                options=options)
+        assert kernel.asm["cubin"], name
+
+
+class _Launch:
+    """Stands in for ``kernel[grid]``: records the call instead of running it."""
+
+    def __init__(self, name, launches):
+        self.name, self.launches = name, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.name, args, kwargs))

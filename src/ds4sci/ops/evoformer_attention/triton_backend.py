@@ -78,13 +78,20 @@ def _kernels(device: torch.device):
     return _KERNEL_MODULES[interpret]
 
 
-def _blocks(device: torch.device, head_dim: int, dtype: torch.dtype) -> dict:
-    """Tile sizes: ``BQ``/``BK`` query/key block, ``DP`` padded head dim, launch options."""
+def _blocks(device: torch.device, head_dim: int, dtype: torch.dtype) -> dict[str, dict]:
+    """Launch settings per kernel: ``BQ``/``BK`` query/key block, ``DP`` padded head dim, warps.
+
+    GPU settings were chosen offline (no GPU at hand) as the largest blocks that compile for
+    sm_90 without register spills (``tests/test_evoformer_attention_triton.py`` compiles them);
+    ``benchmarks/gpu_check.sh`` measures what they give.
+    """
     dp = max(16, _next_power_of_2(head_dim))
     if _interpreted(device):  # small blocks, so tests cross block edges
-        return {"BQ": 32, "BK": 32, "DP": dp, "num_warps": 1}
+        cfg = {"BQ": 32, "BK": 32, "DP": dp, "num_warps": 1}
+        return {kernel: cfg for kernel in ("fwd", "delta", "dkdv", "dq", "dbias")}
     wide = dp > 64 or (dtype == torch.float32 and dp > 32)
-    return {"BQ": 64, "BK": 32 if wide else 64, "DP": dp, "num_warps": 4}
+    cfg = {"BQ": 64, "BK": 32 if wide else 64, "DP": dp, "num_warps": 4}
+    return {kernel: cfg for kernel in ("fwd", "delta", "dkdv", "dq", "dbias")}
 
 
 def _next_power_of_2(n: int) -> int:
@@ -150,6 +157,8 @@ def _bias_launch_args(bias_args: list[_BiasArgs], dummy: torch.Tensor):
             pointers += [dummy, zero_offsets]
             strides += [0, 0, 0]
         flags[f"HAS_B{slot}"] = slot < len(bias_args)
+        # A bias constant along L_q (a mask) is read as one row of keys per tile.
+        flags[f"B{slot}_ROW"] = slot < len(bias_args) and bias_args[slot].strides[1] == 0
     return pointers, strides, flags
 
 
@@ -170,7 +179,7 @@ def forward(q, k, v, biases, tile_elements=None):
     pointers, bias_strides, flags = _bias_launch_args(bias_args, q3)
     out = torch.empty(q3.shape, dtype=q.dtype, device=q.device)
     stats = torch.empty(n_batch, heads, l_q, 2, dtype=torch.float32, device=q.device)
-    cfg = _blocks(q.device, head_dim, q.dtype)
+    cfg = _blocks(q.device, head_dim, q.dtype)["fwd"]
     grid = (n_batch * heads, _cdiv(l_q, cfg["BQ"]))
     with _on(q.device):
         kernels._fwd_kernel[grid](
@@ -193,8 +202,8 @@ def backward(grad_out, q, k, v, biases, out, stats, bias_needs_grad, tile_elemen
     l_k = k3.shape[1]
     bias_args = [_BiasArgs(b, lead, heads, l_q, l_k) for b in biases]
     pointers, bias_strides, flags = _bias_launch_args(bias_args, q3)
-    cfg = _blocks(q.device, head_dim, q.dtype)
-    common = dict(**flags, IEEE=_ieee(q), **cfg)
+    cfgs = _blocks(q.device, head_dim, q.dtype)
+    flags["IEEE"] = _ieee(q)
     qkv_strides = (*q3.stride(), *k3.stride(), *v3.stride(), *do3.stride())
     dims = (heads, l_q, l_k, head_dim, head_dim**-0.5)
     delta = torch.empty(n_batch, heads, l_q, dtype=torch.float32, device=q.device)
@@ -202,18 +211,21 @@ def backward(grad_out, q, k, v, biases, out, stats, bias_needs_grad, tile_elemen
     dk = torch.empty(k3.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v3.shape, dtype=v.dtype, device=v.device)
     with _on(q.device):
+        cfg = {k: v for k, v in cfgs["delta"].items() if k != "BK"}
         kernels._delta_kernel[(n_batch * heads, _cdiv(l_q, cfg["BQ"]))](
-            o3, do3, delta, *o3.stride(), *do3.stride(), heads, l_q, head_dim,
-            BQ=cfg["BQ"], DP=cfg["DP"], num_warps=cfg["num_warps"],
+            o3, do3, delta, *o3.stride(), *do3.stride(), heads, l_q, head_dim, **cfg,
         )
+        cfg = cfgs["dkdv"]
         kernels._dkdv_kernel[(n_batch * heads, _cdiv(l_k, cfg["BK"]))](
             q3, k3, v3, do3, stats3, delta, dk, dv, *pointers, *qkv_strides, *dk.stride(),
-            *bias_strides, *dims, **common,
+            *bias_strides, *dims, **flags, **cfg,
         )
+        cfg = cfgs["dq"]
         kernels._dq_kernel[(n_batch * heads, _cdiv(l_q, cfg["BQ"]))](
             q3, k3, v3, do3, stats3, delta, dq, *pointers, *qkv_strides, *dq.stride(),
-            *bias_strides, *dims, **common,
+            *bias_strides, *dims, **flags, **cfg,
         )
+        cfg = cfgs["dbias"]
         dbiases = []
         for b, ba, needs in zip(biases, bias_args, bias_needs_grad):
             if not needs:
@@ -227,7 +239,7 @@ def backward(grad_out, q, k, v, biases, out, stats, bias_needs_grad, tile_elemen
                     1 if bcast["BCAST_K"] else _cdiv(l_k, cfg["BK"]))
             kernels._dbias_kernel[grid](
                 q3, k3, v3, do3, stats3, delta, grad, members, group_ptr, *pointers, *qkv_strides,
-                *bias_strides, heads, h_b, l_q, l_k, head_dim, head_dim**-0.5, **bcast, **common,
+                *bias_strides, heads, h_b, l_q, l_k, head_dim, head_dim**-0.5, **bcast, **flags, **cfg,
             )
             dbiases.append(grad.reshape(ba.full.shape).reshape(b.shape).to(b.dtype))
     return [dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape), *dbiases]

@@ -58,22 +58,28 @@ def _load_rows(X, b, h, r, mr, rd, md, s_b, s_l, s_h, s_d):
 
 
 @triton.jit
-def _add_bias(s, B, B_off, s_h, s_q, s_k, b, h, rq, rk, mq, mk):
-    row_offset = tl.load(B_off + b)  # offset of this batch row's bias row (0-stride dims fold in)
-    ptrs = B + row_offset + h * s_h + rq[:, None] * s_q + rk[None, :] * s_k
-    return s + tl.load(ptrs, mask=mq[:, None] & mk[None, :], other=0.0).to(tl.float32)
+def _add_bias(s, B, B_off, s_h, s_q, s_k, b, h, rq, rk, mq, mk, KEY_ROW: tl.constexpr):
+    base = B + tl.load(B_off + b) + h * s_h  # B_off: this batch row's bias row (0-stride dims fold in)
+    if KEY_ROW:  # the bias broadcasts over L_q (a mask): load one row of keys, not a tile
+        row = tl.load(base + rk * s_k, mask=mk, other=0.0).to(tl.float32)
+        s = s + row[None, :]
+    else:
+        tile = tl.load(base + (rq[:, None] * s_q + rk[None, :] * s_k), mask=mq[:, None] & mk[None, :], other=0.0)
+        s = s + tile.to(tl.float32)
+    return s
 
 
 @triton.jit
 def _scores(q, kt, b, h, rq, rk, mq, mk, scale,
             B0, B0_off, b0_h, b0_q, b0_k, B1, B1_off, b1_h, b1_q, b1_k,
-            HAS_B0: tl.constexpr, HAS_B1: tl.constexpr, IEEE: tl.constexpr):
+            HAS_B0: tl.constexpr, HAS_B1: tl.constexpr, B0_ROW: tl.constexpr, B1_ROW: tl.constexpr,
+            IEEE: tl.constexpr):
     """Logits tile ``[BQ, BK]`` in fp32: q k^T / sqrt(D) + biases, -inf beyond L_k."""
     s = _dot(q, tl.trans(kt), IEEE) * scale
     if HAS_B0:
-        s = _add_bias(s, B0, B0_off, b0_h, b0_q, b0_k, b, h, rq, rk, mq, mk)
+        s = _add_bias(s, B0, B0_off, b0_h, b0_q, b0_k, b, h, rq, rk, mq, mk, B0_ROW)
     if HAS_B1:
-        s = _add_bias(s, B1, B1_off, b1_h, b1_q, b1_k, b, h, rq, rk, mq, mk)
+        s = _add_bias(s, B1, B1_off, b1_h, b1_q, b1_k, b, h, rq, rk, mq, mk, B1_ROW)
     return tl.where(mk[None, :], s, float("-inf"))
 
 
@@ -91,8 +97,8 @@ def _fwd_kernel(Q, K, V, O, Stats, B0, B0_off, B1, B1_off,
                 s_qb, s_ql, s_qh, s_qd, s_kb, s_kl, s_kh, s_kd, s_vb, s_vl, s_vh, s_vd,
                 s_ob, s_ol, s_oh, s_od, b0_h, b0_q, b0_k, b1_h, b1_q, b1_k,
                 H, Lq, Lk, D, scale,
-                HAS_B0: tl.constexpr, HAS_B1: tl.constexpr, IEEE: tl.constexpr,
-                BQ: tl.constexpr, BK: tl.constexpr, DP: tl.constexpr):
+                HAS_B0: tl.constexpr, HAS_B1: tl.constexpr, B0_ROW: tl.constexpr, B1_ROW: tl.constexpr,
+                IEEE: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, DP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # b * H + h
     b = row // H
     h = row % H
@@ -110,7 +116,7 @@ def _fwd_kernel(Q, K, V, O, Stats, B0, B0_off, B1, B1_off,
         kt = _load_rows(K, b, h, rk, mk, rd, md, s_kb, s_kl, s_kh, s_kd)
         vt = _load_rows(V, b, h, rk, mk, rd, md, s_vb, s_vl, s_vh, s_vd)
         s = _scores(q, kt, b, h, rq, rk, mq, mk, scale, B0, B0_off, b0_h, b0_q, b0_k,
-                    B1, B1_off, b1_h, b1_q, b1_k, HAS_B0, HAS_B1, IEEE)
+                    B1, B1_off, b1_h, b1_q, b1_k, HAS_B0, HAS_B1, B0_ROW, B1_ROW, IEEE)
         m_new = tl.maximum(m_i, _max(s, 1))
         # While every logit seen is -inf, shift by 0 so exp never sees -inf - -inf.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -150,8 +156,8 @@ def _dkdv_kernel(Q, K, V, DO, Stats, Delta, DK, DV, B0, B0_off, B1, B1_off,
                  s_gb, s_gl, s_gh, s_gd, s_db, s_dl, s_dh, s_dd,
                  b0_h, b0_q, b0_k, b1_h, b1_q, b1_k,
                  H, Lq, Lk, D, scale,
-                 HAS_B0: tl.constexpr, HAS_B1: tl.constexpr, IEEE: tl.constexpr,
-                 BQ: tl.constexpr, BK: tl.constexpr, DP: tl.constexpr):
+                 HAS_B0: tl.constexpr, HAS_B1: tl.constexpr, B0_ROW: tl.constexpr, B1_ROW: tl.constexpr,
+                 IEEE: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, DP: tl.constexpr):
     """One key block of one (b, h): dV = P^T dO, dK = dS^T Q / sqrt(D), over all query blocks.
 
     ``DK`` and ``DV`` share the strides ``s_d*``.
@@ -173,7 +179,7 @@ def _dkdv_kernel(Q, K, V, DO, Stats, Delta, DK, DV, B0, B0_off, B1, B1_off,
         q = _load_rows(Q, b, h, rq, mq, rd, md, s_qb, s_ql, s_qh, s_qd)
         do = _load_rows(DO, b, h, rq, mq, rd, md, s_gb, s_gl, s_gh, s_gd)
         s = _scores(q, kt, b, h, rq, rk, mq, mk, scale, B0, B0_off, b0_h, b0_q, b0_k,
-                    B1, B1_off, b1_h, b1_q, b1_k, HAS_B0, HAS_B1, IEEE)
+                    B1, B1_off, b1_h, b1_q, b1_k, HAS_B0, HAS_B1, B0_ROW, B1_ROW, IEEE)
         p = _probs(s, Stats, row, Lq, rq, mq)
         dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
         delta = tl.load(Delta + row * Lq + rq, mask=mq, other=0.0)
@@ -191,8 +197,8 @@ def _dq_kernel(Q, K, V, DO, Stats, Delta, DQ, B0, B0_off, B1, B1_off,
                s_gb, s_gl, s_gh, s_gd, s_db, s_dl, s_dh, s_dd,
                b0_h, b0_q, b0_k, b1_h, b1_q, b1_k,
                H, Lq, Lk, D, scale,
-               HAS_B0: tl.constexpr, HAS_B1: tl.constexpr, IEEE: tl.constexpr,
-               BQ: tl.constexpr, BK: tl.constexpr, DP: tl.constexpr):
+               HAS_B0: tl.constexpr, HAS_B1: tl.constexpr, B0_ROW: tl.constexpr, B1_ROW: tl.constexpr,
+               IEEE: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, DP: tl.constexpr):
     """One query block of one (b, h): dQ = dS K / sqrt(D), over all key blocks."""
     row = tl.program_id(0).to(tl.int64)
     b = row // H
@@ -211,7 +217,7 @@ def _dq_kernel(Q, K, V, DO, Stats, Delta, DQ, B0, B0_off, B1, B1_off,
         kt = _load_rows(K, b, h, rk, mk, rd, md, s_kb, s_kl, s_kh, s_kd)
         vt = _load_rows(V, b, h, rk, mk, rd, md, s_vb, s_vl, s_vh, s_vd)
         s = _scores(q, kt, b, h, rq, rk, mq, mk, scale, B0, B0_off, b0_h, b0_q, b0_k,
-                    B1, B1_off, b1_h, b1_q, b1_k, HAS_B0, HAS_B1, IEEE)
+                    B1, B1_off, b1_h, b1_q, b1_k, HAS_B0, HAS_B1, B0_ROW, B1_ROW, IEEE)
         p = _probs(s, Stats, row, Lq, rq, mq)
         ds = p * (_dot(do, tl.trans(vt), IEEE) - delta[:, None])
         dq += _dot(ds.to(kt.dtype), kt, IEEE)
@@ -227,8 +233,8 @@ def _dbias_kernel(Q, K, V, DO, Stats, Delta, G, Members, Group_ptr,
                   b0_h, b0_q, b0_k, b1_h, b1_q, b1_k,
                   H, Hb, Lq, Lk, D, scale,
                   BCAST_H: tl.constexpr, BCAST_Q: tl.constexpr, BCAST_K: tl.constexpr,
-                  HAS_B0: tl.constexpr, HAS_B1: tl.constexpr, IEEE: tl.constexpr,
-                  BQ: tl.constexpr, BK: tl.constexpr, DP: tl.constexpr):
+                  HAS_B0: tl.constexpr, HAS_B1: tl.constexpr, B0_ROW: tl.constexpr, B1_ROW: tl.constexpr,
+                  IEEE: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, DP: tl.constexpr):
     """Gradient of one bias, ``G = [n_rows, Hb, L_q or 1, L_k or 1]`` fp32.
 
     Program (axis 0) = one bias row ``g`` and bias head ``hb``; axes 1 and 2 = a query / key
@@ -276,7 +282,7 @@ def _dbias_kernel(Q, K, V, DO, Stats, Delta, G, Members, Group_ptr,
                     kt = _load_rows(K, b, h, rk, mk, rd, md, s_kb, s_kl, s_kh, s_kd)
                     vt = _load_rows(V, b, h, rk, mk, rd, md, s_vb, s_vl, s_vh, s_vd)
                     s = _scores(q, kt, b, h, rq, rk, mq, mk, scale, B0, B0_off, b0_h, b0_q, b0_k,
-                                B1, B1_off, b1_h, b1_q, b1_k, HAS_B0, HAS_B1, IEEE)
+                                B1, B1_off, b1_h, b1_q, b1_k, HAS_B0, HAS_B1, B0_ROW, B1_ROW, IEEE)
                     p = _probs(s, Stats, row, Lq, rq, mq)
                     acc += p * (_dot(do, tl.trans(vt), IEEE) - delta[:, None])
     pid64 = pid.to(tl.int64)
