@@ -32,9 +32,9 @@ from ds4sci.parallel.ulysses import head_splits, ulysses_attention
 # ----- single process: layouts and batch sharding -------------------------------------------
 
 
-@pytest.mark.parametrize("layout,sp,ulysses", [("contiguous", 2, 1), ("contiguous", 4, 4),
-                                                ("zigzag", 2, 1), ("zigzag", 4, 1), ("zigzag", 4, 2),
-                                                ("contiguous", 4, 2)])
+@pytest.mark.parametrize("layout,sp,ulysses", [
+    ("contiguous", 2, 1), ("contiguous", 4, 4), ("contiguous", 4, 2),
+    ("zigzag", 2, 1), ("zigzag", 4, 1), ("zigzag", 4, 2)])
 def test_shard_positions_partition_the_sequence(layout, sp, ulysses):
     seq = 48
     parts = [shard_positions(seq, r, sp, layout, ulysses) for r in range(sp)]
@@ -89,7 +89,8 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match=r"labels \(2, 5\)"):
         shard_batch(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 5, dtype=torch.long), 0, 2)
     q = torch.zeros(1, 2, 4, 8)
-    with pytest.raises(ValueError, match=r"ring_attention: q, k, v have shapes \(1, 2, 4, 8\), \(1, 2, 3, 8\)"):
+    with pytest.raises(ValueError,
+                       match=r"ring_attention: q, k, v have shapes \(1, 2, 4, 8\), \(1, 2, 3, 8\)"):
         ring_attention(q, q[:, :, :3], q, group=None)
     with pytest.raises(ValueError, match="S_local=3"):
         ring_attention(q[:, :, :3], q[:, :, :3], q[:, :, :3], group=None, layout="zigzag")
@@ -120,7 +121,8 @@ def _reference_block(q, k, v, dout, causal):
     q, k, v = (t.double().requires_grad_() for t in (q, k, v))
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     if causal:
-        scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
+        above = torch.ones_like(scores, dtype=torch.bool).triu(1)
+        scores = scores.masked_fill(above, float("-inf"))
     lse = scores.logsumexp(-1)
     out = scores.softmax(-1) @ v
     out.backward(dout.double())
@@ -130,9 +132,9 @@ def _reference_block(q, k, v, dout, causal):
 @pytest.mark.parametrize("backend", ["math", "cpu_flash"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 # Causal blocks are square (a rank's own shard); off-diagonal ones may not be (zigzag halves).
-@pytest.mark.parametrize("s_q,s_k,d,causal", [(1, 1, 8, True), (17, 17, 16, True), (97, 97, 64, True),
-                                              (1, 1, 8, False), (97, 97, 64, False),
-                                              (17, 33, 32, False), (5, 257, 128, False)])
+@pytest.mark.parametrize("s_q,s_k,d,causal", [
+    (1, 1, 8, True), (17, 17, 16, True), (97, 97, 64, True),
+    (1, 1, 8, False), (97, 97, 64, False), (17, 33, 32, False), (5, 257, 128, False)])
 def test_block_kernels_against_fp64(backend, dtype, causal, s_q, s_k, d, monkeypatch):
     monkeypatch.setattr(ring, "MATH_TILE_ROWS", 16)
     fwd, bwd = ring.BACKENDS[backend]
@@ -159,7 +161,8 @@ def _groups(mode, world_size, ulysses):
     ordering ``ParallelDims`` uses (sp rank = ring rank * ulysses + ulysses rank)."""
     if mode != "hybrid":
         return dist.group.WORLD, dist.group.WORLD
-    mesh = init_device_mesh("cpu", (world_size // ulysses, ulysses), mesh_dim_names=("ring", "ulysses"))
+    mesh = init_device_mesh("cpu", (world_size // ulysses, ulysses),
+                            mesh_dim_names=("ring", "ulysses"))
     return mesh.get_group("ulysses"), mesh.get_group("ring")
 
 
@@ -241,14 +244,16 @@ def test_attention_half_precision_error_within_twice_plain_torch(case, dtype):
         assert got.dtype == dtype
         err = (got.double() - want).abs().max().item()
         plain_err = (ref.double() - want).abs().max().item()
-        assert err <= 2 * plain_err + 1e-6, f"{name}: error {err:.3g} vs plain torch {plain_err:.3g}"
+        assert err <= 2 * plain_err + 1e-6, \
+            f"{name}: error {err:.3g} vs plain torch {plain_err:.3g}"
 
 
 @pytest.mark.parametrize("case", [ATTENTION_CASES[1], ATTENTION_CASES[7], ATTENTION_CASES[10]],
                          ids=lambda c: "-".join(map(str, c)))
 def test_attention_float64(case):
     ours, (q, k, v, dout) = _run_attention(case, torch.float64)
-    for name, got, want in zip(("out", "dq", "dk", "dv"), ours, _sdpa(*(t.double() for t in (q, k, v, dout)))):
+    truth = _sdpa(*(t.double() for t in (q, k, v, dout)))
+    for name, got, want in zip(("out", "dq", "dk", "dv"), ours, truth):
         assert got.dtype == torch.float64
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10, msg=lambda m: f"{name}: {m}")
 
@@ -312,8 +317,8 @@ def _comm_rank(rank, world_size, mode, ulysses, heads, seq, dtype):
     return forward.total, backward.total
 
 
-@pytest.mark.parametrize("mode,world_size,ulysses,heads", [("ulysses", 2, 2, 3), ("ulysses", 4, 4, 6),
-                                                           ("ring", 4, 1, 2), ("hybrid", 4, 2, 3)])
+@pytest.mark.parametrize("mode,world_size,ulysses,heads", [
+    ("ulysses", 2, 2, 3), ("ulysses", 4, 4, 6), ("ring", 4, 1, 2), ("hybrid", 4, 2, 3)])
 def test_measured_comm_volume_matches_theory(mode, world_size, ulysses, heads):
     seq, dtype = 16, torch.bfloat16
     measured = run_distributed(_comm_rank, world_size, mode, ulysses, heads, seq, dtype)
@@ -331,7 +336,8 @@ def test_failing_rank_ends_the_ring_with_an_error():
         ring_attention(x, x, x, dist.group.WORLD)  # rank 0 waits for a peer that is gone
 
     start = time.monotonic()
-    with pytest.raises(RuntimeError, match="rank 1 failed first:(.|\n)*rank 1 failed before attention"):
+    with pytest.raises(RuntimeError,
+                       match="rank 1 failed first:(.|\n)*rank 1 failed before attention"):
         run_distributed(body, 2, timeout=60, pg_timeout=10)
     assert time.monotonic() - start < 10
 
@@ -386,7 +392,8 @@ def test_genslm_loss_and_grads_match_single_process(case):
     out = model(ids, labels=labels)
     out.loss.backward()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    results = run_distributed(_model_rank, world_size, config, state, ids, labels, mode, layout, ulysses)
+    results = run_distributed(_model_rank, world_size, config, state, ids, labels, mode, layout,
+                              ulysses)
     for mean, grads in results:
         torch.testing.assert_close(mean, out.loss.detach(), atol=1e-6, rtol=1e-5)
         for name, p in model.named_parameters():
@@ -414,7 +421,8 @@ def _composed_rank(rank, world_size, config, state, ids, labels, dims_kwargs, la
                             ring_group=mesh.group("ring") if hybrid else None, layout=layout)
     apply_fsdp(model, mesh.dp_sp)
     # Each data-parallel rank takes its rows of the batch, then its shard of their sequence.
-    rows = slice(mesh.dp_rank * ids.shape[0] // dims.dp, (mesh.dp_rank + 1) * ids.shape[0] // dims.dp)
+    share = ids.shape[0] // dims.dp
+    rows = slice(mesh.dp_rank * share, (mesh.dp_rank + 1) * share)
     layout = "contiguous" if dims.sp_mode == "ulysses" else layout
     ids_l, targets_l, pos_l = shard_batch(ids[rows], labels[rows], mesh.sp_rank, dims.sp, layout,
                                           dims.ulysses, pad_id=3)

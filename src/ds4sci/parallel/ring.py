@@ -96,14 +96,16 @@ def _block_backward_math(dout, q, k, v, out, lse, causal):
         dv += p.transpose(-1, -2) @ dof
         # D = rowsum(dO * O) with the *global* output, so this block's share of the softmax
         # gradient is exact even though the block saw only part of the keys.
-        ds = p * (dof @ vf.transpose(-1, -2) - (dof * out[..., rows, :].to(kf.dtype)).sum(-1, keepdim=True))
+        d_row = (dof * out[..., rows, :].to(kf.dtype)).sum(-1, keepdim=True)
+        ds = p * (dof @ vf.transpose(-1, -2) - d_row)
         dq[..., rows, :] = (ds @ kf * scale).to(q.dtype)
         dk += ds.transpose(-1, -2) @ qf * scale
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 def _block_forward_cpu(q, k, v, causal):
-    if q.numel() == 0:  # the CPU flash kernel dies (SIGFPE) on empty inputs, e.g. a rank with no head
+    # The CPU flash kernel dies (SIGFPE) on empty inputs, e.g. a rank with no head.
+    if q.numel() == 0:
         return _block_forward_math(q, k, v, causal)
     # PyTorch's CPU flash-attention kernel (what SDPA runs on CPU) returns the fp32 lse we need.
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
@@ -127,10 +129,11 @@ def _pick_backend(q, backend):
         # log-sum-exp is wired in yet): exact, memory bounded by the tile, slower than flash.
         backend = auto_backend(q.device.type, q.dtype)
     if backend not in BACKENDS:
-        raise ValueError(f"ring_attention: backend={backend!r}; expected 'auto' or one of {sorted(BACKENDS)}")
+        raise ValueError(f"ring_attention: backend={backend!r}; expected 'auto' or one of "
+                         f"{sorted(BACKENDS)}")
     if backend == "cpu_flash" and (q.device.type != "cpu" or q.dtype == torch.float64):
-        raise ValueError(f"ring_attention: backend='cpu_flash' needs CPU fp32/bf16/fp16 tensors; got "
-                         f"{q.device.type} {q.dtype}")
+        raise ValueError(f"ring_attention: backend='cpu_flash' needs CPU fp32/bf16/fp16 tensors; "
+                         f"got {q.device.type} {q.dtype}")
     log.debug("ring_attention: block kernel %s for %s %s", backend, q.device.type, q.dtype)
     return BACKENDS[backend]
 
@@ -196,7 +199,8 @@ class _RingAttention(torch.autograd.Function):
             block = _blocks(rank, (rank - step) % size, layout, s)
             if block is not None:
                 rows, cols, causal = block
-                block_out, block_lse = fwd(q[..., rows, :], kv[0][..., cols, :], kv[1][..., cols, :], causal)
+                block_out, block_lse = fwd(q[..., rows, :], kv[0][..., cols, :],
+                                           kv[1][..., cols, :], causal)
                 if out is None:  # step 0 is the own (diagonal) block: every row has a key
                     out, lse = block_out.to(_acc(q.dtype)), block_lse.to(_acc(q.dtype)).contiguous()
                 else:
@@ -231,8 +235,8 @@ class _RingAttention(torch.autograd.Function):
             if block is not None:
                 rows, cols, causal = block
                 bdq, bdk, bdv = bwd(dout[..., rows, :], q[..., rows, :], kv[0][..., cols, :],
-                                    kv[1][..., cols, :], out[..., rows, :], lse[..., rows].contiguous(),
-                                    causal)
+                                    kv[1][..., cols, :], out[..., rows, :],
+                                    lse[..., rows].contiguous(), causal)
                 dq[..., rows, :] += bdq
             _wait(dkv_reqs)
             acc = torch.zeros_like(kv, dtype=_acc(kv.dtype)) if dkv is None else dkv

@@ -52,9 +52,11 @@ def shard_positions(seq_len: int, sp_rank: int, sp_size: int, layout: str,
     Pure Ulysses is the contiguous layout with ``ulysses_size`` 1 or ``sp_size`` alike.
     """
     if not 0 <= sp_rank < sp_size:
-        raise ValueError(f"shard_positions: sp_rank={sp_rank}; expected 0 <= sp_rank < sp_size={sp_size}")
+        raise ValueError(f"shard_positions: sp_rank={sp_rank}; expected 0 <= sp_rank < "
+                         f"sp_size={sp_size}")
     if ulysses_size < 1 or sp_size % ulysses_size:
-        raise ValueError(f"shard_positions: ulysses_size={ulysses_size} does not divide sp_size={sp_size}")
+        raise ValueError(f"shard_positions: ulysses_size={ulysses_size} does not divide "
+                         f"sp_size={sp_size}")
     multiple = shard_multiple(sp_size, layout)
     if seq_len % multiple:
         raise ValueError(f"shard_positions: seq_len={seq_len} is not a multiple of {multiple} "
@@ -100,15 +102,18 @@ def shard_batch(input_ids_BS: torch.Tensor, labels_BS: torch.Tensor, sp_rank: in
 
 def sequence_parallel_core(mode: str, *, sp_group=None, ulysses_group=None, ring_group=None,
                            layout: str = "zigzag"):
-    """The attention core ``(q, k, v) -> out`` for one mode (see :func:`apply_sequence_parallel`)."""
+    """The attention core ``(q, k, v) -> out`` of one mode (:func:`apply_sequence_parallel`)."""
     if mode not in MODES:
         raise ValueError(f"sequence parallelism: mode={mode!r}; expected one of {MODES}")
     if mode == "hybrid":
         if ulysses_group is None or ring_group is None:
-            raise ValueError("sequence parallelism: mode='hybrid' needs ulysses_group and ring_group")
+            raise ValueError("sequence parallelism: mode='hybrid' needs ulysses_group and "
+                             "ring_group")
         return functools.partial(hybrid_attention, ulysses_group=ulysses_group,
                                  ring_group=ring_group, layout=layout)
-    group = sp_group if sp_group is not None else (ulysses_group if mode == "ulysses" else ring_group)
+    group = sp_group
+    if group is None:
+        group = ulysses_group if mode == "ulysses" else ring_group
     if group is None:
         raise ValueError(f"sequence parallelism: mode={mode!r} needs sp_group")
     if mode == "ulysses":
@@ -137,8 +142,8 @@ def apply_sequence_parallel(model, mode: str, *, sp_group=None, ulysses_group=No
 def _layers(model):
     layers = getattr(model, "layers", None)
     if layers is None:
-        raise TypeError(f"sequence parallelism: model is a {type(model).__name__}; expected a GenSLM "
-                        "(or a pipeline stage) with .layers")
+        raise TypeError(f"sequence parallelism: model is a {type(model).__name__}; expected a "
+                        "GenSLM (or a pipeline stage) with .layers")
     # A pipeline stage keys its layers by whole-model index (a ModuleDict).
     return layers.values() if isinstance(layers, torch.nn.ModuleDict) else layers
 
@@ -187,7 +192,8 @@ def comm_bytes_per_layer(mode: str, *, batch: int, seq_len: int, num_heads: int,
         raise ValueError(f"comm_bytes_per_layer: mode={mode!r}; expected one of {MODES}")
     u = {"ulysses": sp, "ring": 1, "hybrid": ulysses}[mode]
     if u is None or u < 1 or sp % u:
-        raise ValueError(f"comm_bytes_per_layer: ulysses={ulysses} must divide sp={sp} in hybrid mode")
+        raise ValueError(f"comm_bytes_per_layer: ulysses={ulysses} must divide sp={sp} in hybrid "
+                         "mode")
     ring = sp // u
     item = torch.empty((), dtype=dtype).element_size()
     acc = max(item, 4)  # dK/dV travel in fp32 (fp64 for fp64 inputs)
