@@ -15,7 +15,9 @@ Usage (what ``parallelize.py`` and the trainer do)::
     ids, targets, positions = shard_batch(input_ids, labels, sp_rank, sp_size, "contiguous")
     hidden = model.hidden_states(ids, positions=positions)
     loss_sum, count, _ = model.loss_sum(hidden, targets)
-    loss, mean = global_mean_loss(loss_sum, count, loss_group)   # loss.backward()
+    # FSDP over dp x sp averages gradients over its ranks, hence grads_averaged_over:
+    loss, mean = global_mean_loss(loss_sum, count, dp_sp_group, grads_averaged_over=dp_sp)
+    loss.backward()
 """
 
 from __future__ import annotations
