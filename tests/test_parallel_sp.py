@@ -5,6 +5,7 @@ holding its shard of the same inputs, and compares the reassembled outputs and q
 (or the model's loss and parameter gradients) with one process running plain SDPA / GenSLM.
 """
 
+import copy
 import time
 
 import pytest
@@ -360,6 +361,7 @@ def _model_rank(rank, world_size, config, state, ids, labels, mode, layout, ulys
     ulysses_group, ring_group = _groups(mode, world_size, ulysses)
     apply_sequence_parallel(model, mode, sp_group=dist.group.WORLD if mode != "hybrid" else None,
                             ulysses_group=ulysses_group, ring_group=ring_group, layout=layout)
+    model = copy.deepcopy(model)  # a copy shares the process groups (e.g. for an EMA model)
     ids_l, targets_l, pos_l = shard_batch(ids, labels, rank, world_size, layout, ulysses, pad_id=3)
     hidden = model.hidden_states(ids_l, positions=pos_l)
     loss_sum, count, _ = model.loss_sum(hidden, targets_l)

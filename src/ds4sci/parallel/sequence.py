@@ -23,7 +23,6 @@ Usage (what ``parallelize.py`` and the trainer do)::
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 import torch.distributed as dist
@@ -111,16 +110,37 @@ def sequence_parallel_core(mode: str, *, sp_group=None, ulysses_group=None, ring
         if ulysses_group is None or ring_group is None:
             raise ValueError("sequence parallelism: mode='hybrid' needs ulysses_group and "
                              "ring_group")
-        return functools.partial(hybrid_attention, ulysses_group=ulysses_group,
-                                 ring_group=ring_group, layout=layout)
+        return SequenceParallelCore(hybrid_attention, ulysses_group=ulysses_group,
+                                    ring_group=ring_group, layout=layout)
     group = sp_group
     if group is None:
         group = ulysses_group if mode == "ulysses" else ring_group
     if group is None:
         raise ValueError(f"sequence parallelism: mode={mode!r} needs sp_group")
     if mode == "ulysses":
-        return functools.partial(ulysses_attention, group=group)
-    return functools.partial(ring_attention, group=group, layout=layout)
+        return SequenceParallelCore(ulysses_attention, group=group)
+    return SequenceParallelCore(ring_attention, group=group, layout=layout)
+
+
+class SequenceParallelCore:
+    """``Attention.core`` over a sharded sequence: ``fn(q, k, v, **settings)``.
+
+    A class rather than a ``functools.partial`` so that ``copy.deepcopy(model)`` works: process
+    groups cannot be copied, and a copy of the model must talk over the same groups anyway.
+    """
+
+    def __init__(self, fn, **settings):
+        self.fn, self.settings = fn, settings
+
+    def __call__(self, q, k, v):
+        return self.fn(q, k, v, **self.settings)
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __repr__(self):
+        shown = {k: v for k, v in self.settings.items() if not k.endswith("group")}
+        return f"SequenceParallelCore({self.fn.__name__}, {shown})"
 
 
 def apply_sequence_parallel(model, mode: str, *, sp_group=None, ulysses_group=None,
