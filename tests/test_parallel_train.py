@@ -199,7 +199,7 @@ def test_pipeline_with_sequence_parallelism_is_refused():
 
 
 def _torchrun(tmp_path, *args, env=None, timeout=180):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "-m", "ds4sci.cli", "train", "genslm", f"--out_dir={tmp_path}", *SMALL, *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     start = time.monotonic()

@@ -42,25 +42,51 @@ def info() -> int:
     return 0
 
 
+_LAYOUT_FLAGS = ("dp", "sp", "tp", "pp", "sp_mode", "sp_ulysses")
+
+
 def train(args, overrides: list[str]) -> int:
     from .train.config import load_config
+    from .train.distributed import DistributedTrainer, launched_distributed
     from .train.trainer import Trainer
 
-    cfg = load_config(args.config, overrides)
-    trainer = Trainer(cfg, resume=args.resume)
+    # --dp/--sp/... are shorthands for parallel.* keys (a YAML file may set those too).
+    layout = [f"parallel.{name}={getattr(args, name)}" for name in _LAYOUT_FLAGS
+              if getattr(args, name) is not None]
+    cfg = load_config(args.config, [*overrides, *layout])
+    distributed = launched_distributed()
+    p = cfg.parallel
+    n = max(p.dp, 1) * p.sp * p.tp * p.pp  # processes the layout needs (dp=-1: at least 1)
+    if not distributed and n > 1:
+        raise ValueError(f"the layout dp={p.dp} sp={p.sp} tp={p.tp} pp={p.pp} needs {n} processes; "
+                         f"launch with torchrun --nproc-per-node={n} -m ds4sci.cli train genslm ...")
+    if distributed:
+        trainer = DistributedTrainer(cfg, resume=args.resume)
+        main_rank, layout_note = trainer.is_main, f", layout {trainer.dims.describe()} on {trainer.world_size} ranks"
+    else:
+        trainer = Trainer(cfg, resume=args.resume)
+        main_rank, layout_note = True, ""
     model = trainer.model
-    print(f"ds4sci train genslm: {cfg.model} ({model.num_parameters() / 1e6:.2f} M parameters), "
-          f"{len(trainer.train_data)} train / {len(trainer.val_data)} val records, "
-          f"{int(trainer.train_data.offsets[-1]):,} train tokens, precision {cfg.precision}"
-          + (f", resuming at step {trainer.step}" if args.resume else ""))
+    if main_rank:
+        print(f"ds4sci train genslm: {cfg.model} ({model.num_parameters() / 1e6:.2f} M parameters), "
+              f"{len(trainer.train_data)} train / {len(trainer.val_data)} val records, "
+              f"{int(trainer.train_data.offsets[-1]):,} train tokens, precision {cfg.precision}"
+              + layout_note + (f", resuming at step {trainer.step}" if args.resume else ""), flush=True)
     result = trainer.fit()
     rows = result["rows"]
-    if rows:
+    if rows and main_rank:
         first, last = rows[0], rows[-1]
+        val = last.get("val_perplexity")
         print(f"loss {first['loss']:.3f} -> {last['loss']:.3f} nats/token over {last['step']} steps; "
-              f"validation perplexity {last.get('val_perplexity', float('nan')):.2f}; "
-              f"{last['tokens_per_s']:.0f} tokens/s; peak memory {last['peak_memory_bytes'] / 2**30:.2f} GiB")
-    print(f"run directory {cfg.out_dir}: metrics.jsonl, loss_curve.png, checkpoints/")
+              f"validation perplexity {float('nan') if val is None else val:.2f}; "
+              f"{last['tokens_per_s']:.0f} tokens/s; peak memory {last['peak_memory_bytes'] / 2**30:.2f} GiB"
+              + (" (rank 0)" if distributed else ""))
+    if main_rank:
+        print(f"run directory {cfg.out_dir}: metrics.jsonl, loss_curve.png, checkpoints/")
+    if distributed:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return 0
 
 
@@ -116,6 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("model_family", choices=["genslm"])
     tr.add_argument("--config", help="YAML config file")
     tr.add_argument("--resume", action="store_true", help="continue from out_dir's latest checkpoint")
+    par = tr.add_argument_group("parallel layout (launch with torchrun; dp x sp x tp x pp = processes)")
+    par.add_argument("--dp", type=int, help="data-parallel degree, FSDP over dp x sp (default: inferred)")
+    par.add_argument("--sp", type=int, help="sequence-parallel degree")
+    par.add_argument("--tp", type=int, help="tensor-parallel degree")
+    par.add_argument("--pp", type=int, help="pipeline-parallel degree")
+    par.add_argument("--sp-mode", dest="sp_mode", choices=["ulysses", "ring", "hybrid"],
+                     help="sequence-parallel attention (default ulysses)")
+    par.add_argument("--sp-ulysses", dest="sp_ulysses", type=int,
+                     help="Ulysses degree inside --sp-mode=hybrid (the rest is the ring)")
     em = sub.add_parser("embed", help="mean-pooled last hidden state per FASTA record -> .npy")
     em.add_argument("--model", required=True, help="run dir, checkpoint dir or HF GPT-NeoX dir")
     em.add_argument("--fasta", required=True)
@@ -143,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             if args.command == "train":
-                return train(args, rest)
+                # record: under torchrun a rank's traceback goes into the job's failure summary.
+                from torch.distributed.elastic.multiprocessing.errors import record
+
+                return record(train)(args, rest)
             return embed(args) if args.command == "embed" else generate(args)
         except (ValueError, TypeError, FileNotFoundError, CheckpointError) as err:
             print(f"ds4sci {args.command}: error: {err}", file=sys.stderr)
