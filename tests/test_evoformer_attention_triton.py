@@ -309,6 +309,7 @@ def test_kernels_compile_for_an_nvidia_gpu(monkeypatch):
 
     monkeypatch.setitem(triton_backend._KERNEL_MODULES, False, Recorder())
     monkeypatch.setattr(triton_backend, "_interpreted", lambda device: False)
+    monkeypatch.setattr(triton_backend, "_target_programs", lambda device: 4 * 132)  # an H100
     lead, length, heads, dim = (1, 2), 33, 2, 32
     q, k, v, biases, do = make_inputs(lead, length, length, heads, dim, torch.bfloat16,
                                       _bias_shapes(lead, length, length, heads))
@@ -316,6 +317,8 @@ def test_kernels_compile_for_an_nvidia_gpu(monkeypatch):
     triton_backend.backward(do, q, k, v, biases, out, stats, [True, True])
     assert [name for name, *_ in launches] == ["_fwd_kernel", "_delta_kernel", "_dkdv_kernel", "_dq_kernel",
                                                "_dbias_kernel", "_dbias_kernel"]
+    n_splits = launches[-1][1][fn_arg_index(compiled._dbias_kernel, "n_splits")]
+    assert n_splits > 1  # the pair bias gradient is split over N (then summed in a fixed order)
     types = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int64: "i64"}
     for name, args, kwargs in launches:
         fn = getattr(compiled, name)
@@ -330,6 +333,10 @@ def test_kernels_compile_for_an_nvidia_gpu(monkeypatch):
         kernel = triton.compile(ASTSource(fn, signature, kwargs), target=GPUTarget("cuda", 90, 32),
                                 options=options)
         assert kernel.asm["cubin"], name
+
+
+def fn_arg_index(fn, name):
+    return fn.arg_names.index(name)
 
 
 class _Launch:

@@ -107,6 +107,14 @@ def _ieee(q: torch.Tensor) -> bool:
     return q.dtype == torch.float32 or _interpreted(q.device)
 
 
+def _target_programs(device: torch.device) -> int:
+    """Programs a bias-gradient launch should have: 4 per SM on a GPU; a few in the
+    interpreter, so tests take the split path too."""
+    if _interpreted(device):
+        return 8
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -233,14 +241,20 @@ def backward(grad_out, q, k, v, biases, out, stats, bias_needs_grad, tile_elemen
                 continue
             n_rows, members, group_ptr = ba.grad_groups(lead)
             h_b, lq_b, lk_b = ba.full.shape[-3:]
-            grad = torch.empty(n_rows, h_b, lq_b, lk_b, dtype=torch.float32, device=q.device)
             bcast = {"BCAST_H": h_b == 1, "BCAST_Q": lq_b == 1, "BCAST_K": lk_b == 1}
-            grid = (n_rows * h_b, 1 if bcast["BCAST_Q"] else _cdiv(l_q, cfg["BQ"]),
-                    1 if bcast["BCAST_K"] else _cdiv(l_k, cfg["BK"]))
+            q_blocks = 1 if bcast["BCAST_Q"] else _cdiv(l_q, cfg["BQ"])
+            k_blocks = 1 if bcast["BCAST_K"] else _cdiv(l_k, cfg["BK"])
+            # Split each bias row's batch rows when there are too few tiles to fill the device.
+            n_splits = max(1, min(n_batch // n_rows,
+                                  _cdiv(_target_programs(q.device), n_rows * h_b * q_blocks * k_blocks)))
+            grad = torch.empty(n_splits, n_rows, h_b, lq_b, lk_b, dtype=torch.float32, device=q.device)
+            grid = (n_splits * n_rows * h_b, q_blocks, k_blocks)
             kernels._dbias_kernel[grid](
                 q3, k3, v3, do3, stats3, delta, grad, members, group_ptr, *pointers, *qkv_strides,
-                *bias_strides, heads, h_b, l_q, l_k, head_dim, head_dim**-0.5, **bcast, **flags, **cfg,
+                *bias_strides, heads, h_b, n_rows * h_b, n_splits, l_q, l_k, head_dim, head_dim**-0.5,
+                **bcast, **flags, **cfg,
             )
+            grad = grad[0] if n_splits == 1 else grad.sum(0)
             dbiases.append(grad.reshape(ba.full.shape).reshape(b.shape).to(b.dtype))
     return [dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape), *dbiases]
 

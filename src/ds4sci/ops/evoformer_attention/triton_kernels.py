@@ -231,19 +231,23 @@ def _dbias_kernel(Q, K, V, DO, Stats, Delta, G, Members, Group_ptr,
                   s_qb, s_ql, s_qh, s_qd, s_kb, s_kl, s_kh, s_kd, s_vb, s_vl, s_vh, s_vd,
                   s_gb, s_gl, s_gh, s_gd,
                   b0_h, b0_q, b0_k, b1_h, b1_q, b1_k,
-                  H, Hb, Lq, Lk, D, scale,
+                  H, Hb, n_tiles, n_splits, Lq, Lk, D, scale,
                   BCAST_H: tl.constexpr, BCAST_Q: tl.constexpr, BCAST_K: tl.constexpr,
                   HAS_B0: tl.constexpr, HAS_B1: tl.constexpr, B0_ROW: tl.constexpr, B1_ROW: tl.constexpr,
                   IEEE: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, DP: tl.constexpr):
-    """Gradient of one bias, ``G = [n_rows, Hb, L_q or 1, L_k or 1]`` fp32.
+    """Gradient of one bias, ``G = [n_splits, n_rows, Hb, L_q or 1, L_k or 1]`` fp32.
 
-    Program (axis 0) = one bias row ``g`` and bias head ``hb``; axes 1 and 2 = a query / key
-    block unless the bias broadcasts over that axis. It sums dS over the batch rows listed in
-    ``Members[Group_ptr[g]:Group_ptr[g + 1]]`` (those that read bias row g), over all heads if
-    the bias broadcasts over H, and over all query (key) blocks if it broadcasts over L_q (L_k).
+    Program (axis 0) = one bias row ``g``, bias head ``hb`` and split; axes 1 and 2 = a query /
+    key block unless the bias broadcasts over that axis. It sums dS over its share (split
+    ``split`` of ``n_splits``) of the batch rows listed in ``Members[Group_ptr[g]:Group_ptr[g+1]]``
+    (those that read bias row g), over all heads if the bias broadcasts over H, and over all
+    query (key) blocks if it broadcasts over L_q (L_k). The caller sums the splits (a fixed
+    order, so still deterministic); splits give a pair bias, shared by all N rows, enough
+    programs to fill the GPU.
     """
-    pid = tl.program_id(0)
-    g = pid // Hb
+    pid = tl.program_id(0)  # split * n_tiles + g * Hb + hb
+    split = pid // n_tiles
+    g = (pid % n_tiles) // Hb
     hb = pid % Hb
     rd = tl.arange(0, DP)
     md = rd < D
@@ -266,7 +270,11 @@ def _dbias_kernel(Q, K, V, DO, Stats, Delta, G, Members, Group_ptr,
         k_lo = tl.program_id(2) * BK
         k_hi = k_lo + BK
     acc = tl.full([BQ, BK], 0.0, tl.float32)
-    for i in range(tl.load(Group_ptr + g), tl.load(Group_ptr + g + 1)):
+    first = tl.load(Group_ptr + g)
+    end = tl.load(Group_ptr + g + 1)
+    chunk = (end - first + n_splits - 1) // n_splits
+    first += split * chunk
+    for i in range(first, tl.minimum(end, first + chunk)):
         b = tl.load(Members + i).to(tl.int64)
         for h in range(h_lo, h_hi):
             row = b * H + h
