@@ -83,9 +83,13 @@ def contender(name: str, device: torch.device):
         return lambda q, k, v, mask, pair: evoformer_attention_naive(q, k, v, [mask, pair])
     if name == "sdpa":
         def sdpa(q, k, v, mask, pair):
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(-2, -3), k.transpose(-2, -3), v.transpose(-2, -3), attn_mask=mask + pair)
-            return out.transpose(-2, -3)
+            # SDPA takes one float mask: the summed bias [B, N, H, L, L]. Batch dims are folded
+            # to [B*N, H, L, D] so its fused (memory-efficient) kernel can take the call.
+            b, n, length, h, d = q.shape
+            q4, k4, v4 = (t.transpose(-2, -3).reshape(b * n, h, t.shape[-3], d) for t in (q, k, v))
+            bias = (mask + pair).reshape(b * n, h, length, k.shape[-3])
+            out = torch.nn.functional.scaled_dot_product_attention(q4, k4, v4, attn_mask=bias)
+            return out.reshape(b, n, h, length, d).transpose(-2, -3)
         return sdpa
     if name == "flex":
         from torch.nn.attention.flex_attention import flex_attention
@@ -99,8 +103,8 @@ def contender(name: str, device: torch.device):
                 return score + mask_BL[bn, kv_idx] + pair_BHLL[bn // n, head, q_idx, kv_idx]
 
             # [B, N, L, H, D] -> [B*N, H, L, D]; head dims below 16 zero-padded (scale kept).
-            qf, kf, vf = (torch.nn.functional.pad(t, (0, max(0, 16 - d))).reshape(b * n, length, h, -1)
-                          .transpose(1, 2) for t in (q, k, v))
+            padded = [torch.nn.functional.pad(t, (0, 16 - d)) if d < 16 else t for t in (q, k, v)]
+            qf, kf, vf = (t.reshape(b * n, length, h, -1).transpose(1, 2) for t in padded)
             out = flex_attention(qf, kf, vf, score_mod=score_mod, scale=d**-0.5)
             return out.transpose(1, 2)[..., :d].reshape(b, n, length, h, d)
 

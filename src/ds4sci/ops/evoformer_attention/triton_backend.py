@@ -15,6 +15,7 @@ Legend: ``Bf`` = product of the leading dims ``*``; tensors are viewed as ``[Bf,
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import math
 import os
@@ -128,35 +129,47 @@ class _BiasArgs:
         self.full = bias.reshape((1,) * (full_rank - bias.dim()) + tuple(bias.shape))  # a view
         self.tensor = self.full.expand(*lead, heads, l_q, l_k)  # a view: 0 strides, no copy
         strides = self.tensor.stride()
-        offsets = torch.zeros(1, dtype=torch.int64)
-        for n, stride in zip(lead, strides[: len(lead)]):
-            offsets = (offsets[:, None] + torch.arange(n, dtype=torch.int64) * stride).reshape(-1)
-        self.offsets = offsets.to(bias.device)
+        self.offsets = _row_offsets(tuple(lead), strides[: len(lead)], bias.device)
         self.strides = tuple(strides[len(lead):])
+        self.lead = tuple(lead)
 
     def launch_args(self) -> tuple:
         return (self.tensor, self.offsets)
 
-    def grad_groups(self, lead: Sequence[int]):
+    def grad_groups(self):
         """``(n_rows, members, group_ptr)``: batch rows grouped by the bias row they read.
 
         A bias row is one index of the bias's own leading dims (size-1 dims broadcast), so an
         expanded bias that needs a gradient gets it at its full (expanded) size, as autograd does.
         """
-        bias_lead = self.full.shape[: len(lead)]
-        n_rows = math.prod(bias_lead)
-        row_of = torch.arange(n_rows).reshape(bias_lead).expand(tuple(lead)).reshape(-1)
-        members = torch.argsort(row_of, stable=True)
-        counts = torch.bincount(row_of, minlength=n_rows)
-        group_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
-        device = self.offsets.device
-        return n_rows, members.to(device), group_ptr.to(device)
+        return _row_groups(self.lead, tuple(self.full.shape[: len(self.lead)]), self.offsets.device)
+
+
+# The index tables are tiny but built on the host: cached per layout, since copying host memory
+# to the GPU on every call would wait for the GPU's queue to drain.
+@functools.lru_cache(maxsize=256)
+def _row_offsets(lead: tuple, lead_strides: tuple, device: torch.device) -> torch.Tensor:
+    """Element offset of each flat batch row's bias row, ``[Bf]`` int64."""
+    offsets = torch.zeros(1, dtype=torch.int64)
+    for n, stride in zip(lead, lead_strides):
+        offsets = (offsets[:, None] + torch.arange(n, dtype=torch.int64) * stride).reshape(-1)
+    return offsets.to(device)
+
+
+@functools.lru_cache(maxsize=256)
+def _row_groups(lead: tuple, bias_lead: tuple, device: torch.device):
+    n_rows = math.prod(bias_lead)
+    row_of = torch.arange(n_rows).reshape(bias_lead).expand(lead).reshape(-1)
+    members = torch.argsort(row_of, stable=True)
+    counts = torch.bincount(row_of, minlength=n_rows)
+    group_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    return n_rows, members.to(device), group_ptr.to(device)
 
 
 def _bias_launch_args(bias_args: list[_BiasArgs], dummy: torch.Tensor):
     """Pointer args for the two bias slots, their strides, and the HAS_B0/HAS_B1 flags."""
     pointers, strides, flags = [], [], {}
-    zero_offsets = torch.zeros(1, dtype=torch.int64, device=dummy.device)
+    zero_offsets = _row_offsets((), (), dummy.device)
     for slot in range(MAX_BIASES):
         if slot < len(bias_args):
             pointers += bias_args[slot].launch_args()
@@ -239,7 +252,7 @@ def backward(grad_out, q, k, v, biases, out, stats, bias_needs_grad, tile_elemen
             if not needs:
                 dbiases.append(b.new_empty(0))
                 continue
-            n_rows, members, group_ptr = ba.grad_groups(lead)
+            n_rows, members, group_ptr = ba.grad_groups()
             h_b, lq_b, lk_b = ba.full.shape[-3:]
             bcast = {"BCAST_H": h_b == 1, "BCAST_Q": lq_b == 1, "BCAST_K": lk_b == 1}
             q_blocks = 1 if bcast["BCAST_Q"] else _cdiv(l_q, cfg["BQ"])
