@@ -128,6 +128,7 @@ BENCHMARKS = {
     "evoformer-attention": "evoformer_attention",
     "evoformer-block": "evoformer_block",
     "genslm-memory": "genslm_memory",
+    "parallel-scaling": "parallel",
 }
 """``ds4sci bench NAME`` -> module in ``ds4sci.bench`` (its ``main(argv)`` takes the rest)."""
 

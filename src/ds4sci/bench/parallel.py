@@ -1,0 +1,312 @@
+"""Benchmark: sequence-parallel scaling of ``genslm-25m`` training over P = 1, 2, 4 processes.
+
+Each case (contender, P, total length S) is one ``torchrun`` job of P gloo ranks in fresh
+processes. Every rank builds the model (same memory settings as ``genslm_memory``'s ``ds4sci``:
+full activation checkpointing, tiled MLP, chunked loss), applies the contender's sequence
+parallelism with FSDP over the P ranks (``parallelize_genslm``, sp = P), runs a warm-up step,
+then one AdamW step on one sequence of S tokens split over the ranks. Recorded per case: the
+largest peak resident memory of any rank above its idle state, the step time, and the bytes each
+rank sent for attention (all-to-all / ring send), counted at the ``torch.distributed`` calls,
+next to the theoretical volume of the algorithm.
+
+Per (contender, P) the fit ``memory = a + b*S + c*S^2`` of ``genslm_memory`` predicts the longest
+sequence whose step fits the per-process budget (20 GiB, as there); the target is
+``max_len(P) >= 0.9 * P * max_len(1)``.
+
+Theoretical attention volume sent per rank per layer for one training step (E = hidden size,
+4 bytes per fp32 element, activation checkpointing recomputes the forward once):
+
+* Ulysses: each all-to-all sends (P-1)/P of a [S/P, E] tensor per tensor moved; forward moves
+  q, k, v and the output (4), backward their gradients (4), the recomputed forward 4 again:
+  ``12 * (S/P) * E * (P-1)/P``.
+* Ring: forward passes K and V (2 x [S/P, E]) on P-1 hops, twice (forward and recomputation);
+  backward passes K, V on P-1 hops and their gradients on P hops:
+  ``2 * (S/P) * E * (3(P-1) + P)`` (0 for P = 1).
+
+Contenders: ``ulysses`` (ds4sci), ``ring`` (ds4sci, zigzag), ``deepspeed-ulysses``
+(``deepspeed.sequence.layer.DistributedAttention`` as the attention core of the same model, when
+``pip install deepspeed`` is present; it runs on CPU with gloo).
+
+Usage: ``python -m ds4sci.bench.parallel [--quick]`` or ``ds4sci bench parallel-scaling``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .common import (
+    current_rss_bytes, limit_address_space, machine_info, peak_rss_bytes, reset_peak_rss, run_worker,
+    write_rows,
+)
+from .genslm_memory import BUDGET, WORKER_ENV, fit_and_predict
+
+CONTENDERS = ("ulysses", "ring", "deepspeed-ulysses")
+PROCESSES = (1, 2, 4)
+LENGTHS = {1: (2048, 4096, 8192), 2: (4096, 8192, 16384), 4: (8192, 16384, 32768)}
+QUICK_LENGTHS = {1: (256, 512), 2: (512, 1024), 4: (1024, 2048)}
+STEM = "parallel_scaling_cpu"
+
+
+def theory_bytes_per_layer(contender: str, p: int, s: int, e: int, elem_bytes: int = 4) -> float:
+    """Attention bytes one rank sends per layer in one training step (see the module doc)."""
+    if p == 1:
+        return 0.0
+    if contender == "ring":
+        return 2 * (s / p) * e * (3 * (p - 1) + p) * elem_bytes
+    return 12 * (s / p) * e * (p - 1) / p * elem_bytes
+
+
+class CommCounter:
+    """Bytes this rank sends, by kind, counted by wrapping ``torch.distributed`` functions (the
+    sequence-parallel code, FSDP2 and DeepSpeed call them through the module at call time)."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist, self.bytes = dist, {"all_to_all": 0, "p2p": 0, "fsdp": 0}
+        self._orig = {}
+        self._wrap("all_to_all_single", self._all_to_all)
+        self._wrap("batch_isend_irecv", self._p2p)
+        # FSDP2's weight all-gathers and gradient reduce-scatters
+        for name in ("all_gather_single", "reduce_scatter_single"):
+            if hasattr(dist, name):
+                self._wrap(name, self._fsdp)
+
+    def _wrap(self, name, count):
+        orig = getattr(self.dist, name)
+        self._orig[name] = orig
+
+        def wrapped(*args, **kwargs):
+            count(*args, **kwargs)
+            return orig(*args, **kwargs)
+
+        setattr(self.dist, name, wrapped)
+
+    def _all_to_all(self, output, input, output_split_sizes=None, input_split_sizes=None, group=None, **_):
+        size, rank = self.dist.get_world_size(group), self.dist.get_rank(group)
+        row = input[0].numel() * input.element_size() if input.dim() else input.element_size()
+        own = input_split_sizes[rank] if input_split_sizes else input.shape[0] // size
+        self.bytes["all_to_all"] += input.numel() * input.element_size() - own * row
+
+    def _p2p(self, ops, *_, **__):
+        self.bytes["p2p"] += sum(op.tensor.numel() * op.tensor.element_size() for op in ops
+                                 if op.op is self.dist.isend)
+
+    def _fsdp(self, output=None, input=None, *_, group=None, **__):
+        # A ring all-gather / reduce-scatter sends (P-1)/P of the full tensor per rank.
+        full = max(output.numel(), input.numel()) * input.element_size()
+        size = self.dist.get_world_size(group)
+        self.bytes["fsdp"] += full * (size - 1) // size
+
+    def reset(self):
+        for k in self.bytes:
+            self.bytes[k] = 0
+
+
+def _deepspeed_core(group):
+    """DeepSpeed-Ulysses' DistributedAttention as a ``(q, k, v) [B, H, S, D]`` core: it takes
+    ``[S, B, H, D]`` (scatter heads, gather sequence) and runs our causal SDPA locally."""
+    import deepspeed
+    from deepspeed.sequence.layer import DistributedAttention
+
+    from ..models.genslm.model import causal_attention
+
+    if not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo")
+
+    def local(q_SBHD, k_SBHD, v_SBHD, *args, **kwargs):
+        out = causal_attention(*(t.permute(1, 2, 0, 3) for t in (q_SBHD, k_SBHD, v_SBHD)))
+        return out.permute(2, 0, 1, 3)
+
+    attn = DistributedAttention(local, group, scatter_idx=2, gather_idx=0)
+
+    def core(q, k, v):
+        out_SBHD = attn(*(t.permute(2, 0, 1, 3) for t in (q, k, v)), 1)
+        return out_SBHD.permute(1, 2, 0, 3)
+
+    return core
+
+
+def worker(contender: str, length: int, preset_name: str) -> dict:
+    """One rank of a torchrun job; rank 0 returns the case's summary."""
+    import torch.distributed as dist
+
+    from ..models.genslm import GenSLM, preset
+    from ..models.genslm.parallelize import parallelize_genslm, sequence_layout
+    from ..parallel import ParallelDims
+    from ..parallel.sequence import shard_batch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", 1))))
+    dist.init_process_group("gloo")
+    p, rank = dist.get_world_size(), dist.get_rank()
+    counter = CommCounter()
+    torch.manual_seed(0)
+    config = preset(preset_name).replace(activation_checkpointing="full", loss_chunk_size=4096,
+                                         mlp_chunk_size=4096)
+    model = GenSLM(config)
+    mode = "ring" if contender == "ring" else "ulysses"
+    dims = ParallelDims(sp=p, world_size=p, sp_mode=mode)
+    mesh = dims.build_mesh("cpu") if p > 1 else None
+    if p > 1:
+        parallelize_genslm(model, dims, mesh, ring_layout="zigzag")
+        if contender == "deepspeed-ulysses":
+            core = _deepspeed_core(mesh.group("sp"))
+            for layer in model.layers:
+                layer.attention.core = core
+    layout, ulysses = sequence_layout(dims, "zigzag")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(n):
+        ids = torch.randint(5, 69, (1, n), generator=torch.Generator().manual_seed(n))
+        ids_l, targets_l, positions = shard_batch(ids, ids, rank, p, layout, ulysses)
+        loss_sum, count, _ = model.loss_sum(model.hidden_states(ids_l, positions=positions), targets_l)
+        stats = torch.stack((loss_sum.detach(), count.float()))
+        (loss_sum * p / (n - 1)).backward()  # FSDP averages over the p ranks
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if p > 1:
+            dist.all_reduce(stats)
+        return float(stats[0] / stats[1])
+
+    step(256)  # warm-up: kernels, optimizer state, communicators (same weights for every P)
+    dist.barrier()
+    limit_address_space(BUDGET + 4 * 2**30)
+    reset_peak_rss()
+    base = current_rss_bytes()
+    counter.reset()
+    status, loss, error = "ok", None, None
+    start = time.perf_counter()
+    try:
+        loss = step(length)
+    except RuntimeError as err:
+        if "can't allocate" not in str(err).lower() and "out of memory" not in str(err).lower():
+            raise
+        status, error = "oom", str(err).splitlines()[0][:200]
+    elapsed = time.perf_counter() - start
+    mine = {"peak": peak_rss_bytes() - base, "time": elapsed, "status": status, **counter.bytes}
+    gathered = [None] * p
+    dist.all_gather_object(gathered, mine)
+    dist.destroy_process_group()
+    if rank:
+        return {}
+    if any(g["status"] != "ok" for g in gathered):
+        return {"status": "oom", "error": error}
+    attn = max(g["all_to_all"] + g["p2p"] for g in gathered)
+    layers = config.num_hidden_layers
+    return {"status": "ok", "peak_bytes": max(g["peak"] for g in gathered),
+            "time_s": max(g["time"] for g in gathered), "tokens_per_s": length / max(g["time"] for g in gathered),
+            "loss": loss, "attn_bytes_per_layer": attn / layers,
+            "theory_bytes_per_layer": theory_bytes_per_layer(contender, p, length, config.hidden_size),
+            "fsdp_bytes": max(g["fsdp"] for g in gathered)}
+
+
+def _deepspeed_available() -> str | None:
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as err:
+        return f"deepspeed not installed ({err})"
+    return None
+
+
+def run(contenders, processes, lengths, preset_name: str, out_dir: Path, stem: str, progress=print):
+    rows = []
+    for contender in contenders:
+        if contender == "deepspeed-ulysses" and (why := _deepspeed_available()):
+            progress(f"{contender}: skipped, {why}")
+            continue
+        for p in processes:
+            if contender != "ulysses" and p == 1:
+                continue  # one process: no sequence parallelism, the same run as ulysses P=1
+            for length in lengths[p]:
+                r = run_worker("torch.distributed.run",
+                               ["--standalone", f"--nproc-per-node={p}", "-m", "ds4sci.bench.parallel",
+                                "--worker", contender, str(length), preset_name],
+                               timeout=3600, env={**WORKER_ENV, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // p))})
+                rows.append({"contender": contender, "processes": p, "length": length, "preset": preset_name,
+                             **r, "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                if r["status"] == "ok":
+                    progress(f"{contender:<18} P={p} S={length:>6}  peak {r['peak_bytes'] / 2**30:6.2f} GiB  "
+                             f"{r['time_s']:7.1f} s  attention {r['attn_bytes_per_layer'] / 2**20:8.1f} MiB/layer "
+                             f"(theory {r['theory_bytes_per_layer'] / 2**20:8.1f})")
+                else:
+                    progress(f"{contender:<18} P={p} S={length:>6}  {r['status'].upper()} {r.get('error', '')}")
+                    break
+    fits, scaling = {}, {}
+    for r in rows:
+        key = f"{r['contender']}/P={r['processes']}"
+        if key in fits:
+            continue
+        ok = [(x["length"], x["peak_bytes"]) for x in rows if x["status"] == "ok"
+              and x["contender"] == r["contender"] and x["processes"] == r["processes"]]
+        if len(ok) >= 2:
+            fits[key] = fit_and_predict(*zip(*ok))
+    one = fits.get("ulysses/P=1")
+    for key, f in fits.items():
+        p = int(key.split("=")[1])
+        if one and p > 1:
+            scaling[key] = f["predicted_max_tokens"] / one["predicted_max_tokens"]
+            progress(f"{key:<22} predicted max length {f['predicted_max_tokens']:,.0f} tokens = "
+                     f"{scaling[key]:.2f}x one process (target >= {0.9 * p:.1f}x)")
+    meta = machine_info()
+    meta.update({"budget_bytes_per_process": BUDGET, "fits": fits, "scaling_vs_one_process": scaling,
+                 "worker_env": WORKER_ENV})
+    json_path, csv_path = write_rows(rows, meta, out_dir, stem)
+    png = plot(rows, out_dir / f"{stem}.png", meta)
+    progress(f"wrote {json_path}, {csv_path}, {png}")
+    return rows, fits
+
+
+def plot(rows, path: Path, meta) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(12, 5))
+    keys = list(dict.fromkeys((r["contender"], r["processes"]) for r in rows if r["status"] == "ok"))
+    for i, (contender, p) in enumerate(keys):
+        ok = [r for r in rows if r["status"] == "ok" and r["contender"] == contender and r["processes"] == p]
+        label = f"{contender} P={p}"
+        ax_m.plot([r["length"] for r in ok], [r["peak_bytes"] / 2**30 for r in ok], "o-", color=f"C{i}", label=label)
+        ax_t.plot([r["length"] for r in ok], [r["time_s"] for r in ok], "o-", color=f"C{i}", label=label)
+    for ax, ylabel in ((ax_m, "peak memory per process (GiB)"), (ax_t, "step time (s)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("total sequence length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"sequence-parallel genslm training, gloo, {meta['host_cpu']}, torch {meta['torch']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="ds4sci bench parallel-scaling", description=__doc__.split("\n")[0])
+    parser.add_argument("--worker", nargs=3, metavar=("CONTENDER", "LENGTH", "PRESET"), help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
+    parser.add_argument("--processes", nargs="+", type=int, choices=PROCESSES, default=list(PROCESSES))
+    parser.add_argument("--quick", action="store_true", help="genslm-tiny at short lengths (smoke test)")
+    args = parser.parse_args(argv)
+    if args.worker:
+        contender, length, preset_name = args.worker
+        result = worker(contender, int(length), preset_name)
+        if result:
+            print(json.dumps(result))
+        return 0
+    run(args.contenders, args.processes, QUICK_LENGTHS if args.quick else LENGTHS,
+        "genslm-tiny" if args.quick else "genslm-25m", args.out,
+        "parallel_scaling_quick" if args.quick else STEM)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
