@@ -291,10 +291,12 @@ def test_gpu_check_plan_measure_and_outputs(tmp_path):
 # --- the compiled (GPU) path, checked without a GPU ------------------------------------------
 
 @pytest.mark.slow
-def test_kernels_compile_for_an_nvidia_gpu(monkeypatch):
-    """Every launch the backend makes for a bf16 call with both bias gradients, with the GPU
-    block settings, compiles to a cubin for sm_90 (Triton ships ptxas): catches code that only
-    the interpreter accepts, without a GPU."""
+@pytest.mark.parametrize("dtype,dim", [(torch.bfloat16, 32), (torch.float16, 8), (torch.bfloat16, 128),
+                                       (torch.float32, 64)], ids=str)
+def test_kernels_compile_for_an_nvidia_gpu(monkeypatch, dtype, dim):
+    """Every launch the backend makes for a call with both bias gradients, with the GPU block
+    settings, compiles to a cubin for sm_90 (Triton ships ptxas): catches code that only the
+    interpreter accepts, without a GPU."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -310,8 +312,8 @@ def test_kernels_compile_for_an_nvidia_gpu(monkeypatch):
     monkeypatch.setitem(triton_backend._KERNEL_MODULES, False, Recorder())
     monkeypatch.setattr(triton_backend, "_interpreted", lambda device: False)
     monkeypatch.setattr(triton_backend, "_target_programs", lambda device: 4 * 132)  # an H100
-    lead, length, heads, dim = (1, 2), 33, 2, 32
-    q, k, v, biases, do = make_inputs(lead, length, length, heads, dim, torch.bfloat16,
+    lead, length, heads = (1, 2), 33, 2
+    q, k, v, biases, do = make_inputs(lead, length, length, heads, dim, dtype,
                                       _bias_shapes(lead, length, length, heads))
     out, stats = triton_backend.forward(q, k, v, biases)
     triton_backend.backward(do, q, k, v, biases, out, stats, [True, True])
@@ -319,7 +321,7 @@ def test_kernels_compile_for_an_nvidia_gpu(monkeypatch):
                                                "_dbias_kernel", "_dbias_kernel"]
     n_splits = launches[-1][1][fn_arg_index(compiled._dbias_kernel, "n_splits")]
     assert n_splits > 1  # the pair bias gradient is split over N (then summed in a fixed order)
-    types = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.int64: "i64"}
+    types = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64"}
     for name, args, kwargs in launches:
         fn = getattr(compiled, name)
         options = {"num_warps": kwargs.pop("num_warps")}

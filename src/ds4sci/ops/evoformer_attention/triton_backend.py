@@ -79,20 +79,31 @@ def _kernels(device: torch.device):
     return _KERNEL_MODULES[interpret]
 
 
-def _blocks(device: torch.device, head_dim: int, dtype: torch.dtype) -> dict[str, dict]:
-    """Launch settings per kernel: ``BQ``/``BK`` query/key block, ``DP`` padded head dim, warps.
+# (BQ, BK, warps) per kernel and padded head dim, fp16/bf16: the largest blocks that compile
+# for sm_90 without register spills (chosen offline, with no GPU at hand to time them; the test
+# suite compiles them, ``benchmarks/gpu_check.sh`` measures them). fp32 (exact fp32 dots, not a
+# speed target) uses 32 x 32 blocks everywhere.
+_GPU_BLOCKS = {
+    16: {"fwd": (64, 32, 4), "dkdv": (32, 64, 4), "dq": (64, 32, 4), "dbias": (64, 32, 4)},
+    32: {"fwd": (64, 32, 4), "dkdv": (32, 64, 4), "dq": (64, 32, 4), "dbias": (64, 32, 4)},
+    64: {"fwd": (64, 64, 8), "dkdv": (64, 64, 8), "dq": (64, 64, 8), "dbias": (64, 64, 8)},
+    128: {"fwd": (64, 32, 4), "dkdv": (32, 32, 4), "dq": (64, 32, 4), "dbias": (64, 32, 4)},
+}
 
-    GPU settings were chosen offline (no GPU at hand) as the largest blocks that compile for
-    sm_90 without register spills (``tests/test_evoformer_attention_triton.py`` compiles them);
-    ``benchmarks/gpu_check.sh`` measures what they give.
-    """
+
+def _blocks(device: torch.device, head_dim: int, dtype: torch.dtype) -> dict[str, dict]:
+    """Launch settings per kernel: ``BQ``/``BK`` query/key block, ``DP`` padded head dim, warps."""
     dp = max(16, _next_power_of_2(head_dim))
     if _interpreted(device):  # small blocks, so tests cross block edges
-        cfg = {"BQ": 32, "BK": 32, "DP": dp, "num_warps": 1}
-        return {kernel: cfg for kernel in ("fwd", "delta", "dkdv", "dq", "dbias")}
-    wide = dp > 64 or (dtype == torch.float32 and dp > 32)
-    cfg = {"BQ": 64, "BK": 32 if wide else 64, "DP": dp, "num_warps": 4}
-    return {kernel: cfg for kernel in ("fwd", "delta", "dkdv", "dq", "dbias")}
+        table = dict.fromkeys(("fwd", "dkdv", "dq", "dbias"), (32, 32, 1))
+    elif dtype == torch.float32:
+        table = dict.fromkeys(("fwd", "dkdv", "dq", "dbias"), (32, 32, 4))
+    else:
+        table = _GPU_BLOCKS[dp]
+    cfgs = {kernel: {"BQ": bq, "BK": bk, "DP": dp, "num_warps": warps}
+            for kernel, (bq, bk, warps) in table.items()}
+    cfgs["delta"] = {"BQ": cfgs["fwd"]["BQ"], "DP": dp, "num_warps": cfgs["fwd"]["num_warps"]}
+    return cfgs
 
 
 def _next_power_of_2(n: int) -> int:
@@ -232,7 +243,7 @@ def backward(grad_out, q, k, v, biases, out, stats, bias_needs_grad, tile_elemen
     dk = torch.empty(k3.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v3.shape, dtype=v.dtype, device=v.device)
     with _on(q.device):
-        cfg = {k: v for k, v in cfgs["delta"].items() if k != "BK"}
+        cfg = cfgs["delta"]
         kernels._delta_kernel[(n_batch * heads, _cdiv(l_q, cfg["BQ"]))](
             o3, do3, delta, *o3.stride(), *do3.stride(), heads, l_q, head_dim, **cfg,
         )
