@@ -135,27 +135,32 @@ def _train_until(rank, world_size, out, extra, until, resume):
 
 
 def test_resume_under_another_layout(tmp_path):
-    """Save under FSDP (dp=2), resume under tensor parallelism (tp=2), then under sequence
-    parallelism (sp=2): the loss curve equals an uninterrupted single-process run."""
-    steps = ["optim.max_steps=5", "checkpoint_every=2"]
+    """One run, each step under another layout, resuming from the previous one's checkpoint:
+    one process -> FSDP (dp=2) -> pipeline (pp=2) -> ring SP (sp=2) -> tensor parallel (tp=2)
+    -> one process. Its loss curve and final parameters equal an uninterrupted single-process run."""
+    steps = ["optim.max_steps=6", "checkpoint_every=1"]
     ref = _reference(tmp_path, *steps)
-    out = str(tmp_path / "dist")
-    run_distributed(_train_until, 2, out, [*steps, "parallel.dp=2"], 2, False)
-    assert latest_checkpoint(out).name == "step-00000002"
-    assert (latest_checkpoint(out) / "dcp" / ".metadata").is_file()
-    start, _ = run_distributed(_train_until, 2, out, [*steps, "parallel.tp=2"], 4, True)[0]
-    assert start == 2
-    results = run_distributed(_train_until, 2, out, [*steps, "parallel.sp=2", "parallel.sp_mode=ring"],
-                              None, True)
-    assert results[0][0] == 4
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "dist" / "metrics.jsonl").read_text().splitlines()]
-    assert losses == pytest.approx(ref["loss"], rel=2e-5)
-    _compare(ref, [summary for _, summary in results])
-    # A single process cannot resume it (it says how to), and a changed setting is refused.
-    with pytest.raises(CheckpointError, match="distributed .*checkpoint; resume it under torchrun"):
-        Trainer(_cfg(out, *steps), resume=True)
+    out = tmp_path / "dist"
+    Trainer(_cfg(out, *steps)).fit(until_step=1)  # a single-process (safetensors) checkpoint
+    chain = [["parallel.dp=2"], ["parallel.pp=2"], ["parallel.sp=2", "parallel.sp_mode=ring"], ["parallel.tp=2"]]
+    for until, layout in enumerate(chain, start=2):
+        start, _ = run_distributed(_train_until, 2, str(out), [*steps, *layout], until, True)[0]
+        assert start == until - 1
+        assert (latest_checkpoint(out) / "dcp" / ".metadata").is_file()
+    last = Trainer(_cfg(out, *steps), resume=True)  # one process resumes a distributed checkpoint
+    assert last.step == 5
+    # embed/generate load the full weights of a distributed checkpoint too
+    from ds4sci.models.genslm.inference import load_model
+
+    loaded, _ = load_model(out)
+    for name, value in last.model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    rows = last.fit()["rows"]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    _compare(ref, [_summary(last, rows)])
+    # A changed setting is refused, naming it.
     with pytest.raises(Exception, match=r"made with other settings.*optim.lr"):
-        run_distributed(_train_until, 2, out, [*steps, "parallel.dp=2", "optim.lr=0.5"], None, True)
+        run_distributed(_train_until, 2, str(out), [*steps, "parallel.dp=2", "optim.lr=0.5"], None, True)
 
 
 def _mismatched(rank, world_size, out):

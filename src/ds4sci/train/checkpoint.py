@@ -164,11 +164,18 @@ def read_distributed_state(path: str | Path) -> dict:
 
 
 def load_distributed_app_state(path: str | Path, app_state: dict) -> None:
-    """Collective: fill ``app_state`` (this rank's state dicts, any layout) from ``path/dcp``."""
+    """Fill ``app_state`` (this rank's state dicts, any layout) from ``path/dcp``; collective
+    when a process group exists, else one process loads everything."""
+    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
+    import warnings
+
     try:
-        dcp.load(app_state, checkpoint_id=str(Path(path) / "dcp"))
+        with warnings.catch_warnings():
+            # one process without a process group reads every shard itself (what we mean here)
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(app_state, checkpoint_id=str(Path(path) / "dcp"), no_dist=not dist.is_initialized())
     except Exception as err:  # DCP wraps per-rank failures; say which checkpoint did not fit
         raise CheckpointError(f"checkpoint {path} does not fit this run: {err}") from err
 
@@ -184,13 +191,18 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
-    """``(model_state, state)`` of a verified checkpoint directory, or CheckpointError."""
+    """``(model_state, state)`` of a verified checkpoint directory, or CheckpointError. For a
+    distributed checkpoint ``model_state`` is the full model (gathered from the shards) and
+    ``state`` has no optimizer state (resume restores that, see ``Trainer._resume``)."""
     path = Path(path)
     manifest = _verify(path)
-    if manifest.get("distributed"):
-        raise CheckpointError(
-            f"checkpoint {path} is a distributed (torch.distributed.checkpoint) checkpoint; resume it "
-            "under torchrun with any layout (--nproc-per-node=1 works)")
+    if manifest.get("distributed"):  # full weights gathered from every rank's shards
+        from ..models.genslm import GenSLM, GenSLMConfig
+
+        state = torch.load(path / FILES[1], map_location="cpu", weights_only=True)
+        model_state = GenSLM(GenSLMConfig.from_dict(dict(state["config"]["model_config"]))).state_dict()
+        load_distributed_app_state(path, {"model": model_state})
+        return model_state, state
     model_state = load_file(path / FILES[0])
     # weights_only: a checkpoint is data, never code (no arbitrary unpickling).
     state = torch.load(path / FILES[1], map_location="cpu", weights_only=True)

@@ -44,15 +44,9 @@ from ..models.genslm.parallelize import (
     pipeline_genslm,
     sequence_layout,
 )
-from .checkpoint import (
-    CheckpointError,
-    latest_checkpoint,
-    load_distributed_app_state,
-    read_distributed_state,
-    save_distributed_checkpoint,
-)
+from .checkpoint import save_distributed_checkpoint
 from .config import TrainConfig
-from .trainer import DataPosition, Trainer, _changed_settings, _device, _flat, _set_rng_state, _rng_state
+from .trainer import Trainer, _device, _flat, _rng_state
 
 FAULT_ENV = "DS4SCI_FAULT"
 
@@ -286,12 +280,6 @@ class DistributedTrainer(Trainer):
         return row
 
     # ----- checkpoints -----
-    def _app_state(self):
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_sd, optim_sd = get_state_dict(self._trained_module(), self.optimizer)
-        return {"model": model_sd, "optim": optim_sd}
-
     def save(self) -> Path:
         state = {
             "step": self.step, "scheduler": self.scheduler.state_dict(), "rng": _rng_state(),
@@ -302,30 +290,24 @@ class DistributedTrainer(Trainer):
                                            self.cfg.keep_checkpoints, is_main=self.is_main,
                                            barrier=self._barrier)
 
-    def _resume(self) -> None:
-        from torch.distributed.checkpoint.state_dict import set_state_dict
+    def _load_single_process(self, ckpt: Path, model_state: dict, optim_state: dict) -> None:
+        """A single-process checkpoint: its full state, read on every rank into a plain model and
+        optimizer to name the optimizer state by parameter, then scattered to this layout."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-        ckpt = latest_checkpoint(self.out)
-        if ckpt is None:
-            raise CheckpointError(f"--resume: no checkpoint in {self.out / 'checkpoints'}")
-        state = read_distributed_state(ckpt)
-        changed = _changed_settings(_flat(state["config"]["train"]), _flat(self.cfg.to_dict()))
-        if changed:
-            raise CheckpointError(
-                f"checkpoint {ckpt} was made with other settings, (saved, now): {changed}; resume with "
-                "the same config (the parallel layout, max_steps and logging settings may change)")
-        if state["config"]["model_config"] != self.model.config.to_dict():
-            raise CheckpointError(f"checkpoint {ckpt} was made for another model")
-        app_state = self._app_state()
-        load_distributed_app_state(ckpt, app_state)
-        set_state_dict(self._trained_module(), self.optimizer, model_state_dict=app_state["model"],
-                       optim_state_dict=app_state["optim"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        self.position = DataPosition(**state["data_position"])
-        self.step = state["step"]
-        if self.is_main and self.metrics_path.exists():  # drop rows logged after the checkpoint
-            rows = [line for line in self.metrics_path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= self.step]
-            self.metrics_path.write_text("".join(r + "\n" for r in rows))
-        self._barrier()
+        from ..models.genslm import GenSLM
+        from .trainer import _optimizer, load_plain_state
+
+        plain = GenSLM(self.model.config)
+        plain_optimizer = _optimizer(plain, self.cfg)
+        load_plain_state(ckpt, plain, plain_optimizer, model_state, optim_state)
+        full_model, full_optim = get_state_dict(plain, plain_optimizer)
+        module = self._trained_module()
+        if self.pipeline is not None:  # this stage's parameters only
+            names = set(dict(module.named_parameters()))
+            full_model = {k: v for k, v in full_model.items() if k in names}
+            full_optim = {"state": {k: v for k, v in full_optim["state"].items() if k in names},
+                          "param_groups": [{**g, "params": [n for n in g["params"] if n in names]}
+                                           for g in full_optim["param_groups"]]}
+        set_state_dict(module, self.optimizer, model_state_dict=full_model, optim_state_dict=full_optim,
+                       options=StateDictOptions(full_state_dict=True))

@@ -21,7 +21,15 @@ from ..data.dataset import TokenDataset, build_token_dir, collate
 from ..data.fasta import read_fasta
 from ..data.tokenizer import CodonTokenizer
 from ..models.genslm import GenSLM
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    is_distributed_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    load_distributed_app_state,
+    read_distributed_state,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .metrics import peak_memory_bytes, plot_metrics
 
@@ -105,6 +113,15 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_plain_state(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     model_state: dict, optim_state: dict) -> None:
+    try:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"checkpoint {ckpt} does not fit this run: {err}") from err
 
 
 # Settings a resumed run may change without changing its numbers (max_steps extends the run,
@@ -236,34 +253,61 @@ class Trainer:
         return evaluate(self.model, self.val_data, self.pad_id, self.cfg.precision, self.device)
 
     def _resume(self) -> None:
+        """Restore the latest checkpoint, written by this or any other parallel layout."""
         ckpt = latest_checkpoint(self.out)
         if ckpt is None:
             raise CheckpointError(f"--resume: no checkpoint in {self.out / 'checkpoints'}")
-        model_state, state = load_checkpoint(ckpt)
+        if is_distributed_checkpoint(ckpt):
+            state = read_distributed_state(ckpt)
+            self._check_resumable(ckpt, state)
+            self._load_distributed(ckpt)
+        else:
+            model_state, state = load_checkpoint(ckpt)
+            self._check_resumable(ckpt, state)
+            self._load_single_process(ckpt, model_state, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        self.position = DataPosition(**state["data_position"])
+        self.step = state["step"]
+        if self.is_main and self.metrics_path.exists():  # drop rows logged after the checkpoint
+            rows = [line for line in self.metrics_path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= self.step]
+            self.metrics_path.write_text("".join(r + "\n" for r in rows))
+        self._barrier()
+
+    def _check_resumable(self, ckpt: Path, state: dict) -> None:
         saved, now = _flat(state["config"]["train"]), _flat(self.cfg.to_dict())
         changed = _changed_settings(saved, now)
         if changed:
             raise CheckpointError(
                 f"checkpoint {ckpt} was made with other settings, (saved, now): {changed}; resume "
-                f"with the same config (only {sorted(_RESUMABLE_CHANGES)} may change)"
+                f"with the same config (only {sorted(_RESUMABLE_CHANGES)} and the parallel layout may change)"
             )
         saved_model = state["config"]["model_config"]
         if saved_model != self.model.config.to_dict():
             diff = {k: (saved_model.get(k), v) for k, v in self.model.config.to_dict().items() if saved_model.get(k) != v}
             raise CheckpointError(f"checkpoint {ckpt} was made for another model: (saved, now) = {diff}")
-        try:
-            self.model.load_state_dict(model_state)
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise CheckpointError(f"checkpoint {ckpt} does not fit this run: {err}") from err
-        self.scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        self.position = DataPosition(**state["data_position"])
-        self.step = state["step"]
-        if self.metrics_path.exists():  # drop rows logged after the checkpoint
-            rows = [line for line in self.metrics_path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= self.step]
-            self.metrics_path.write_text("".join(r + "\n" for r in rows))
+
+    def _load_single_process(self, ckpt: Path, model_state: dict, optim_state: dict) -> None:
+        """Weights and optimizer state of a single-process checkpoint into this run."""
+        load_plain_state(ckpt, self.model, self.optimizer, model_state, optim_state)
+
+    def _app_state(self) -> dict:
+        """Model and optimizer state keyed by parameter name (DTensor shards when distributed),
+        the form ``torch.distributed.checkpoint`` saves and reshards."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self._trained_module(), self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def _load_distributed(self, ckpt: Path) -> None:
+        """Weights and optimizer state of a distributed checkpoint (any layout) into this run."""
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        app_state = self._app_state()
+        load_distributed_app_state(ckpt, app_state)
+        set_state_dict(self._trained_module(), self.optimizer, model_state_dict=app_state["model"],
+                       optim_state_dict=app_state["optim"])
 
     def save(self) -> Path:
         state = {
