@@ -13,15 +13,12 @@ Per (contender, P) the fit ``memory = a + b*S + c*S^2`` of ``genslm_memory`` pre
 sequence whose step fits the per-process budget (20 GiB, as there); the target is
 ``max_len(P) >= 0.9 * P * max_len(1)``.
 
-Theoretical attention volume sent per rank per layer for one training step (E = hidden size,
-4 bytes per fp32 element, activation checkpointing recomputes the forward once):
-
-* Ulysses: each all-to-all sends (P-1)/P of a [S/P, E] tensor per tensor moved; forward moves
-  q, k, v and the output (4), backward their gradients (4), the recomputed forward 4 again:
-  ``12 * (S/P) * E * (P-1)/P``.
-* Ring: forward passes K and V (2 x [S/P, E]) on P-1 hops, twice (forward and recomputation);
-  backward passes K, V on P-1 hops and their gradients on P hops:
-  ``2 * (S/P) * E * (3(P-1) + P)`` (0 for P = 1).
+Theoretical attention volume sent per rank per layer: ``parallel.sequence.comm_bytes_per_layer``
+(Ulysses: all-to-alls of q, k, v and the output and of their gradients, ``4 S E (P-1)/P^2``
+elements each way; ring: K/V on P-1 hops each way plus fp32 dK/dV on P hops), with the forward
+counted twice because activation checkpointing recomputes it. Measured: bytes leaving each rank
+through ``all_to_all_single`` / ``batch_isend_irecv`` during the step
+(``parallel.sequence.count_sent_bytes``), the largest rank's, per layer.
 
 Contenders: ``ulysses`` (ds4sci), ``ring`` (ds4sci, zigzag), ``deepspeed-ulysses``
 (``deepspeed.sequence.layer.DistributedAttention`` as the attention core of the same model, when
@@ -53,60 +50,18 @@ QUICK_LENGTHS = {1: (256, 512), 2: (512, 1024), 4: (1024, 2048)}
 STEM = "parallel_scaling_cpu"
 
 
-def theory_bytes_per_layer(contender: str, p: int, s: int, e: int, elem_bytes: int = 4) -> float:
-    """Attention bytes one rank sends per layer in one training step (see the module doc)."""
+def theory_bytes_per_layer(contender: str, p: int, s: int, config) -> float:
+    """Attention bytes one rank sends per layer in one training step: the forward twice (the
+    activation-checkpointing recompute repeats it) and the backward once, from
+    ``parallel.sequence.comm_bytes_per_layer``."""
+    from ..parallel.sequence import comm_bytes_per_layer
+
     if p == 1:
         return 0.0
-    if contender == "ring":
-        return 2 * (s / p) * e * (3 * (p - 1) + p) * elem_bytes
-    return 12 * (s / p) * e * (p - 1) / p * elem_bytes
-
-
-class CommCounter:
-    """Bytes this rank sends, by kind, counted by wrapping ``torch.distributed`` functions (the
-    sequence-parallel code, FSDP2 and DeepSpeed call them through the module at call time)."""
-
-    def __init__(self):
-        import torch.distributed as dist
-
-        self.dist, self.bytes = dist, {"all_to_all": 0, "p2p": 0, "fsdp": 0}
-        self._orig = {}
-        self._wrap("all_to_all_single", self._all_to_all)
-        self._wrap("batch_isend_irecv", self._p2p)
-        # FSDP2's weight all-gathers and gradient reduce-scatters
-        for name in ("all_gather_single", "reduce_scatter_single"):
-            if hasattr(dist, name):
-                self._wrap(name, self._fsdp)
-
-    def _wrap(self, name, count):
-        orig = getattr(self.dist, name)
-        self._orig[name] = orig
-
-        def wrapped(*args, **kwargs):
-            count(*args, **kwargs)
-            return orig(*args, **kwargs)
-
-        setattr(self.dist, name, wrapped)
-
-    def _all_to_all(self, output, input, output_split_sizes=None, input_split_sizes=None, group=None, **_):
-        size, rank = self.dist.get_world_size(group), self.dist.get_rank(group)
-        row = input[0].numel() * input.element_size() if input.dim() else input.element_size()
-        own = input_split_sizes[rank] if input_split_sizes else input.shape[0] // size
-        self.bytes["all_to_all"] += input.numel() * input.element_size() - own * row
-
-    def _p2p(self, ops, *_, **__):
-        self.bytes["p2p"] += sum(op.tensor.numel() * op.tensor.element_size() for op in ops
-                                 if op.op is self.dist.isend)
-
-    def _fsdp(self, output=None, input=None, *_, group=None, **__):
-        # A ring all-gather / reduce-scatter sends (P-1)/P of the full tensor per rank.
-        full = max(output.numel(), input.numel()) * input.element_size()
-        size = self.dist.get_world_size(group)
-        self.bytes["fsdp"] += full * (size - 1) // size
-
-    def reset(self):
-        for k in self.bytes:
-            self.bytes[k] = 0
+    mode = "ring" if contender == "ring" else "ulysses"
+    b = comm_bytes_per_layer(mode, batch=1, seq_len=s, num_heads=config.num_attention_heads,
+                             head_dim=config.head_dim, sp=p)
+    return float(2 * b["forward"] + b["backward"])
 
 
 def _deepspeed_core(group):
@@ -140,12 +95,11 @@ def worker(contender: str, length: int, preset_name: str) -> dict:
     from ..models.genslm import GenSLM, preset
     from ..models.genslm.parallelize import parallelize_genslm, sequence_layout
     from ..parallel import ParallelDims
-    from ..parallel.sequence import shard_batch
+    from ..parallel.sequence import count_sent_bytes, shard_batch
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", 1))))
     dist.init_process_group("gloo")
     p, rank = dist.get_world_size(), dist.get_rank()
-    counter = CommCounter()
     torch.manual_seed(0)
     config = preset(preset_name).replace(activation_checkpointing="full", loss_chunk_size=4096,
                                          mlp_chunk_size=4096)
@@ -179,17 +133,17 @@ def worker(contender: str, length: int, preset_name: str) -> dict:
     limit_address_space(BUDGET + 4 * 2**30)
     reset_peak_rss()
     base = current_rss_bytes()
-    counter.reset()
     status, loss, error = "ok", None, None
     start = time.perf_counter()
-    try:
-        loss = step(length)
-    except RuntimeError as err:
-        if "can't allocate" not in str(err).lower() and "out of memory" not in str(err).lower():
-            raise
-        status, error = "oom", str(err).splitlines()[0][:200]
+    with count_sent_bytes() as sent:
+        try:
+            loss = step(length)
+        except RuntimeError as err:
+            if "can't allocate" not in str(err).lower() and "out of memory" not in str(err).lower():
+                raise
+            status, error = "oom", str(err).splitlines()[0][:200]
     elapsed = time.perf_counter() - start
-    mine = {"peak": peak_rss_bytes() - base, "time": elapsed, "status": status, **counter.bytes}
+    mine = {"peak": peak_rss_bytes() - base, "time": elapsed, "status": status, "sent": sent.total}
     gathered = [None] * p
     dist.all_gather_object(gathered, mine)
     dist.destroy_process_group()
@@ -197,13 +151,13 @@ def worker(contender: str, length: int, preset_name: str) -> dict:
         return {}
     if any(g["status"] != "ok" for g in gathered):
         return {"status": "oom", "error": error}
-    attn = max(g["all_to_all"] + g["p2p"] for g in gathered)
+    # Only the attention calls the two counted functions (FSDP all-gathers and reduce-scatters,
+    # the loss is all-reduced), so the count is the attention's traffic.
     layers = config.num_hidden_layers
     return {"status": "ok", "peak_bytes": max(g["peak"] for g in gathered),
             "time_s": max(g["time"] for g in gathered), "tokens_per_s": length / max(g["time"] for g in gathered),
-            "loss": loss, "attn_bytes_per_layer": attn / layers,
-            "theory_bytes_per_layer": theory_bytes_per_layer(contender, p, length, config.hidden_size),
-            "fsdp_bytes": max(g["fsdp"] for g in gathered)}
+            "loss": loss, "attn_bytes_per_layer": max(g["sent"] for g in gathered) / layers,
+            "theory_bytes_per_layer": theory_bytes_per_layer(contender, p, length, config)}
 
 
 def _deepspeed_available() -> str | None:
