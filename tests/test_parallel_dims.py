@@ -82,3 +82,24 @@ def test_build_mesh_needs_matching_world():
     # the rank's ValueError comes back wrapped (with its traceback) by the helper
     with pytest.raises(Exception, match="process group has 2 ranks but world_size=4"):
         run_distributed(lambda r, w: ParallelDims(world_size=4, dp=4).build_mesh(), 2)
+
+
+def test_every_lazy_export_resolves():
+    import ds4sci.parallel as parallel
+
+    for name in parallel.__all__:
+        assert callable(getattr(parallel, name)) or name == "SP_MODES", name
+
+
+def test_hybrid_ulysses_degree_defaults_to_largest_divisor_of_heads():
+    from ds4sci.models.genslm.config import preset
+    from ds4sci.models.genslm.parallelize import default_sp_ulysses, make_dims
+    from ds4sci.train.config import ParallelConfig
+
+    assert default_sp_ulysses(8, 4) == 4    # 4 heads: Ulysses over 4, ring of 2
+    assert default_sp_ulysses(6, 4) == 2    # 3 does not divide 4 heads
+    assert default_sp_ulysses(2, 4) == 1    # a proper divisor: hybrid keeps a ring
+    dims = make_dims(ParallelConfig(sp=8, sp_mode="hybrid"), 8, preset("genslm-tiny"))
+    assert (dims.ulysses, dims.ring) == (4, 2)
+    dims = make_dims(ParallelConfig(sp=4, tp=2, sp_mode="hybrid"), 8, preset("genslm-tiny"))
+    assert (dims.ulysses, dims.ring) == (2, 2)  # 2 heads per tensor-parallel rank

@@ -18,8 +18,11 @@ _LAZY = {
     "hybrid_attention": "ring",
     "shard_batch": "sequence",
     "apply_sequence_parallel": "sequence",
+    "global_mean_loss": "sequence",
+    "comm_bytes_per_layer": "sequence",
     "apply_fsdp": "fsdp",
     "apply_tensor_parallel": "tensor",
+    "build_pipeline": "pipeline",
 }
 
 __all__ = ["SP_MODES", "ParallelDims", "ParallelMesh", *_LAZY]
@@ -27,12 +30,5 @@ __all__ = ["SP_MODES", "ParallelDims", "ParallelMesh", *_LAZY]
 
 def __getattr__(name: str):
     if name in _LAZY:
-        module = importlib.import_module(f".{_LAZY[name]}", __name__)
-        if hasattr(module, name):
-            return getattr(module, name)
-        # hybrid_attention may live in either sequence-parallel module
-        for other in ("ulysses", "ring", "sequence"):
-            module = importlib.import_module(f".{other}", __name__)
-            if hasattr(module, name):
-                return getattr(module, name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,6 @@
-"""Single-process GenSLM training: AdamW, warmup + cosine, clipping, accumulation, resume.
+"""GenSLM training: AdamW, warmup + cosine, clipping, accumulation, resume. This is the
+single-process trainer; ``distributed.DistributedTrainer`` runs the same computation over a
+parallel layout through the hooks marked below, and checkpoints of either resume in the other.
 
 Everything that decides the numbers is restored on ``resume``: weights, optimizer and scheduler
 state, RNG states and the data position (the order of records is a pure function of the seed
