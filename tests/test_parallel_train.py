@@ -56,7 +56,7 @@ _REFERENCE = {}
 def _reference(tmp_path, *extra):
     key = tuple(extra)
     if key not in _REFERENCE:
-        trainer = Trainer(_cfg(tmp_path / "single", *extra))
+        trainer = Trainer(_cfg(tmp_path / f"single{len(_REFERENCE)}", *extra))
         _REFERENCE[key] = _summary(trainer, trainer.fit()["rows"])
     return _REFERENCE[key]
 
@@ -123,6 +123,20 @@ def test_two_ranks_equal_one_process(tmp_path, layout):
 def test_four_ranks_equal_one_process(tmp_path, layout):
     ref = _reference(tmp_path, *_model_settings(layout))
     _compare(ref, run_distributed(_distributed, 4, str(tmp_path / "dist"), layout))
+
+
+@pytest.mark.parametrize("layout", [
+    pytest.param(["parallel.sp=2"], id="ulysses2"),
+    pytest.param(["parallel.pp=2"], id="pp2"),
+])
+def test_bf16_autocast_under_a_layout_trains_like_one_process(tmp_path, layout):
+    """bf16 autocast reaches the sharded computation (not silently fp32): the curve matches one
+    bf16 process to bf16 accuracy and differs from the fp32 curve."""
+    ref = _reference(tmp_path, "precision=bf16")
+    fp32 = _reference(tmp_path)
+    results = run_distributed(_distributed, 2, str(tmp_path / "dist"), [*layout, "precision=bf16"])
+    assert results[0]["loss"] == pytest.approx(ref["loss"], rel=5e-3)
+    assert results[0]["loss"] != pytest.approx(fp32["loss"], rel=1e-6)
 
 
 def _train_until(rank, world_size, out, extra, until, resume):

@@ -208,8 +208,10 @@ class DistributedTrainer(Trainer):
         if self.pipeline is not None:
             # Each microbatch's summed loss is divided by this count: the global one over dp
             # (FSDP averages gradients over the dp ranks).
+            # (Each dp rank holds >= 1 record, so this count is >= 1, which Pipeline requires.)
             scaled_count = total_tokens / self.dims.dp_sp
-            mean = self.pipeline.step(ids, labels, num_tokens=torch.tensor(max(scaled_count, 1e-9)))
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
+                mean = self.pipeline.step(ids, labels, num_tokens=torch.tensor(scaled_count))
             # Only last stages know the loss; sum them over dp and pp (for rank 0's log).
             part = mean.float() * scaled_count if mean is not None else torch.zeros((), device=self.device)
             part = self._global_sum(part, "dp_sp")
@@ -260,7 +262,9 @@ class DistributedTrainer(Trainer):
             if i >= n:
                 labels.fill_(IGNORE_INDEX)
             if self.pipeline is not None:
-                result = self.pipeline.evaluate(ids, labels)  # (sum, count) on the last stage only
+                with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                    enabled=self.cfg.precision == "bf16"):
+                    result = self.pipeline.evaluate(ids, labels)  # (sum, count) on the last stage only
                 if result is not None:
                     stats += torch.stack([t.float().to(self.device) for t in result])
             else:
