@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="train a model (genslm); extra --key=value override the config",
                         description="Config keys: model, model.<field>, data.<field>, optim.<field>, "
-                                    "precision, seed, out_dir, eval_every, checkpoint_every (see ds4sci.train.config).")
+                                    "precision, seed, out_dir, eval_every, checkpoint_every, parallel.<field> "
+                                    "(see ds4sci.train.config).")
     tr.add_argument("model_family", choices=["genslm"])
     tr.add_argument("--config", help="YAML config file")
     tr.add_argument("--resume", action="store_true", help="continue from out_dir's latest checkpoint")
