@@ -52,6 +52,9 @@ def input_reasons(q: torch.Tensor, biases: Sequence[torch.Tensor]) -> list[str]:
             reasons.append("device type 'cpu' needs TRITON_INTERPRET=1 (Triton's interpreter, for tests)")
     elif q.device.type != "cuda":
         reasons.append(f"device type {q.device.type!r} not in ['cuda', 'cpu' (interpreter)]")
+    elif (q.dtype == torch.bfloat16 and torch.version.hip is None
+          and torch.cuda.get_device_capability(q.device) < (8, 0)):
+        reasons.append("bfloat16 needs an NVIDIA GPU of compute capability >= 8.0")
     if len(biases) > MAX_BIASES:
         reasons.append(f"{len(biases)} biases; the kernels take at most {MAX_BIASES}")
     return reasons

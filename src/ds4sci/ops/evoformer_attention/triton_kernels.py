@@ -64,7 +64,8 @@ def _add_bias(s, B, B_off, s_h, s_q, s_k, b, h, rq, rk, mq, mk, KEY_ROW: tl.cons
         row = tl.load(base + rk * s_k, mask=mk, other=0.0).to(tl.float32)
         s = s + row[None, :]
     else:
-        tile = tl.load(base + (rq[:, None] * s_q + rk[None, :] * s_k), mask=mq[:, None] & mk[None, :], other=0.0)
+        offsets = rq[:, None] * s_q + rk[None, :] * s_k  # int32 within a bias row
+        tile = tl.load(base + offsets, mask=mq[:, None] & mk[None, :], other=0.0)
         s = s + tile.to(tl.float32)
     return s
 
