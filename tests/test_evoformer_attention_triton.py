@@ -288,6 +288,38 @@ def test_gpu_check_plan_measure_and_outputs(tmp_path):
     assert gpu_check.attention_flops((1, 2, 9, 2, 8)) == 3.5 * 4 * 2 * 2 * 81 * 8
 
 
+def test_gpu_check_correctness_phase_runs(monkeypatch):
+    from ds4sci.bench import gpu_check
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    rows = gpu_check.check_correctness(torch.device("cpu"), {"tiny": ((1, 2, 9, 2, 8), "tiny")},
+                                       ["bfloat16"], progress=lambda line: None)
+    assert [(r["shape_key"], r["status"], r["deterministic"]) for r in rows] == [("tiny", "pass", True)]
+    assert rows[0]["err_dpair"] > 0 and rows[0]["plain_err_dpair"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_peak_cuda_memory_near_the_floor():
+    """fwd+bwd at a shape whose logits would be 4x the floor: peak within 1.5x the floor."""
+    from ds4sci.bench.evoformer_attention import floor_bytes, logits_bytes
+    from ds4sci.bench.gpu_check import make_inputs as bench_inputs
+
+    shape, device = (1, 512, 384, 4, 8), torch.device("cuda")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    q, k, v, mask, pair, do = bench_inputs(shape, torch.bfloat16, device)
+    evoformer_attention(q, k, v, [mask, pair]).backward(do)  # warm-up (compilation)
+    for t in (q, k, v, pair):
+        t.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    evoformer_attention(q, k, v, [mask, pair]).backward(do)
+    torch.cuda.synchronize()
+    peak, floor = torch.cuda.max_memory_allocated() - base, floor_bytes(shape, torch.bfloat16)
+    assert logits_bytes(shape, torch.bfloat16) > 4 * floor
+    assert peak < 1.5 * floor, (peak, floor)
+
+
 # --- the compiled (GPU) path, checked without a GPU ------------------------------------------
 
 @pytest.mark.slow
