@@ -381,3 +381,28 @@ class _Launch:
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.launches.append((self.name, args, kwargs))
+
+
+@pytest.mark.subprocess
+def test_interpreter_kernels_leave_compiled_triton_usable():
+    """A fresh process whose first Triton use is loading the interpreter kernels: Triton's own
+    ``@jit`` library functions stay compiled-mode, so compiled kernels (ours on a GPU,
+    Inductor's) still work afterwards, and the interpreter kernels run."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, torch\n"
+        "from ds4sci.ops.evoformer_attention import triton_backend\n"
+        "triton_backend._kernels(torch.device('cpu'))\n"
+        "import triton.language as tl\n"
+        "print(type(tl.zeros).__name__, type(tl.standard._sum_combine).__name__)\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "q = torch.randn(1, 2, 5, 2, 8)\n"
+        "out, _ = triton_backend.forward(q, q, q, [])\n"
+        "print(bool(torch.isfinite(out).all()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120, check=True).stdout.split()
+    assert out == ["JITFunction", "JITFunction", "True"]

@@ -7,7 +7,8 @@ Triton's interpreter when the backend is named explicitly and ``TRITON_INTERPRET
 slow, for tests only. The interpreter copy of the kernels is a second, private load of
 ``triton_kernels.py`` made while ``TRITON_INTERPRET=1``, since ``@triton.jit`` picks
 interpreter or compiler when a kernel is defined; so one process can run both, and the
-setting never leaks into other code that uses Triton.
+setting never leaks into other code that uses Triton. (As always with Triton, a process that
+sets ``TRITON_INTERPRET=1`` before triton is first imported interprets every kernel.)
 
 Legend: ``Bf`` = product of the leading dims ``*``; tensors are viewed as ``[Bf, L, H, D]``.
 """
@@ -65,6 +66,11 @@ def _kernels(device: torch.device):
     for every device under ``TRITON_INTERPRET=1``, as Triton does)."""
     interpret = _interpreted(device)
     if interpret not in _KERNEL_MODULES:
+        # Triton's own @jit helpers (tl.sum, tl.zeros...) are made when triton is first
+        # imported: import it before TRITON_INTERPRET is set below, or they would all become
+        # interpreter functions for the rest of the process (breaking every compiled kernel).
+        import triton.language  # noqa: F401
+
         name = f"{__package__}.triton_kernels" + ("_interpreted" if interpret else "")
         spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("triton_kernels.py"))
         module = importlib.util.module_from_spec(spec)
