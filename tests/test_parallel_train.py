@@ -128,6 +128,7 @@ def test_four_ranks_equal_one_process(tmp_path, layout):
 @pytest.mark.parametrize("layout", [
     pytest.param(["parallel.sp=2"], id="ulysses2"),
     pytest.param(["parallel.pp=2"], id="pp2"),
+    pytest.param(["parallel.dp=2", "parallel.fsdp_param_dtype=bf16"], id="fsdp2-bf16-params"),
 ])
 def test_bf16_autocast_under_a_layout_trains_like_one_process(tmp_path, layout):
     """bf16 autocast reaches the sharded computation (not silently fp32): the curve matches one

@@ -109,6 +109,9 @@ class ParallelConfig:
     """FSDP2 CPUOffloadPolicy: sharded parameters, gradients and optimizer state in host memory."""
     fsdp_reshard_after_forward: bool = True
     """ZeRO-3 (free gathered layer weights after forward) or keep them until backward."""
+    fsdp_param_dtype: str | None = None
+    """FSDP mixed precision: gather and compute with parameters in bf16 (halves the all-gather
+    bytes; master weights, optimizer state and the gradient reduction stay fp32); None = fp32."""
     tp_embeddings: bool = True
     """Tensor parallelism also splits the embeddings and output head by vocabulary."""
     timeout_s: float = 300.0
@@ -128,6 +131,8 @@ class ParallelConfig:
                 raise ValueError(f"parallel.{name}={getattr(self, name)}; expected >= 1")
         if self.dp != -1 and self.dp < 1:
             raise ValueError(f"parallel.dp={self.dp}; expected >= 1 or -1 (infer)")
+        if self.fsdp_param_dtype not in (None, "bf16"):
+            raise ValueError(f"parallel.fsdp_param_dtype={self.fsdp_param_dtype!r}; expected 'bf16' or null")
         if self.timeout_s <= 0:
             raise ValueError(f"parallel.timeout_s={self.timeout_s}; expected > 0")
 

@@ -153,18 +153,17 @@ class DistributedTrainer(Trainer):
 
     def _parallelize(self) -> None:
         p = self.cfg.parallel
+        fsdp = dict(cpu_offload=p.fsdp_cpu_offload, reshard_after_forward=p.fsdp_reshard_after_forward,
+                    param_dtype=torch.bfloat16 if p.fsdp_param_dtype == "bf16" else None)
         if self.dims.pp_enabled:
             lengths = [len(d[i]) for d in (self.train_data, self.val_data) for i in range(len(d))]
             self.pipeline = pipeline_genslm(
                 self.model, self.dims, self.mesh, batch_size=self.cfg.optim.batch_size // self.dims.dp,
                 seq_len=max(lengths), n_microbatches=p.pp_microbatches, schedule=p.pp_schedule,
-                device=self.device, cpu_offload=p.fsdp_cpu_offload,
-                reshard_after_forward=p.fsdp_reshard_after_forward, tp_embeddings=p.tp_embeddings)
+                device=self.device, tp_embeddings=p.tp_embeddings, **fsdp)
             return
         parallelize_genslm(self.model, self.dims, self.mesh, ring_layout=p.sp_layout,
-                           cpu_offload=p.fsdp_cpu_offload,
-                           reshard_after_forward=p.fsdp_reshard_after_forward,
-                           tp_embeddings=p.tp_embeddings)
+                           tp_embeddings=p.tp_embeddings, **fsdp)
 
     def _trained_module(self) -> torch.nn.Module:
         return self.pipeline.module if self.pipeline is not None else self.model
