@@ -344,6 +344,7 @@ def test_kernels_compile_for_an_nvidia_gpu(monkeypatch, dtype, dim):
     monkeypatch.setitem(triton_backend._KERNEL_MODULES, False, Recorder())
     monkeypatch.setattr(triton_backend, "_interpreted", lambda device: False)
     monkeypatch.setattr(triton_backend, "_target_programs", lambda device: 4 * 132)  # an H100
+    monkeypatch.setattr(triton_backend, "_shared_memory", lambda device: 227 * 1024)
     lead, length, heads = (1, 2), 33, 2
     q, k, v, biases, do = make_inputs(lead, length, length, heads, dim, dtype,
                                       _bias_shapes(lead, length, length, heads))

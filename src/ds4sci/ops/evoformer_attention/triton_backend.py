@@ -105,7 +105,8 @@ def _blocks(device: torch.device, head_dim: int, dtype: torch.dtype) -> dict[str
     dp = max(16, _next_power_of_2(head_dim))
     if _interpreted(device):  # small blocks, so tests cross block edges
         table = dict.fromkeys(("fwd", "dkdv", "dq", "dbias"), (32, 32, 1))
-    elif dtype == torch.float32:
+    elif dtype == torch.float32 or (dp >= 64 and _shared_memory(device) < 100 * 1024):
+        # (the 64-wide blocks for head dims >= 64 need up to ~90 KiB of shared memory)
         table = dict.fromkeys(("fwd", "dkdv", "dq", "dbias"), (32, 32, 4))
     else:
         table = _GPU_BLOCKS[dp]
@@ -113,6 +114,13 @@ def _blocks(device: torch.device, head_dim: int, dtype: torch.dtype) -> dict[str
             for kernel, (bq, bk, warps) in table.items()}
     cfgs["delta"] = {"BQ": cfgs["fwd"]["BQ"], "DP": dp, "num_warps": cfgs["fwd"]["num_warps"]}
     return cfgs
+
+
+@functools.lru_cache(maxsize=16)
+def _shared_memory(device: torch.device) -> int:
+    """Shared memory one block may use on this GPU (opt-in maximum), in bytes."""
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024
 
 
 def _next_power_of_2(n: int) -> int:
