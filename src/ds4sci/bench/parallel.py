@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 
 from .common import (
-    current_rss_bytes, limit_address_space, machine_info, peak_rss_bytes, reset_peak_rss, run_worker,
-    write_rows,
+    current_rss_bytes, limit_address_space, machine_info, merge_rows, peak_rss_bytes, reset_peak_rss,
+    run_worker, write_rows,
 )
 from .genslm_memory import BUDGET, WORKER_ENV, fit_and_predict
 
@@ -168,7 +168,10 @@ def _deepspeed_available() -> str | None:
     return None
 
 
-def run(contenders, processes, lengths, preset_name: str, out_dir: Path, stem: str, progress=print):
+def run(contenders, processes, lengths, preset_name: str, out_dir: Path, stem: str, progress=print,
+        update: bool = False):
+    """Measure, fit and write; with ``update``, keep the results file's other cases (so the
+    benchmark can be run in parts: ``--processes 4 --contenders ring --update``)."""
     rows = []
     for contender in contenders:
         if contender == "deepspeed-ulysses" and (why := _deepspeed_available()):
@@ -191,6 +194,9 @@ def run(contenders, processes, lengths, preset_name: str, out_dir: Path, stem: s
                 else:
                     progress(f"{contender:<18} P={p} S={length:>6}  {r['status'].upper()} {r.get('error', '')}")
                     break
+    meta = machine_info()
+    if update:
+        rows = merge_rows(out_dir / f"{stem}.json", rows, lambda r: (r["contender"], r["processes"], r["length"]), meta)
     fits, scaling = {}, {}
     for r in rows:
         key = f"{r['contender']}/P={r['processes']}"
@@ -207,7 +213,6 @@ def run(contenders, processes, lengths, preset_name: str, out_dir: Path, stem: s
             scaling[key] = f["predicted_max_tokens"] / one["predicted_max_tokens"]
             progress(f"{key:<22} predicted max length {f['predicted_max_tokens']:,.0f} tokens = "
                      f"{scaling[key]:.2f}x one process (target >= {0.9 * p:.1f}x)")
-    meta = machine_info()
     meta.update({"budget_bytes_per_process": BUDGET, "fits": fits, "scaling_vs_one_process": scaling,
                  "worker_env": WORKER_ENV})
     json_path, csv_path = write_rows(rows, meta, out_dir, stem)
@@ -249,6 +254,8 @@ def main(argv=None) -> int:
     parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     parser.add_argument("--processes", nargs="+", type=int, choices=PROCESSES, default=list(PROCESSES))
     parser.add_argument("--quick", action="store_true", help="genslm-tiny at short lengths (smoke test)")
+    parser.add_argument("--update", action="store_true",
+                        help="replace only the measured cases in the results file (run in parts)")
     args = parser.parse_args(argv)
     if args.worker:
         contender, length, preset_name = args.worker
@@ -258,7 +265,7 @@ def main(argv=None) -> int:
         return 0
     run(args.contenders, args.processes, QUICK_LENGTHS if args.quick else LENGTHS,
         "genslm-tiny" if args.quick else "genslm-25m", args.out,
-        "parallel_scaling_quick" if args.quick else STEM)
+        "parallel_scaling_quick" if args.quick else STEM, update=args.update)
     return 0
 
 
