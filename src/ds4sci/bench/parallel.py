@@ -217,8 +217,29 @@ def run(contenders, processes, lengths, preset_name: str, out_dir: Path, stem: s
                  "worker_env": WORKER_ENV})
     json_path, csv_path = write_rows(rows, meta, out_dir, stem)
     png = plot(rows, out_dir / f"{stem}.png", meta)
-    progress(f"wrote {json_path}, {csv_path}, {png}")
+    md = write_markdown(rows, meta, out_dir / f"{stem}.md")
+    progress(f"wrote {json_path}, {csv_path}, {png}, {md}")
     return rows, fits
+
+
+def write_markdown(rows, meta, path: Path) -> Path:
+    """The README tables: every case, then the fitted longest length per (contender, P)."""
+    lines = ["| contender | P | S | peak / process | step time | attention sent / layer (theory) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['contender']} | {r['processes']} | {r['length']:,} | {r['status'].upper()} | | |")
+            continue
+        lines.append(f"| {r['contender']} | {r['processes']} | {r['length']:,} | {r['peak_bytes'] / 2**30:.2f} GiB "
+                     f"| {r['time_s']:.1f} s | {r['attn_bytes_per_layer'] / 2**20:.1f} MiB "
+                     f"({r['theory_bytes_per_layer'] / 2**20:.1f} MiB) |")
+    lines += ["", f"| contender / P | predicted max length in {meta['budget_bytes_per_process'] / 2**30:.0f} GiB "
+                  "per process | vs one process |", "|---|---|---|"]
+    for key, f in meta["fits"].items():
+        ratio = meta["scaling_vs_one_process"].get(key)
+        lines.append(f"| {key} | {f['predicted_max_tokens']:,.0f} | {'' if ratio is None else f'{ratio:.2f}x'} |")
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def plot(rows, path: Path, meta) -> Path:
