@@ -136,11 +136,6 @@ class ParallelConfig:
         if self.timeout_s <= 0:
             raise ValueError(f"parallel.timeout_s={self.timeout_s}; expected > 0")
 
-    @property
-    def world_size(self) -> int | None:
-        """Processes this layout needs, or None when dp is inferred."""
-        return None if self.dp == -1 else self.dp * self.sp * self.tp * self.pp
-
 
 @dataclass
 class TrainConfig:
