@@ -297,6 +297,14 @@ def test_gpu_check_correctness_phase_runs(monkeypatch):
     assert [(r["shape_key"], r["status"], r["deterministic"]) for r in rows] == [("tiny", "pass", True)]
     assert rows[0]["err_dpair"] > 0 and rows[0]["plain_err_dpair"] > 0
 
+    def broken(*args):
+        raise RuntimeError("no kernel image")
+
+    monkeypatch.setattr(gpu_check, "_correctness_case", broken)  # reported, not raised
+    rows = gpu_check.check_correctness(torch.device("cpu"), {"tiny": ((1, 2, 9, 2, 8), "tiny")},
+                                       ["float16"], progress=lambda line: None)
+    assert rows[0]["status"] == "ERROR: RuntimeError: no kernel image"
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_peak_cuda_memory_near_the_floor():
