@@ -65,6 +65,10 @@ def _distributed(rank, world_size, out, extra):
     from ds4sci.train.distributed import DistributedTrainer
 
     trainer = DistributedTrainer(_cfg(out, *extra))
+    if trainer.pipeline is not None:  # a stage's rank holds only that stage's parameters
+        stage = {id(p) for p in trainer.pipeline.module.parameters()}
+        assert {id(p) for p in trainer.model.parameters()} <= stage
+        assert trainer.model.num_parameters() < trainer.num_parameters
     return _summary(trainer, trainer.fit()["rows"])
 
 

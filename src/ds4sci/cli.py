@@ -66,9 +66,8 @@ def train(args, overrides: list[str]) -> int:
     else:
         trainer = Trainer(cfg, resume=args.resume)
         main_rank, layout_note = True, ""
-    model = trainer.model
     if main_rank:
-        print(f"ds4sci train genslm: {cfg.model} ({model.num_parameters() / 1e6:.2f} M parameters), "
+        print(f"ds4sci train genslm: {cfg.model} ({trainer.num_parameters / 1e6:.2f} M parameters), "
               f"{len(trainer.train_data)} train / {len(trainer.val_data)} val records, "
               f"{int(trainer.train_data.offsets[-1]):,} train tokens, precision {cfg.precision}"
               + layout_note + (f", resuming at step {trainer.step}" if args.resume else ""), flush=True)

@@ -161,6 +161,14 @@ class DistributedTrainer(Trainer):
                 self.model, self.dims, self.mesh, batch_size=self.cfg.optim.batch_size // self.dims.dp,
                 seq_len=max(lengths), n_microbatches=p.pp_microbatches, schedule=p.pp_schedule,
                 device=self.device, tp_embeddings=p.tp_embeddings, **fsdp)
+            # Drop the other stages' modules, or every rank would keep the whole model.
+            stage = self.pipeline.module
+            for i in range(len(self.model.layers)):
+                if str(i) not in stage.layers:
+                    self.model.layers[i] = torch.nn.Identity()
+            for name in ("embed_in", "final_layer_norm", "embed_out"):
+                if not hasattr(stage, name):
+                    setattr(self.model, name, None)
             return
         parallelize_genslm(self.model, self.dims, self.mesh, ring_layout=p.sp_layout,
                            tp_embeddings=p.tp_embeddings, **fsdp)

@@ -200,6 +200,8 @@ class Trainer:
         if model_config.vocab_size < len(self.tokenizer):
             raise ValueError(f"model vocab_size={model_config.vocab_size} < tokenizer's {len(self.tokenizer)}")
         self.model = GenSLM(model_config).to(self.device)
+        self.num_parameters = self.model.num_parameters()
+        """Of the whole model (a pipeline stage holds only some)."""
         self._parallelize()
         self.optimizer = _optimizer(self._trained_module(), cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
