@@ -273,3 +273,13 @@ def test_collective_timeout_bounds_a_stuck_peer(tmp_path):
     with pytest.raises(Exception, match="(?i)timed out|timeout"):
         run_distributed(_stuck_peer, 2, str(tmp_path), pg_timeout=3, timeout=60)
     assert time.monotonic() - start < 25
+
+
+def test_cli_layout_without_torchrun_says_how_to_launch(tmp_path, capsys, monkeypatch):
+    from ds4sci.cli import main
+
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert main(["train", "genslm", "--sp=2", "--tp=2", f"--out_dir={tmp_path}"]) == 2
+    assert ("the layout dp=-1 sp=2 tp=2 pp=1 needs 4 processes; launch with torchrun "
+            "--nproc-per-node=4 -m ds4sci.cli train genslm") in capsys.readouterr().err
