@@ -179,10 +179,14 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             if args.command == "train":
-                # record: under torchrun a rank's traceback goes into the job's failure summary.
-                from torch.distributed.elastic.multiprocessing.errors import record
+                from .train.distributed import launched_distributed
 
-                return record(train)(args, rest)
+                if launched_distributed():
+                    # record: a rank's traceback goes into torchrun's failure summary.
+                    from torch.distributed.elastic.multiprocessing.errors import record
+
+                    return record(train)(args, rest)
+                return train(args, rest)
             return embed(args) if args.command == "embed" else generate(args)
         except (ValueError, TypeError, FileNotFoundError, CheckpointError) as err:
             print(f"ds4sci {args.command}: error: {err}", file=sys.stderr)
