@@ -15,6 +15,10 @@ from __future__ import annotations
 import torch
 
 from ...parallel.dims import ParallelDims, ParallelMesh
+from ...parallel.fsdp import apply_fsdp
+from ...parallel.pipeline import build_pipeline
+from ...parallel.sequence import apply_sequence_parallel
+from ...parallel.tensor import apply_tensor_parallel, check_tensor_parallel
 from .config import GenSLMConfig
 
 
@@ -36,8 +40,6 @@ def make_dims(parallel, world_size: int, config: GenSLMConfig) -> ParallelDims:
 
 def check_layout(dims: ParallelDims, config: GenSLMConfig) -> None:
     """Raise ValueError, with the reason, for a layout this model cannot run under."""
-    from ...parallel.tensor import check_tensor_parallel
-
     if dims.tp_enabled:
         check_tensor_parallel(config, dims.tp)
     if dims.pp_enabled:
@@ -78,8 +80,6 @@ def parallelize_genslm(model, dims: ParallelDims, mesh: ParallelMesh, *, ring_la
                          "pipeline_genslm for pipeline layouts")
     # SP only swaps attention cores; it must be set before FSDP wraps the layers.
     if dims.sp_enabled:
-        from ...parallel.sequence import apply_sequence_parallel
-
         layout, _ = sequence_layout(dims, ring_layout)
         apply_sequence_parallel(
             model, dims.sp_mode, sp_group=mesh.group("sp"),
@@ -92,12 +92,8 @@ def parallelize_genslm(model, dims: ParallelDims, mesh: ParallelMesh, *, ring_la
 def _tp_then_fsdp(module, dims: ParallelDims, mesh: ParallelMesh, *, cpu_offload: bool,
                   reshard_after_forward: bool, tp_embeddings: bool, param_dtype):
     if dims.tp_enabled:
-        from ...parallel.tensor import apply_tensor_parallel
-
         apply_tensor_parallel(module, mesh.tp, embeddings=tp_embeddings)
     if dims.dp_sp > 1:
-        from ...parallel.fsdp import apply_fsdp
-
         apply_fsdp(module, mesh.dp_sp, param_dtype=param_dtype, cpu_offload=cpu_offload,
                    reshard_after_forward=reshard_after_forward)
     return module
@@ -110,8 +106,6 @@ def pipeline_genslm(model, dims: ParallelDims, mesh: ParallelMesh, *, batch_size
     """This rank's pipeline stage of ``model`` (TP, then FSDP over dp applied to the stage) and its
     schedule, a ``parallel.pipeline.Pipeline``. ``batch_size``: records per step on this rank."""
     check_layout(dims, model.config)
-    from ...parallel.pipeline import build_pipeline
-
     def parallelize_stage(stage):
         return _tp_then_fsdp(stage, dims, mesh, cpu_offload=cpu_offload, tp_embeddings=tp_embeddings,
                              reshard_after_forward=reshard_after_forward, param_dtype=param_dtype)
