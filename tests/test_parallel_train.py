@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from dist_helpers import run_distributed
-from ds4sci.train.checkpoint import CheckpointError, latest_checkpoint
+from ds4sci.train.checkpoint import latest_checkpoint
 from ds4sci.train.config import load_config
 from ds4sci.train.trainer import Trainer
 
