@@ -2,8 +2,9 @@
 memory-efficient attention vs the same modules with naive attention (stock OpenFold's way),
 at OpenFold's initial-training and fine-tuning dims, fp32 and bf16 on CPU.
 
-Each case runs in a fresh process under a 20 GiB address-space budget (an allocation beyond it
-fails and is recorded as OOM). Peak memory is the process's high-water RSS above its baseline
+Each case runs in a fresh process per contender under a 20 GiB address-space budget (an
+allocation beyond it fails and is recorded as OOM). Where both fit, the times reported are then
+re-measured in one process, alternating the contenders (``--rounds``, median). Peak memory is the process's high-water RSS above its baseline
 after building the block (so it includes the inputs, activations and gradients); time is the
 last of the configured steps (two at initial-training dims, where the first pays the page
 faults of new allocations; one at fine-tuning dims). A tiny step before the baseline loads
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -87,8 +89,28 @@ def worker(contender: str, block: str, config: str, dtype_name: str, quick: bool
             "steps": steps}
 
 
+def timing_worker(block: str, config: str, dtype_name: str, rounds: int, quick: bool) -> dict:
+    """Both contenders in one process, alternating (ours, naive, ours, naive...) on the same
+    inputs, so a drift in machine speed hits both alike; medians and the median per-round ratio."""
+    preset_name, n_res, n_seq, n_extra, _ = (QUICK_CONFIGS if quick else CONFIGS)[config]
+    dtype = DTYPES[dtype_name]
+    modules = {}
+    for contender, backend in CONTENDERS.items():
+        torch.manual_seed(0)
+        modules[contender], cfg = _build(block, preset_name, backend, dtype)
+    inputs = _inputs(cfg, n_res, n_seq if block == "evoformer" else n_extra, dtype)
+    times = {c: [] for c in modules}
+    for _ in range(rounds):
+        for contender, module in modules.items():
+            start = time.perf_counter()
+            _step(module, inputs)
+            times[contender].append(time.perf_counter() - start)
+    ratios = [n / o for n, o in zip(times["naive"], times["ds4sci"])]
+    return {"times": times, "naive_time_over_ours": statistics.median(ratios), "rounds": rounds}
+
+
 def run(configs: dict, blocks, dtypes, out_dir: Path, stem: str, quick: bool, update: bool,
-        progress=print) -> list[dict]:
+        rounds: int = 2, progress=print) -> list[dict]:
     rows = []
     for dtype_name in dtypes:
         for config, (preset_name, n_res, n_seq, n_extra, _) in configs.items():
@@ -108,7 +130,7 @@ def run(configs: dict, blocks, dtypes, out_dir: Path, stem: str, quick: bool, up
                 ours, naive = case["ds4sci"], case["naive"]
                 if ours["status"] == "ok" and naive["status"] == "ok":
                     ours["naive_peak_over_ours"] = naive["peak_bytes"] / ours["peak_bytes"]
-                    ours["naive_time_over_ours"] = naive["time_s"] / ours["time_s"]
+                    _paired_timing(case, block, config, dtype_name, quick, rounds)
                 for row in case.values():
                     rows.append(row)
                     progress(_format(row))
@@ -121,6 +143,20 @@ def run(configs: dict, blocks, dtypes, out_dir: Path, stem: str, quick: bool, up
     png = plot(rows, out_dir / f"{stem}.png", meta)
     progress(f"wrote {json_path}, {csv_path}, {png}")
     return rows
+
+
+def _paired_timing(case: dict, block: str, config: str, dtype_name: str, quick: bool, rounds: int) -> None:
+    """Replace the contenders' times by a paired measurement (see ``timing_worker``)."""
+    args = ["--timing", block, config, dtype_name, str(rounds)] + (["--quick"] if quick else [])
+    timed = run_worker("ds4sci.bench.evoformer_block", args, timeout=7200)
+    if "times" not in timed:
+        case["ds4sci"]["timing_error"] = timed.get("error")
+        return
+    for contender, row in case.items():
+        row["unpaired_time_s"] = row["time_s"]
+        row["time_s"] = statistics.median(timed["times"][contender])
+        row["timing_rounds"] = timed["rounds"]
+    case["ds4sci"]["naive_time_over_ours"] = timed["naive_time_over_ours"]
 
 
 def _format(r: dict) -> str:
@@ -169,6 +205,8 @@ def plot(rows, path: Path, meta: dict) -> Path:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ds4sci bench evoformer-block", description=__doc__.split("\n")[0])
     parser.add_argument("--worker", nargs=4, metavar=("CONTENDER", "BLOCK", "CONFIG", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--timing", nargs=4, metavar=("BLOCK", "CONFIG", "DTYPE", "ROUNDS"), help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=2, help="paired timing rounds where both fit")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), help="subset of dims (default all)")
     parser.add_argument("--blocks", nargs="+", choices=BLOCKS, default=list(BLOCKS))
@@ -179,9 +217,13 @@ def main(argv=None) -> int:
     if args.worker:
         print(json.dumps(worker(*args.worker, quick=args.quick)))
         return 0
+    if args.timing:
+        block, config, dtype_name, rounds = args.timing
+        print(json.dumps(timing_worker(block, config, dtype_name, int(rounds), quick=args.quick)))
+        return 0
     configs = QUICK_CONFIGS if args.quick else {k: CONFIGS[k] for k in (args.configs or CONFIGS)}
     stem = "evoformer_block_quick" if args.quick else "evoformer_block_cpu"
-    run(configs, args.blocks, args.dtypes, args.out, stem, args.quick, args.update)
+    run(configs, args.blocks, args.dtypes, args.out, stem, args.quick, args.update, args.rounds)
     return 0
 
 
