@@ -261,7 +261,8 @@ def plot(rows, path: Path, meta) -> Path:
         ax.set_xlabel("total sequence length (tokens)")
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
-    fig.suptitle(f"sequence-parallel genslm training, gloo, {meta['host_cpu']}, torch {meta['torch']}")
+    preset_name = rows[0]["preset"] if rows else ""
+    fig.suptitle(f"sequence-parallel {preset_name} training step, gloo, {meta['host_cpu']}, torch {meta['torch']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
