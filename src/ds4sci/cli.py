@@ -79,7 +79,7 @@ def train(args, overrides: list[str]) -> int:
         print(f"loss {first['loss']:.3f} -> {last['loss']:.3f} nats/token over {last['step']} steps; "
               f"validation perplexity {float('nan') if val is None else val:.2f}; "
               f"{last['tokens_per_s']:.0f} tokens/s; peak memory {last['peak_memory_bytes'] / 2**30:.2f} GiB"
-              + (" (rank 0)" if distributed else ""))
+              + (" (largest rank)" if distributed else ""))
     if main_rank:
         print(f"run directory {cfg.out_dir}: metrics.jsonl, loss_curve.png, checkpoints/")
     if distributed:

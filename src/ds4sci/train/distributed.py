@@ -287,7 +287,10 @@ class DistributedTrainer(Trainer):
     def train_step(self) -> dict:
         inject_fault(self.rank, self.step + 1)
         row = super().train_step()
-        row["layout"] = self.dims.describe()
+        # The largest rank's peak memory, not rank 0's (pipeline stages and shards differ).
+        peak = torch.tensor(float(row["peak_memory_bytes"]), dtype=torch.float64, device=self.device)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        row.update(peak_memory_bytes=int(peak), layout=self.dims.describe())
         return row
 
     # ----- checkpoints -----
