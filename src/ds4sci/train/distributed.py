@@ -3,7 +3,7 @@ over a ``ParallelDims`` layout (FSDP over dp x sp, sequence, tensor and pipeline
 
 Launch (one process per rank; gloo on CPU, NCCL on GPUs)::
 
-    torchrun --nproc-per-node=4 -m ds4sci.cli train genslm --dp=2 --sp=2
+    torchrun --standalone --nproc-per-node=4 -m ds4sci.cli train genslm --dp=2 --sp=2 optim.batch_size=2
 
 Same numbers as one process. ``optim.batch_size`` is the *global* number of records per
 micro-batch: every rank draws the same record indices (the sampler is a pure function of the
@@ -22,6 +22,10 @@ torchrun stops every rank when one exits with an error, so a rank that raises or
 job with an error instead of a hang. The config is compared across ranks at start (hash, then
 the differing keys). ``DS4SCI_FAULT=<rank>:<step>:raise|exit`` makes one rank fail on purpose
 at the start of that step (used by the tests of this behaviour).
+
+Limits: every rank builds the whole model before it is sharded (no meta-device initialisation
+yet), and ``out_dir`` must be one filesystem all ranks see (rank 0 writes the token files and
+publishes checkpoints the others wrote shards into).
 """
 
 from __future__ import annotations
