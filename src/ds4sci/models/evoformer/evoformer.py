@@ -47,10 +47,10 @@ class PairStack(nn.Module):
         drop = self.ps_dropout_row_layer
         z = z + drop(self.tri_mul_out(z, pair_mask, chunk_size))
         z = z + drop(self.tri_mul_in(z, pair_mask, chunk_size))
-        z = z + drop(self.tri_att_start(z, pair_mask))
+        z = z + drop(self.tri_att_start(z, pair_mask, chunk_size))
         # Ending node = starting node on the transpose; row-wise dropout there is column-wise here.
         z_t = z.transpose(-2, -3)
-        z = (z_t + drop(self.tri_att_end(z_t, pair_mask.transpose(-1, -2)))).transpose(-2, -3)
+        z = (z_t + drop(self.tri_att_end(z_t, pair_mask.transpose(-1, -2), chunk_size))).transpose(-2, -3)
         return z + self.pair_transition(z, pair_mask, chunk_size)
 
 
@@ -70,9 +70,13 @@ class MSABlock(nn.Module):
     def forward(self, m: torch.Tensor, z: torch.Tensor, msa_mask: torch.Tensor | None = None,
                 pair_mask: torch.Tensor | None = None,
                 chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One block: ``(m, z) -> (m, z)``, shapes unchanged. Masks default to all ones;
-        ``chunk_size`` bounds the outer product mean, triangle multiplications and transitions
-        to that many rows at a time (inference memory), without changing the result."""
+        """One block: ``(m, z) -> (m, z)``, shapes unchanged. Masks default to all ones.
+
+        ``chunk_size`` runs every part of the block that is independent along rows or columns
+        (attention, outer product mean, triangle multiplications, transitions) that many rows
+        at a time, without changing the result: at inference this bounds the working set; while
+        training each chunk is also recomputed in backward, so only one chunk's activations are
+        alive at a time (more compute, much less memory)."""
         _check_shapes(type(self).__name__, m, z, msa_mask, pair_mask)
         if msa_mask is None:
             msa_mask = m.new_ones(m.shape[:-1])
@@ -80,9 +84,9 @@ class MSABlock(nn.Module):
             pair_mask = z.new_ones(z.shape[:-1])
         if self.opm_first:
             z = z + self.outer_product_mean(m, msa_mask, chunk_size)
-        m = m + self.msa_dropout_layer(self.msa_att_row(m, z, msa_mask))
+        m = m + self.msa_dropout_layer(self.msa_att_row(m, z, msa_mask, chunk_size))
         if getattr(self, "msa_att_col", None) is not None:
-            m = m + self.msa_att_col(m, msa_mask)
+            m = m + self.msa_att_col(m, msa_mask, chunk_size)
         m = m + self.msa_transition(m, msa_mask, chunk_size)
         if not self.opm_first:
             z = z + self.outer_product_mean(m, msa_mask, chunk_size)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .primitives import Attention, GlobalAttention, Linear, mask_bias
+from .primitives import Attention, GlobalAttention, Linear, chunked, mask_bias
 
 
 class MSAAttention(nn.Module):
@@ -31,20 +31,25 @@ class MSAAttention(nn.Module):
         self.mha = Attention(c_in, c_in, c_in, c_hidden, no_heads)
 
     def forward(self, m: torch.Tensor, z: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, chunk_size: int | None = None) -> torch.Tensor:
         """``m [*, N_seq, N_res, C_m]``, ``z [*, N_res, N_res, C_z]`` (pair-bias variant only),
-        ``mask [*, N_seq, N_res]`` (1 = keep) -> update ``[*, N_seq, N_res, C_m]``."""
-        m = self.layer_norm_m(m)
+        ``mask [*, N_seq, N_res]`` (1 = keep) -> update ``[*, N_seq, N_res, C_m]``.
+        ``chunk_size``: that many rows (sequences) at a time; see ``primitives.chunked``."""
         if mask is None:
             mask = m.new_ones(m.shape[:-1])
-        biases = [mask_bias(mask, self.inf, m.dtype)[..., :, None, None, :]]  # [*, N_seq, 1, 1, N_res]
+        shared = []
         if self.linear_z is not None:
             if z is None:
                 raise ValueError("MSARowAttentionWithPairBias: z (the pair representation) is required")
-            # [*, N_res, N_res, H] -> [*, 1, H, N_res, N_res]
-            biases.append(self.linear_z(self.layer_norm_z(z)).permute(
+            # [*, N_res, N_res, H] -> [*, 1, H, N_res, N_res], shared by every row.
+            shared.append(self.linear_z(self.layer_norm_z(z)).permute(
                 *range(z.dim() - 3), -1, -3, -2).unsqueeze(-4))
-        return self.mha(m, m, biases)
+        return chunked(self._rows, chunk_size, -3, (m, mask.unsqueeze(-1)), shared)
+
+    def _rows(self, m: torch.Tensor, mask_1: torch.Tensor, *pair_bias: torch.Tensor) -> torch.Tensor:
+        m = self.layer_norm_m(m)
+        bias = mask_bias(mask_1[..., 0], self.inf, m.dtype)[..., :, None, None, :]  # [*, N_seq, 1, 1, N_res]
+        return self.mha(m, m, [bias, *pair_bias])
 
 
 class MSARowAttentionWithPairBias(MSAAttention):
@@ -63,11 +68,13 @@ class MSAColumnAttention(nn.Module):
         super().__init__()
         self._msa_att = MSAAttention(c_m, c_hidden, no_heads, pair_bias=False, inf=inf)
 
-    def forward(self, m: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``m [*, N_seq, N_res, C_m]``, ``mask [*, N_seq, N_res]`` -> ``[*, N_seq, N_res, C_m]``."""
+    def forward(self, m: torch.Tensor, mask: torch.Tensor | None = None,
+                chunk_size: int | None = None) -> torch.Tensor:
+        """``m [*, N_seq, N_res, C_m]``, ``mask [*, N_seq, N_res]`` -> ``[*, N_seq, N_res, C_m]``;
+        ``chunk_size`` columns at a time."""
         m = m.transpose(-2, -3)
         mask = None if mask is None else mask.transpose(-1, -2)
-        return self._msa_att(m, mask=mask).transpose(-2, -3)
+        return self._msa_att(m, mask=mask, chunk_size=chunk_size).transpose(-2, -3)
 
 
 class MSAColumnGlobalAttention(nn.Module):
@@ -78,9 +85,15 @@ class MSAColumnGlobalAttention(nn.Module):
         self.layer_norm_m = nn.LayerNorm(c_in)
         self.global_attention = GlobalAttention(c_in, c_hidden, no_heads, inf=inf, eps=eps)
 
-    def forward(self, m: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``m [*, N_seq, N_res, C_m]``, ``mask [*, N_seq, N_res]`` -> ``[*, N_seq, N_res, C_m]``."""
+    def forward(self, m: torch.Tensor, mask: torch.Tensor | None = None,
+                chunk_size: int | None = None) -> torch.Tensor:
+        """``m [*, N_seq, N_res, C_m]``, ``mask [*, N_seq, N_res]`` -> ``[*, N_seq, N_res, C_m]``;
+        ``chunk_size`` columns at a time."""
         if mask is None:
             mask = m.new_ones(m.shape[:-1])
-        m = self.layer_norm_m(m.transpose(-2, -3))  # [*, N_res, N_seq, C_m]
-        return self.global_attention(m, mask.transpose(-1, -2)).transpose(-2, -3)
+        # [*, N_res, N_seq, C_m]: columns first; each column is independent.
+        out = chunked(self._columns, chunk_size, -3, (m.transpose(-2, -3), mask.transpose(-1, -2)[..., None]))
+        return out.transpose(-2, -3)
+
+    def _columns(self, m: torch.Tensor, mask_1: torch.Tensor) -> torch.Tensor:
+        return self.global_attention(self.layer_norm_m(m), mask_1[..., 0])

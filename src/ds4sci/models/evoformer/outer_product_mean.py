@@ -7,14 +7,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .primitives import Linear
+from .primitives import Linear, run_piece
 
 
 class OuterProductMean(nn.Module):
     """``z_ij += Linear(mean_s a_si (x) b_sj)``, the mean over sequences where both are unmasked.
 
     The ``[*, N_res, N_res, C, C]`` outer products are the big intermediate (C=32: 1024 numbers
-    per residue pair); ``chunk_size`` makes them ``chunk_size`` rows at a time, same result.
+    per residue pair); ``chunk_size`` makes them ``chunk_size`` rows at a time (recomputed in
+    backward while training), same result.
     """
 
     def __init__(self, c_m: int, c_z: int, c_hidden: int, eps: float = 1e-3):
@@ -36,9 +37,13 @@ class OuterProductMean(nn.Module):
         # norm_ij = number of sequences where residues i and j are both present.
         norm = torch.einsum("...sic,...sjc->...ijc", mask, mask) + self.eps  # [*, R, R, 1]
         n = m.shape[-2]
-        step = n if chunk_size is None else chunk_size
-        rows = []
-        for start in range(0, n, step):
-            outer = torch.einsum("...sic,...sje->...ijce", a[..., start : start + step, :], b)
-            rows.append(self.linear_out(outer.flatten(-2)) / norm[..., start : start + step, :, :])
-        return rows[0] if len(rows) == 1 else torch.cat(rows, dim=-3)
+        if chunk_size is None or n <= chunk_size:
+            return self._rows(a, b, norm)
+        return torch.cat([run_piece(self._rows, a[..., start : start + chunk_size, :], b,
+                                    norm[..., start : start + chunk_size, :, :])
+                          for start in range(0, n, chunk_size)], dim=-3)
+
+    def _rows(self, a: torch.Tensor, b: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        """Rows ``i`` of the update for the columns ``i`` of ``a [*, S, I, C]`` given."""
+        outer = torch.einsum("...sic,...sje->...ijce", a, b)  # [*, I, R, C, C]
+        return self.linear_out(outer.flatten(-2)) / norm

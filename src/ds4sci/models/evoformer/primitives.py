@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from torch.utils.checkpoint import checkpoint
+
 from ds4sci.ops.evoformer_attention import evoformer_attention, evoformer_attention_naive
 
 NAIVE = "naive"
@@ -165,14 +167,26 @@ def set_attention_backend(module: nn.Module, backend: str) -> nn.Module:
     return module
 
 
-def chunked(fn, x: torch.Tensor, chunk_size: int | None, dim: int, *args: torch.Tensor) -> torch.Tensor:
-    """``fn(x, *args)`` computed ``chunk_size`` slices of ``dim`` at a time (``args`` sliced
-    alike), for row-independent functions: the same numbers with a bounded working set."""
-    if chunk_size is None or x.shape[dim] <= chunk_size:
-        return fn(x, *args)
-    pieces = [
-        fn(x.narrow(dim, start, min(chunk_size, x.shape[dim] - start)),
-           *(a.narrow(dim, start, min(chunk_size, x.shape[dim] - start)) for a in args))
-        for start in range(0, x.shape[dim], chunk_size)
-    ]
+def run_piece(fn, *args: torch.Tensor) -> torch.Tensor:
+    """``fn(*args)``; while training, recomputed in backward (checkpointed) so that only the
+    piece's inputs stay alive. One piece of a chunked computation."""
+    if torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def chunked(fn, chunk_size: int | None, dim: int, sliced: Sequence[torch.Tensor],
+            shared: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+    """``fn(*sliced, *shared)`` for a function independent along ``dim``, computed
+    ``chunk_size`` slices at a time (each of ``sliced`` cut alike along ``dim``; ``shared`` passed
+    whole) and concatenated: the same numbers with a working set bounded by one chunk. While
+    training, each chunk is recomputed in backward (:func:`run_piece`), so that bound holds for
+    the saved activations too."""
+    n = sliced[0].shape[dim]
+    if chunk_size is None or n <= chunk_size:
+        return fn(*sliced, *shared)
+    pieces = []
+    for start in range(0, n, chunk_size):
+        size = min(chunk_size, n - start)
+        pieces.append(run_piece(fn, *(t.narrow(dim, start, size) for t in sliced), *shared))
     return torch.cat(pieces, dim=dim)

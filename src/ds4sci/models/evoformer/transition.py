@@ -27,10 +27,11 @@ class Transition(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 chunk_size: int | None = None) -> torch.Tensor:
         """``x [*, R1, R2, C]``, ``mask [*, R1, R2]`` -> ``[*, R1, R2, C]``; ``chunk_size`` rows
-        ``R1`` at a time bound the ``n * C``-wide hidden activations."""
+        ``R1`` at a time bound the ``n * C``-wide hidden activations (also the saved ones while
+        training: each chunk is recomputed in backward)."""
         if mask is None:
             mask = x.new_ones(x.shape[:-1])
-        return chunked(self._transition, x, chunk_size, -3, mask.unsqueeze(-1).to(x.dtype))
+        return chunked(self._transition, chunk_size, -3, (x, mask.unsqueeze(-1).to(x.dtype)))
 
 
 class MSATransition(Transition):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .primitives import Attention, Linear, mask_bias
+from .primitives import Attention, Linear, chunked, mask_bias, run_piece
 
 
 class TriangleAttention(nn.Module):
@@ -30,19 +30,22 @@ class TriangleAttention(nn.Module):
         self.linear = Linear(c_in, no_heads, bias=False, init="normal")
         self.mha = Attention(c_in, c_in, c_in, c_hidden, no_heads)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``x [*, I, J, C_in]``, ``mask [*, I, J]`` -> update ``[*, I, J, C_in]``."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                chunk_size: int | None = None) -> torch.Tensor:
+        """``x [*, I, J, C_in]``, ``mask [*, I, J]`` -> update ``[*, I, J, C_in]``;
+        ``chunk_size`` rows ``I`` at a time (the triangle bias is shared by all rows)."""
         if mask is None:
             mask = x.new_ones(x.shape[:-1])
         if not self.starting:
             x, mask = x.transpose(-2, -3), mask.transpose(-1, -2)
         x = self.layer_norm(x)
-        biases = [
-            mask_bias(mask, self.inf, x.dtype)[..., :, None, None, :],  # [*, I, 1, 1, J]
-            self.linear(x).permute(*range(x.dim() - 3), -1, -3, -2).unsqueeze(-4),  # [*, 1, H, I, J]
-        ]
-        x = self.mha(x, x, biases)
+        tri_bias = self.linear(x).permute(*range(x.dim() - 3), -1, -3, -2).unsqueeze(-4)  # [*, 1, H, I, J]
+        x = chunked(self._rows, chunk_size, -3, (x, mask.unsqueeze(-1)), (tri_bias,))
         return x if self.starting else x.transpose(-2, -3)
+
+    def _rows(self, x: torch.Tensor, mask_1: torch.Tensor, tri_bias: torch.Tensor) -> torch.Tensor:
+        bias = mask_bias(mask_1[..., 0], self.inf, x.dtype)[..., :, None, None, :]  # [*, I, 1, 1, J]
+        return self.mha(x, x, [bias, tri_bias])
 
 
 class TriangleAttentionStartingNode(TriangleAttention):
@@ -66,9 +69,9 @@ class TriangleMultiplicativeUpdate(nn.Module):
     ``fuse_projection_weights`` stores the ``a``/``b`` projections as one ``linear_ab_*`` pair
     (OpenFold's ``FusedTriangleMultiplicativeUpdate``, used by its multimer weights).
 
-    ``chunk_size`` bounds the working set to ``chunk_size`` rows ``i`` of the output at a time;
-    each output row depends on the whole of ``a`` and ``b`` but on no other output row, so the
-    result is the same.
+    ``chunk_size`` bounds the working set to ``chunk_size`` rows ``i`` of the output at a time
+    (recomputed in backward while training); each output row depends on the whole of ``a`` and
+    ``b`` but on no other output row, so the result is the same.
     """
 
     def __init__(self, c_z: int, c_hidden: int, outgoing: bool = True,
@@ -110,13 +113,16 @@ class TriangleMultiplicativeUpdate(nn.Module):
         else:  # x_ij = sum_k a_ki b_kj
             a_CIK, b_CKJ = a.permute(*lead, -1, -2, -3), b.permute(*lead, -1, -3, -2)
         n = z.shape[-3]
-        step = n if chunk_size is None else chunk_size
-        rows = []
-        for start in range(0, n, step):
-            x = (a_CIK[..., start : start + step, :] @ b_CKJ).permute(*lead, -2, -1, -3)
-            x = self.linear_z(self.layer_norm_out(x))
-            rows.append(x * torch.sigmoid(self.linear_g(z[..., start : start + step, :, :])))
-        return rows[0] if len(rows) == 1 else torch.cat(rows, dim=-3)
+        if chunk_size is None or n <= chunk_size:
+            return self._rows(a_CIK, b_CKJ, z)
+        return torch.cat([run_piece(self._rows, a_CIK[..., start : start + chunk_size, :], b_CKJ,
+                                    z[..., start : start + chunk_size, :, :])
+                          for start in range(0, n, chunk_size)], dim=-3)
+
+    def _rows(self, a_CIK: torch.Tensor, b_CKJ: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Output rows ``i`` for the ``a`` rows and (layer-normed) ``z`` rows given."""
+        x = (a_CIK @ b_CKJ).permute(*range(z.dim() - 3), -2, -1, -3)  # [*, I, J, C]
+        return self.linear_z(self.layer_norm_out(x)) * torch.sigmoid(self.linear_g(z))
 
 
 class TriangleMultiplicationOutgoing(TriangleMultiplicativeUpdate):
