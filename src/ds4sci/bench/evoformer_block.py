@@ -33,7 +33,10 @@ CONFIGS = {
 }
 QUICK_CONFIGS = {"tiny": ("openfold-initial-training", 16, 8, 24, 2)}
 BLOCKS = ("evoformer", "extra_msa")
-CONTENDERS = {"ds4sci": "auto", "naive": "naive"}
+CONTENDERS = {"ds4sci": ("auto", None), "ds4sci-chunked": ("auto", 128), "naive": ("naive", None)}
+"""name -> (attention backend, chunk_size). ``ds4sci-chunked`` also runs every row/column-independent
+part 128 rows at a time, recomputing each chunk in backward (a ds4sci switch stock OpenFold training
+does not use); the other two differ only in the attention."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MEMORY_BUDGET = 20 * 2**30
 
@@ -56,12 +59,12 @@ def _inputs(cfg, n_res: int, n_seq: int, dtype):
     return m, z, msa_mask, pair_mask
 
 
-def _step(block_module, inputs) -> None:
+def _step(block_module, inputs, chunk_size=None) -> None:
     from ds4sci.models.evoformer.evoformer import _run_blocks
 
     m, z, msa_mask, pair_mask = inputs
     m.grad = z.grad = None
-    m_out, z_out = _run_blocks([block_module], m, z, msa_mask, pair_mask, None, blocks_per_ckpt=1)
+    m_out, z_out = _run_blocks([block_module], m, z, msa_mask, pair_mask, chunk_size, blocks_per_ckpt=1)
     # A fixed upstream gradient of ones: the loss is the sum of both outputs.
     torch.autograd.backward([m_out, z_out], [torch.ones_like(m_out), torch.ones_like(z_out)])
 
@@ -69,8 +72,9 @@ def _step(block_module, inputs) -> None:
 def worker(contender: str, block: str, config: str, dtype_name: str, quick: bool) -> dict:
     preset_name, n_res, n_seq, n_extra, steps = (QUICK_CONFIGS if quick else CONFIGS)[config]
     dtype = DTYPES[dtype_name]
-    module, cfg = _build(block, preset_name, CONTENDERS[contender], dtype)
-    _step(module, _inputs(cfg, 4, 3, dtype))  # load kernels, allocate parameter gradients
+    backend, chunk_size = CONTENDERS[contender]
+    module, cfg = _build(block, preset_name, backend, dtype)
+    _step(module, _inputs(cfg, 4, 3, dtype), chunk_size)  # load kernels, allocate parameter gradients
     limit_address_space(MEMORY_BUDGET)
     reset_peak_rss()
     base = current_rss_bytes()
@@ -79,7 +83,7 @@ def worker(contender: str, block: str, config: str, dtype_name: str, quick: bool
         times = []
         for _ in range(steps):
             start = time.perf_counter()
-            _step(module, inputs)
+            _step(module, inputs, chunk_size)
             times.append(time.perf_counter() - start)
     except RuntimeError as err:  # an allocation beyond the budget
         if "can't allocate" not in str(err).lower() and "out of memory" not in str(err).lower():
@@ -95,9 +99,12 @@ def timing_worker(block: str, config: str, dtype_name: str, rounds: int, quick: 
     preset_name, n_res, n_seq, n_extra, _ = (QUICK_CONFIGS if quick else CONFIGS)[config]
     dtype = DTYPES[dtype_name]
     modules = {}
-    for contender, backend in CONTENDERS.items():
+    for contender in ("ds4sci", "naive"):
+        backend, _ = CONTENDERS[contender]
         torch.manual_seed(0)
         modules[contender], cfg = _build(block, preset_name, backend, dtype)
+    for module in modules.values():
+        _step(module, _inputs(cfg, 4, 3, dtype))  # load kernels, allocate parameter gradients
     inputs = _inputs(cfg, n_res, n_seq if block == "evoformer" else n_extra, dtype)
     times = {c: [] for c in modules}
     for _ in range(rounds):
@@ -110,13 +117,13 @@ def timing_worker(block: str, config: str, dtype_name: str, rounds: int, quick: 
 
 
 def run(configs: dict, blocks, dtypes, out_dir: Path, stem: str, quick: bool, update: bool,
-        rounds: int = 2, progress=print) -> list[dict]:
+        rounds: int = 2, contenders=tuple(CONTENDERS), progress=print) -> list[dict]:
     rows = []
     for dtype_name in dtypes:
         for config, (preset_name, n_res, n_seq, n_extra, _) in configs.items():
             for block in blocks:
                 case = {}
-                for contender in CONTENDERS:
+                for contender in contenders:
                     args = ["--worker", contender, block, config, dtype_name] + (["--quick"] if quick else [])
                     result = run_worker("ds4sci.bench.evoformer_block", args, timeout=3600)
                     row = {"block": block, "config": config, "preset": preset_name, "dtype": dtype_name,
@@ -127,9 +134,13 @@ def run(configs: dict, blocks, dtypes, out_dir: Path, stem: str, quick: bool, up
                            "error": result.get("error"),
                            "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
                     case[contender] = row
-                ours, naive = case["ds4sci"], case["naive"]
-                if ours["status"] == "ok" and naive["status"] == "ok":
-                    ours["naive_peak_over_ours"] = naive["peak_bytes"] / ours["peak_bytes"]
+                naive = case.get("naive")
+                for name, ours in case.items():
+                    if name != "naive" and naive and ours["status"] == "ok" and naive["status"] == "ok":
+                        ours["naive_peak_over_ours"] = naive["peak_bytes"] / ours["peak_bytes"]
+                        if name != "ds4sci":
+                            ours["naive_time_over_ours"] = naive["time_s"] / ours["time_s"]
+                if {"ds4sci", "naive"} <= case.keys() and all(case[c]["status"] == "ok" for c in ("ds4sci", "naive")):
                     _paired_timing(case, block, config, dtype_name, quick, rounds)
                 for row in case.values():
                     rows.append(row)
@@ -152,7 +163,8 @@ def _paired_timing(case: dict, block: str, config: str, dtype_name: str, quick: 
     if "times" not in timed:
         case["ds4sci"]["timing_error"] = timed.get("error")
         return
-    for contender, row in case.items():
+    for contender in ("ds4sci", "naive"):
+        row = case[contender]
         row["unpaired_time_s"] = row["time_s"]
         row["time_s"] = statistics.median(timed["times"][contender])
         row["timing_rounds"] = timed["rounds"]
@@ -165,7 +177,8 @@ def _format(r: dict) -> str:
         return what + r["status"].upper()
     extra = ""
     if "naive_peak_over_ours" in r:
-        extra = f"  (naive/ours: memory {r['naive_peak_over_ours']:.2f}x, time {r['naive_time_over_ours']:.2f}x)"
+        extra = f"  (naive/ours: memory {r['naive_peak_over_ours']:.2f}x"
+        extra += f", time {r['naive_time_over_ours']:.2f}x)" if "naive_time_over_ours" in r else ")"
     return what + f"peak {r['peak_bytes'] / 2**30:.2f} GiB, step {r['time_s']:.2f} s" + extra
 
 
@@ -177,7 +190,7 @@ def plot(rows, path: Path, meta: dict) -> Path:
 
     cases = list(dict.fromkeys((r["block"], r["config"], r["dtype"]) for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    width = 0.4
+    width = 0.8 / len(CONTENDERS)
     for ax, metric, label in ((axes[0], "peak_bytes", "peak memory (GiB)"), (axes[1], "time_s", "step time (s)")):
         for ci, contender in enumerate(CONTENDERS):
             by = {(r["block"], r["config"], r["dtype"]): r for r in rows if r["contender"] == contender}
@@ -191,7 +204,7 @@ def plot(rows, path: Path, meta: dict) -> Path:
                     ax.text(x, 0.02, r["status"].upper(), rotation=90, ha="center", va="bottom",
                             fontsize=8, color=f"C{ci}", transform=ax.get_xaxis_transform())
         ax.set_yscale("log")
-        ax.set_xticks([i + width / 2 for i in range(len(cases))], ["\n".join(c) for c in cases], fontsize=7)
+        ax.set_xticks([i + width * (len(CONTENDERS) - 1) / 2 for i in range(len(cases))], ["\n".join(c) for c in cases], fontsize=7)
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
     fig.suptitle(f"One Evoformer / extra-MSA block training step (checkpointed), {meta['host_cpu']}, "
@@ -207,6 +220,7 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", nargs=4, metavar=("CONTENDER", "BLOCK", "CONFIG", "DTYPE"), help=argparse.SUPPRESS)
     parser.add_argument("--timing", nargs=4, metavar=("BLOCK", "CONFIG", "DTYPE", "ROUNDS"), help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=2, help="paired timing rounds where both fit")
+    parser.add_argument("--contenders", nargs="+", choices=list(CONTENDERS), default=list(CONTENDERS))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), help="subset of dims (default all)")
     parser.add_argument("--blocks", nargs="+", choices=BLOCKS, default=list(BLOCKS))
@@ -223,7 +237,8 @@ def main(argv=None) -> int:
         return 0
     configs = QUICK_CONFIGS if args.quick else {k: CONFIGS[k] for k in (args.configs or CONFIGS)}
     stem = "evoformer_block_quick" if args.quick else "evoformer_block_cpu"
-    run(configs, args.blocks, args.dtypes, args.out, stem, args.quick, args.update, args.rounds)
+    run(configs, args.blocks, args.dtypes, args.out, stem, args.quick, args.update, args.rounds,
+        tuple(args.contenders))
     return 0
 
 
