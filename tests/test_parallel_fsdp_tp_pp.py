@@ -23,6 +23,8 @@ from ds4sci.parallel.fsdp import apply_fsdp
 from ds4sci.parallel.pipeline import build_pipeline, stage_layer_ranges
 from ds4sci.parallel.tensor import apply_tensor_parallel, check_tensor_parallel
 
+pytestmark = pytest.mark.distributed
+
 STEPS = 3
 LR = 1e-3
 # Some gradients are exactly zero in exact arithmetic (the key bias: softmax ignores a constant

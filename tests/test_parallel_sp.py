@@ -30,6 +30,8 @@ from ds4sci.parallel.sequence import (
 )
 from ds4sci.parallel.ulysses import head_splits, ulysses_attention
 
+pytestmark = pytest.mark.distributed
+
 # ----- single process: layouts and batch sharding -------------------------------------------
 
 

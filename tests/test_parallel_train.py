@@ -23,6 +23,8 @@ from ds4sci.train.checkpoint import latest_checkpoint
 from ds4sci.train.config import load_config
 from ds4sci.train.trainer import Trainer
 
+pytestmark = pytest.mark.distributed
+
 STEPS = 3
 SMALL = ["data.n_simulated=9", "data.max_tokens=37", "optim.warmup_steps=1", "progress=false",
          "eval_every=0", "checkpoint_every=0", "model.hidden_size=32", "model.intermediate_size=64",
