@@ -121,8 +121,7 @@ class GlobalAttention(nn.Module):
     """Global gated attention over the sequences of one column (Algorithm 19, extra-MSA stack).
 
     One query per column (the masked mean of its rows) and single-head keys/values shared by
-    all heads; the output is gated per row. Keys and values are broadcast over heads as
-    stride-0 views, so nothing ``H`` times larger is stored.
+    all heads; the output is gated per row.
     """
 
     def __init__(self, c_in: int, c_hidden: int, no_heads: int, inf: float, eps: float):
@@ -142,14 +141,16 @@ class GlobalAttention(nn.Module):
         # [*, N_res, C_in]: masked mean over the sequences of each column.
         q_mean = (m * mask.unsqueeze(-1)).sum(dim=-2) / (mask.sum(dim=-1, keepdim=True) + self.eps)
         heads = (self.no_heads, self.c_hidden)
-        q = self.linear_q(q_mean).unflatten(-1, heads).unsqueeze(-3)  # [*, N_res, 1, H, C]
-        kv_shape = (*m.shape[:-1], self.no_heads, self.c_hidden)     # [*, N_res, N_seq, H, C]
-        k = self.linear_k(m).unsqueeze(-2).expand(kv_shape)
-        v = self.linear_v(m).unsqueeze(-2).expand(kv_shape)
+        # Keys and values are shared by all heads, so the H queries of a column are run as H
+        # query positions of one head: the same numbers, with K/V neither copied H times nor
+        # given H gradients to sum.
+        q = self.linear_q(q_mean).unflatten(-1, heads).unsqueeze(-2)  # [*, N_res, H (as L_q), 1, C]
+        k = self.linear_k(m).unsqueeze(-2)                             # [*, N_res, N_seq, 1, C]
+        v = self.linear_v(m).unsqueeze(-2)
         bias = mask_bias(mask, self.inf, m.dtype)[..., None, None, :]  # [*, N_res, 1, 1, N_seq]
-        o = attend(q, k, v, [bias], self.attention_backend)  # [*, N_res, 1, H, C]
+        o = attend(q, k, v, [bias], self.attention_backend).squeeze(-2)  # [*, N_res, H, C]
         g = torch.sigmoid(self.linear_g(m)).unflatten(-1, heads)  # [*, N_res, N_seq, H, C]
-        return self.linear_o((o * g).flatten(-2))
+        return self.linear_o((o.unsqueeze(-3) * g).flatten(-2))
 
 
 def set_attention_backend(module: nn.Module, backend: str) -> nn.Module:
