@@ -159,6 +159,13 @@ def _blocks(rank, src, layout, s):
     return (full, half, False) if src < rank else (slice(s // 2, s), full, False)
 
 
+def _ring_peers(group) -> tuple[int, int, int, int]:
+    """(size, rank in ``group``, global rank to send to, global rank to receive from)."""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    return (size, rank, dist.get_global_rank(group, (rank + 1) % size),
+            dist.get_global_rank(group, (rank - 1) % size))
+
+
 def _exchange(tensor, group, send_to, recv_from, tag):
     """Start sending ``tensor`` to ``send_to`` and receiving a same-shaped one from ``recv_from``;
     returns (the receive buffer, requests to wait on). ``tag`` keeps the K/V and dK/dV streams
@@ -187,9 +194,7 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group, layout, backend):
         fwd, bwd = _pick_backend(q, backend)
-        size, rank = dist.get_world_size(group), dist.get_rank(group)
-        send_to = dist.get_global_rank(group, (rank + 1) % size)
-        recv_from = dist.get_global_rank(group, (rank - 1) % size)
+        size, rank, send_to, recv_from = _ring_peers(group)
         s = q.shape[-2]
         out = lse = None
         kv = torch.stack((k, v))  # one message per hop
@@ -217,9 +222,7 @@ class _RingAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         group, layout, bwd = ctx.group, ctx.layout, ctx.bwd
-        size, rank = dist.get_world_size(group), dist.get_rank(group)
-        send_to = dist.get_global_rank(group, (rank + 1) % size)
-        recv_from = dist.get_global_rank(group, (rank - 1) % size)
+        size, rank, send_to, recv_from = _ring_peers(group)
         s = q.shape[-2]
         dout = dout.contiguous()
         dq = torch.zeros_like(q, dtype=_acc(q.dtype))

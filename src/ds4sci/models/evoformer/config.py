@@ -6,6 +6,7 @@ typo or an impossible value fails at construction with the argument named.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, fields
 
 # OpenFold config keys that tune its own CUDA memory handling; accepted and ignored so its
@@ -151,6 +152,4 @@ def preset(name: str) -> EvoformerPreset:
     """A fresh copy of a named preset (``openfold-initial-training``, ``openfold-finetuning``)."""
     if name not in PRESETS:
         raise ValueError(f"evoformer preset {name!r} is unknown; expected one of {sorted(PRESETS)}")
-    p = PRESETS[name]
-    return EvoformerPreset(p.name, _evoformer_stack(), _extra_msa_stack(), p.crop_size,
-                           p.max_msa_clusters, p.max_extra_msa, p.notes)
+    return copy.deepcopy(PRESETS[name])
