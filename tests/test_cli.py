@@ -52,3 +52,34 @@ def test_bench_genslm_memory_quick_writes_fit(tmp_path):
     # fitted slope either way, so only check that a fit was made (the physics is in the real run).
     assert all(math.isfinite(fit[k]) for k in ("a", "b", "c"))
     assert (tmp_path / "genslm_memory_quick.png").stat().st_size > 0
+
+
+def test_bench_evoformer_block_extrapolates_a_contender_that_ran_out(monkeypatch, tmp_path):
+    """A naive step that does not fit: its peak is fitted over shallower MSAs and the ratio to
+    ours is taken against that prediction, marked as extrapolated."""
+    from ds4sci.bench import evoformer_block as bench
+
+    depths = []
+
+    def fake_worker(module, args, timeout, env=None):
+        contender = args[1]
+        depth = int(args[args.index("--depth") + 1]) if "--depth" in args else 240
+        depths.append((contender, depth))
+        if contender == "naive" and depth == 240:
+            return {"status": "oom", "error": "can't allocate"}
+        slope = 1000 if contender == "naive" else 100
+        return {"status": "ok", "peak_bytes": 5000 + slope * depth, "time_s": 1.0, "steps": 1}
+
+    monkeypatch.setattr(bench, "run_worker", fake_worker)
+    monkeypatch.setattr(bench, "plot", lambda rows, path, meta: path)
+    configs = {"deep": ("openfold-initial-training", 16, 240, 240, 1)}
+    rows = bench.run(configs, ["extra_msa"], ["float32"], tmp_path, "t", quick=False, update=False,
+                     contenders=("ds4sci", "naive"), progress=lambda *_: None)
+    naive = next(r for r in rows if r["contender"] == "naive")
+    ours = next(r for r in rows if r["contender"] == "ds4sci")
+    assert naive["status"] == "oom"
+    assert sorted(d for c, d in depths if c == "naive") == [12, 24, 48, 240]
+    assert naive["predicted_peak_bytes"] == pytest.approx(5000 + 1000 * 240)
+    assert naive["fit"]["max_relative_residual"] < 1e-9
+    assert ours["naive_peak_over_ours"] == pytest.approx((5000 + 1000 * 240) / (5000 + 100 * 240))
+    assert ours["naive_peak_extrapolated"] is True

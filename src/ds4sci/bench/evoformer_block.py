@@ -9,6 +9,17 @@ after building the block (so it includes the inputs, activations and gradients);
 last of the configured steps (two at initial-training dims, where the first pays the page
 faults of new allocations; one at fine-tuning dims). A tiny step before the baseline loads
 kernels and allocates the parameter gradients, so the peak counts activations and inputs.
+
+Where naive attention runs out of memory (the fine-tuning extra-MSA block), its peak is
+extrapolated: the same step is measured at 1/20, 1/10 and 1/5 of the MSA depth, where it fits,
+and ``peak = a + b * depth`` (every MSA-sized tensor, the logits included, grows linearly with the
+depth; the pair terms are constant) is fitted and evaluated at the real depth. The row
+``predicted_peak_bytes`` holds it, ``predicted_from`` the points; the ratio to ours is then marked
+``naive_peak_extrapolated``.
+
+Workers run with ``MALLOC_MMAP_THRESHOLD_=131072`` (as ``genslm_memory``): with glibc's default
+dynamic threshold, freed chunk-sized buffers stay in the heap and the high-water RSS counts them
+again; with it, RSS follows the memory the tensors use, for every contender alike.
 """
 
 from __future__ import annotations
@@ -39,6 +50,9 @@ part 128 rows at a time, recomputing each chunk in backward (a ds4sci switch sto
 does not use); the other two differ only in the attention."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MEMORY_BUDGET = 20 * 2**30
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+EXTRAPOLATION_FRACTIONS = (20, 10, 5)
+"""A contender that runs out of memory is measured at depth // 20, // 10 and // 5 and extrapolated."""
 
 
 def _build(block: str, preset_name: str, backend: str, dtype):
@@ -69,8 +83,12 @@ def _step(block_module, inputs, chunk_size=None) -> None:
     torch.autograd.backward([m_out, z_out], [torch.ones_like(m_out), torch.ones_like(z_out)])
 
 
-def worker(contender: str, block: str, config: str, dtype_name: str, quick: bool) -> dict:
+def worker(contender: str, block: str, config: str, dtype_name: str, quick: bool,
+           depth: int | None = None) -> dict:
+    """One contender's step in this process; ``depth`` overrides the MSA depth (N_seq / N_extra)."""
     preset_name, n_res, n_seq, n_extra, steps = (QUICK_CONFIGS if quick else CONFIGS)[config]
+    if depth is not None:
+        n_seq = n_extra = depth
     dtype = DTYPES[dtype_name]
     backend, chunk_size = CONTENDERS[contender]
     module, cfg = _build(block, preset_name, backend, dtype)
@@ -125,7 +143,7 @@ def run(configs: dict, blocks, dtypes, out_dir: Path, stem: str, quick: bool, up
                 case = {}
                 for contender in contenders:
                     args = ["--worker", contender, block, config, dtype_name] + (["--quick"] if quick else [])
-                    result = run_worker("ds4sci.bench.evoformer_block", args, timeout=3600)
+                    result = run_worker("ds4sci.bench.evoformer_block", args, timeout=3600, env=WORKER_ENV)
                     row = {"block": block, "config": config, "preset": preset_name, "dtype": dtype_name,
                            "contender": contender, "n_res": n_res,
                            "n_seq": n_seq if block == "evoformer" else n_extra,
@@ -133,20 +151,27 @@ def run(configs: dict, blocks, dtypes, out_dir: Path, stem: str, quick: bool, up
                            "time_s": result.get("time_s"), "steps": result.get("steps"),
                            "error": result.get("error"),
                            "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                    if result["status"] == "oom":
+                        row.update(_extrapolate(contender, block, config, dtype_name, quick, row["n_seq"]))
                     case[contender] = row
                 naive = case.get("naive")
                 for name, ours in case.items():
-                    if name != "naive" and naive and ours["status"] == "ok" and naive["status"] == "ok":
+                    if name == "naive" or not naive or ours["status"] != "ok":
+                        continue
+                    if naive["status"] == "ok":
                         ours["naive_peak_over_ours"] = naive["peak_bytes"] / ours["peak_bytes"]
                         if name != "ds4sci":
                             ours["naive_time_over_ours"] = naive["time_s"] / ours["time_s"]
+                    elif naive.get("predicted_peak_bytes"):
+                        ours["naive_peak_over_ours"] = naive["predicted_peak_bytes"] / ours["peak_bytes"]
+                        ours["naive_peak_extrapolated"] = True
                 if {"ds4sci", "naive"} <= case.keys() and all(case[c]["status"] == "ok" for c in ("ds4sci", "naive")):
                     _paired_timing(case, block, config, dtype_name, quick, rounds)
                 for row in case.values():
                     rows.append(row)
                     progress(_format(row))
     meta = machine_info()
-    meta["memory_budget_bytes"] = MEMORY_BUDGET
+    meta.update({"memory_budget_bytes": MEMORY_BUDGET, "worker_env": WORKER_ENV})
     if update:
         rows = merge_rows(out_dir / f"{stem}.json", rows,
                           lambda r: (r["block"], r["config"], r["dtype"], r["contender"]), meta)
@@ -156,10 +181,31 @@ def run(configs: dict, blocks, dtypes, out_dir: Path, stem: str, quick: bool, up
     return rows
 
 
+def _extrapolate(contender: str, block: str, config: str, dtype_name: str, quick: bool, depth: int) -> dict:
+    """The peak of a step that did not fit, from a linear fit over shallower MSAs (module doc)."""
+    points = []
+    for fraction in EXTRAPOLATION_FRACTIONS:
+        small = max(1, depth // fraction)
+        args = ["--worker", contender, block, config, dtype_name, "--depth", str(small)] + (["--quick"] if quick else [])
+        result = run_worker("ds4sci.bench.evoformer_block", args, timeout=3600, env=WORKER_ENV)
+        if result["status"] == "ok":
+            points.append((small, result["peak_bytes"]))
+    if len(points) < 2:
+        return {}
+    x = torch.tensor([p[0] for p in points], dtype=torch.float64)
+    y = torch.tensor([p[1] for p in points], dtype=torch.float64)
+    design = torch.stack([torch.ones_like(x), x], dim=1)
+    (a, b), *_ = torch.linalg.lstsq(design, y[:, None])
+    fitted = (design @ torch.stack([a, b])).squeeze(1)
+    return {"predicted_peak_bytes": float(a + b * depth), "predicted_from": points,
+            "fit": {"a": float(a), "b_per_sequence": float(b),
+                    "max_relative_residual": float(((fitted - y).abs() / y).max())}}
+
+
 def _paired_timing(case: dict, block: str, config: str, dtype_name: str, quick: bool, rounds: int) -> None:
     """Replace the contenders' times by a paired measurement (see ``timing_worker``)."""
     args = ["--timing", block, config, dtype_name, str(rounds)] + (["--quick"] if quick else [])
-    timed = run_worker("ds4sci.bench.evoformer_block", args, timeout=7200)
+    timed = run_worker("ds4sci.bench.evoformer_block", args, timeout=7200, env=WORKER_ENV)
     if "times" not in timed:
         case["ds4sci"]["timing_error"] = timed.get("error")
         return
@@ -174,10 +220,13 @@ def _paired_timing(case: dict, block: str, config: str, dtype_name: str, quick: 
 def _format(r: dict) -> str:
     what = f"{r['block']:>9} {r['config']:>8} {r['dtype']:>8} {r['contender']:>6}: "
     if r["status"] != "ok":
+        if r.get("predicted_peak_bytes"):
+            return what + f"{r['status'].upper()}, extrapolated peak {r['predicted_peak_bytes'] / 2**30:.2f} GiB"
         return what + r["status"].upper()
     extra = ""
     if "naive_peak_over_ours" in r:
-        extra = f"  (naive/ours: memory {r['naive_peak_over_ours']:.2f}x"
+        extrapolated = " (naive extrapolated)" if r.get("naive_peak_extrapolated") else ""
+        extra = f"  (naive/ours: memory {r['naive_peak_over_ours']:.2f}x{extrapolated}"
         extra += f", time {r['naive_time_over_ours']:.2f}x)" if "naive_time_over_ours" in r else ")"
     return what + f"peak {r['peak_bytes'] / 2**30:.2f} GiB, step {r['time_s']:.2f} s" + extra
 
@@ -200,6 +249,11 @@ def plot(rows, path: Path, meta: dict) -> Path:
                 if r and r["status"] == "ok":
                     ax.bar(x, r[metric] / (2**30 if metric == "peak_bytes" else 1), width,
                            color=f"C{ci}", label=contender if xi == 0 else None)
+                elif r and metric == "peak_bytes" and r.get("predicted_peak_bytes"):
+                    ax.bar(x, r["predicted_peak_bytes"] / 2**30, width, color=f"C{ci}", fill=False,
+                           hatch="//", edgecolor=f"C{ci}")
+                    ax.text(x, r["predicted_peak_bytes"] / 2**30, "OOM\n(extrap.)", ha="center",
+                            va="bottom", fontsize=6, color=f"C{ci}")
                 elif r:
                     ax.text(x, 0.02, r["status"].upper(), rotation=90, ha="center", va="bottom",
                             fontsize=8, color=f"C{ci}", transform=ax.get_xaxis_transform())
@@ -218,6 +272,7 @@ def plot(rows, path: Path, meta: dict) -> Path:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ds4sci bench evoformer-block", description=__doc__.split("\n")[0])
     parser.add_argument("--worker", nargs=4, metavar=("CONTENDER", "BLOCK", "CONFIG", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--depth", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--timing", nargs=4, metavar=("BLOCK", "CONFIG", "DTYPE", "ROUNDS"), help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=2, help="paired timing rounds where both fit")
     parser.add_argument("--contenders", nargs="+", choices=list(CONTENDERS), default=list(CONTENDERS))
@@ -229,7 +284,7 @@ def main(argv=None) -> int:
     parser.add_argument("--update", action="store_true", help="replace only these cases' rows in the results file")
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(*args.worker, quick=args.quick)))
+        print(json.dumps(worker(*args.worker, quick=args.quick, depth=args.depth)))
         return 0
     if args.timing:
         block, config, dtype_name, rounds = args.timing

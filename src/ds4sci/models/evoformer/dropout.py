@@ -22,7 +22,8 @@ class _SharedDropout(nn.Module):
         shape = list(x.shape)
         shape[self.shared_dim] = 1
         keep = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1.0 - self.r)
-        return x * keep / (1.0 - self.r)
+        # In place on the product (not saved by autograd): one new tensor, not two.
+        return (x * keep).div_(1.0 - self.r)
 
 
 class DropoutRowwise(_SharedDropout):

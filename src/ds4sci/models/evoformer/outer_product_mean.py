@@ -32,16 +32,20 @@ class OuterProductMean(nn.Module):
         if mask is None:
             mask = m.new_ones(m.shape[:-1])
         mask = mask.unsqueeze(-1).to(m.dtype)  # [*, S, R, 1]
-        ln = self.layer_norm(m)
-        a, b = self.linear_1(ln) * mask, self.linear_2(ln) * mask  # [*, S, R, C]
         # norm_ij = number of sequences where residues i and j are both present.
         norm = torch.einsum("...sic,...sjc->...ijc", mask, mask) + self.eps  # [*, R, R, 1]
         n = m.shape[-2]
         if chunk_size is None or n <= chunk_size:
-            return self._rows(a, b, norm)
-        return torch.cat([run_piece(self._rows, a[..., start : start + chunk_size, :], b,
-                                    norm[..., start : start + chunk_size, :, :])
-                          for start in range(0, n, chunk_size)], dim=-3)
+            return self._rows(*self._projections(m, mask), norm)
+        # Chunked: the projections are recomputed in backward, so the normalised m is not kept.
+        a, b = run_piece(self._projections, m, mask)
+        return torch.cat([run_piece(self._rows, a_rows, b, norm_rows) for a_rows, norm_rows
+                          in zip(a.split(chunk_size, -2), norm.split(chunk_size, -3))], dim=-3)
+
+    def _projections(self, m: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``a, b [*, S, R, C]``: the masked projections of the normalised MSA."""
+        ln = self.layer_norm(m)
+        return self.linear_1(ln) * mask, self.linear_2(ln) * mask
 
     def _rows(self, a: torch.Tensor, b: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
         """Rows ``i`` of the update for the columns ``i`` of ``a [*, S, I, C]`` given."""

@@ -38,10 +38,21 @@ class TriangleAttention(nn.Module):
             mask = x.new_ones(x.shape[:-1])
         if not self.starting:
             x, mask = x.transpose(-2, -3), mask.transpose(-1, -2)
-        x = self.layer_norm(x)
-        tri_bias = self.linear(x).permute(*range(x.dim() - 3), -1, -3, -2).unsqueeze(-4)  # [*, 1, H, I, J]
-        x = chunked(self._rows, chunk_size, -3, (x, mask.unsqueeze(-1)), (tri_bias,))
+        mask_1 = mask.unsqueeze(-1)
+        if chunk_size is None or x.shape[-3] <= chunk_size:
+            x = self.layer_norm(x)
+            x = self._rows(x, mask_1, self._triangle_bias(x))
+        else:
+            # Each chunk layer-normalises its own rows, so no normalised copy of x stays alive
+            # for backward; the bias is recomputed in backward too.
+            tri_bias = run_piece(lambda x: self._triangle_bias(self.layer_norm(x)), x)
+            x = chunked(lambda x, *rest: self._rows(self.layer_norm(x), *rest), chunk_size, -3,
+                        (x, mask_1), (tri_bias,))
         return x if self.starting else x.transpose(-2, -3)
+
+    def _triangle_bias(self, x_ln: torch.Tensor) -> torch.Tensor:
+        """``[*, I, J, C_in]`` (normalised) -> ``[*, 1, H, I, J]``, shared by every row."""
+        return self.linear(x_ln).permute(*range(x_ln.dim() - 3), -1, -3, -2).unsqueeze(-4)
 
     def _rows(self, x: torch.Tensor, mask_1: torch.Tensor, tri_bias: torch.Tensor) -> torch.Tensor:
         bias = mask_bias(mask_1[..., 0], self.inf, x.dtype)[..., :, None, None, :]  # [*, I, 1, 1, J]
@@ -104,20 +115,25 @@ class TriangleMultiplicativeUpdate(nn.Module):
         """``z [*, N_res, N_res, C_z]``, ``mask [*, N_res, N_res]`` -> update ``[*, N_res, N_res, C_z]``."""
         if mask is None:
             mask = z.new_ones(z.shape[:-1])
-        z = self.layer_norm_in(z)
-        a, b = self._projections(z, mask.unsqueeze(-1).to(z.dtype))  # [*, N, N, C]
-        lead = range(z.dim() - 3)
-        # Channels first: [*, C, I, K] @ [*, C, K, J] -> [*, C, I, J].
+        mask_1 = mask.unsqueeze(-1).to(z.dtype)
+        if chunk_size is None or z.shape[-3] <= chunk_size:
+            z = self.layer_norm_in(z)
+            return self._rows(*self._channels_first(*self._projections(z, mask_1)), z)
+        # Chunked: a and b are recomputed in backward (only they and z stay alive), and each
+        # chunk layer-normalises its own rows of z for the gate.
+        a, b = run_piece(lambda z, mask_1: self._projections(self.layer_norm_in(z), mask_1), z, mask_1)
+        a_CIK, b_CKJ = self._channels_first(a, b)
+        return torch.cat([run_piece(lambda a, b, z: self._rows(a, b, self.layer_norm_in(z)), a_rows, b_CKJ, z_rows)
+                          for a_rows, z_rows in zip(a_CIK.split(chunk_size, -2), z.split(chunk_size, -3))],
+                         dim=-3)
+
+    def _channels_first(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``a, b [*, N, N, C]`` -> ``a [*, C, I, K]``, ``b [*, C, K, J]`` (views) so that the
+        update is one batched matmul."""
+        lead = range(a.dim() - 3)
         if self.outgoing:  # x_ij = sum_k a_ik b_jk
-            a_CIK, b_CKJ = a.permute(*lead, -1, -3, -2), b.permute(*lead, -1, -2, -3)
-        else:  # x_ij = sum_k a_ki b_kj
-            a_CIK, b_CKJ = a.permute(*lead, -1, -2, -3), b.permute(*lead, -1, -3, -2)
-        n = z.shape[-3]
-        if chunk_size is None or n <= chunk_size:
-            return self._rows(a_CIK, b_CKJ, z)
-        return torch.cat([run_piece(self._rows, a_CIK[..., start : start + chunk_size, :], b_CKJ,
-                                    z[..., start : start + chunk_size, :, :])
-                          for start in range(0, n, chunk_size)], dim=-3)
+            return a.permute(*lead, -1, -3, -2), b.permute(*lead, -1, -2, -3)
+        return a.permute(*lead, -1, -2, -3), b.permute(*lead, -1, -3, -2)  # x_ij = sum_k a_ki b_kj
 
     def _rows(self, a_CIK: torch.Tensor, b_CKJ: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Output rows ``i`` for the ``a`` rows and (layer-normed) ``z`` rows given."""
