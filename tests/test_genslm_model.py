@@ -144,3 +144,29 @@ def test_presets_have_genslm_shapes():
     assert (p.hidden_size, p.num_hidden_layers, p.num_attention_heads, p.intermediate_size) == (512, 8, 8, 2048)
     model = GenSLM(p)
     assert model.num_parameters() == 25_290_752  # GenSLM's neox_25,290,752.json
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_attention_keeps_no_reference_to_what_a_releasing_core_drops(grad):
+    """Attention hands q, k, v to its core as the only references (nor is the fused projection
+    kept by a view): a core that releases its inputs, as Ulysses does once they are sent, sees
+    them freed at once, so they are not alive while it attends."""
+    import weakref
+
+    model = GenSLM(TINY)
+    seen = []
+
+    class ReleasingCore:
+        releases_inputs = True
+
+        def call_releasing(self, qkv):
+            refs = [weakref.ref(t) for t in qkv]
+            out = torch.zeros_like(qkv[0])
+            qkv.clear()
+            seen.append([r() is not None for r in refs])
+            return out
+
+    model.layers[0].attention.core = ReleasingCore()
+    with torch.set_grad_enabled(grad):
+        model(_ids())
+    assert seen == [[False, False, False]]

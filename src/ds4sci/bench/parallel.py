@@ -24,6 +24,13 @@ Contenders: ``ulysses`` (ds4sci), ``ring`` (ds4sci, zigzag), ``deepspeed-ulysses
 (``deepspeed.sequence.layer.DistributedAttention`` as the attention core of the same model, when
 ``pip install deepspeed`` is present; it runs on CPU with gloo).
 
+Step times of separate jobs drift with whatever else the machine does, so our Ulysses and
+DeepSpeed-Ulysses are also timed *paired* (``--paired``): one torchrun job per (P, S) builds the
+model once and alternates the two attention cores step by step (ours, DeepSpeed's, ours, ...),
+``--rounds`` times; the medians and the median per-round ratio go to the results file's
+``paired_timing``. Both cores run the same local causal attention, so this compares the
+sequence-parallel layers themselves.
+
 Usage: ``python -m ds4sci.bench.parallel [--quick]`` or ``ds4sci bench parallel-scaling``.
 """
 
@@ -88,14 +95,14 @@ def _deepspeed_core(group):
     return core
 
 
-def worker(contender: str, length: int, preset_name: str) -> dict:
-    """One rank of a torchrun job; rank 0 returns the case's summary."""
+def _setup(contender: str, preset_name: str):
+    """Process group, model (parallelized for ``contender``), optimizer and a step function."""
     import torch.distributed as dist
 
     from ..models.genslm import GenSLM, preset
     from ..models.genslm.parallelize import parallelize_genslm, sequence_layout
     from ..parallel import ParallelDims
-    from ..parallel.sequence import count_sent_bytes, shard_batch
+    from ..parallel.sequence import shard_batch
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", 1))))
     dist.init_process_group("gloo")
@@ -128,6 +135,48 @@ def worker(contender: str, length: int, preset_name: str) -> dict:
             dist.all_reduce(stats)
         return float(stats[0] / stats[1])
 
+    return model, config, mesh, step
+
+
+def paired_worker(length: int, preset_name: str, rounds: int) -> dict:
+    """One rank of a job timing our Ulysses against DeepSpeed-Ulysses alternately on one model."""
+    import statistics
+
+    import torch.distributed as dist
+
+    model, _, mesh, step = _setup("ulysses", preset_name)
+    cores = {"ulysses": [layer.attention.core for layer in model.layers]}
+    cores["deepspeed-ulysses"] = [_deepspeed_core(mesh.group("sp"))] * len(model.layers)
+    times = {name: [] for name in cores}
+    for round_ in range(rounds + 1):  # round 0 warms both up
+        for name, layer_cores in cores.items():
+            for layer, core in zip(model.layers, layer_cores):
+                layer.attention.core = core
+            dist.barrier()
+            start = time.perf_counter()
+            step(length if round_ else 256)
+            elapsed = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step ends when the slowest rank does
+            if round_:
+                times[name].append(float(elapsed))
+    p, rank = dist.get_world_size(), dist.get_rank()
+    dist.destroy_process_group()
+    if rank:
+        return {}
+    ratios = [d / u for d, u in zip(times["deepspeed-ulysses"], times["ulysses"])]
+    return {"processes": p, "length": length, "rounds": rounds, "times": times,
+            "median_s": {name: statistics.median(t) for name, t in times.items()},
+            "deepspeed_time_over_ours": statistics.median(ratios)}
+
+
+def worker(contender: str, length: int, preset_name: str) -> dict:
+    """One rank of a torchrun job; rank 0 returns the case's summary."""
+    import torch.distributed as dist
+
+    from ..parallel.sequence import count_sent_bytes
+
+    _, config, _, step = _setup(contender, preset_name)
+    p, rank = dist.get_world_size(), dist.get_rank()
     step(256)  # warm-up: kernels, optimizer state, communicators (same weights for every P)
     dist.barrier()
     limit_address_space(BUDGET + 4 * 2**30)
@@ -222,6 +271,37 @@ def run(contenders, processes, lengths, preset_name: str, out_dir: Path, stem: s
     return rows, fits
 
 
+PAIRED_CASES = ((2, 8192), (4, 16384))
+"""(P, S) of the paired Ulysses vs DeepSpeed-Ulysses timing: 4096 tokens per rank."""
+
+
+def run_paired(cases, preset_name: str, out_dir: Path, stem: str, rounds: int, progress=print) -> list[dict]:
+    """Paired step times (module doc), stored under ``paired_timing`` in the results file."""
+    if why := _deepspeed_available():
+        progress(f"paired timing skipped: {why}")
+        return []
+    results = []
+    for p, length in cases:
+        r = run_worker("torch.distributed.run",
+                       ["--standalone", f"--nproc-per-node={p}", "-m", "ds4sci.bench.parallel",
+                        "--paired-worker", str(length), preset_name, str(rounds)],
+                       timeout=7200, env={**WORKER_ENV, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // p))})
+        if "median_s" not in r:
+            progress(f"paired P={p} S={length}: failed {r.get('error', '')}")
+            continue
+        r["measured"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        results.append(r)
+        progress(f"paired P={p} S={length:>6}: ulysses {r['median_s']['ulysses']:.1f} s, deepspeed-ulysses "
+                 f"{r['median_s']['deepspeed-ulysses']:.1f} s (deepspeed/ours {r['deepspeed_time_over_ours']:.2f}x, "
+                 f"median of {rounds} rounds)")
+    path = out_dir / f"{stem}.json"
+    data = json.loads(path.read_text())
+    data["machine"]["paired_timing"] = results
+    path.write_text(json.dumps(data, indent=1))
+    write_markdown(data["results"], data["machine"], out_dir / f"{stem}.md")
+    return results
+
+
 def write_markdown(rows, meta, path: Path) -> Path:
     """The README tables: every case, then the fitted longest length per (contender, P)."""
     lines = ["| contender | P | S | peak / process | step time | attention sent / layer (theory) |",
@@ -238,6 +318,11 @@ def write_markdown(rows, meta, path: Path) -> Path:
     for key, f in meta["fits"].items():
         ratio = meta["scaling_vs_one_process"].get(key)
         lines.append(f"| {key} | {f['predicted_max_tokens']:,.0f} | {'' if ratio is None else f'{ratio:.2f}x'} |")
+    if meta.get("paired_timing"):
+        lines += ["", "| P | S | ulysses (ds4sci) | deepspeed-ulysses | deepspeed / ours |", "|---|---|---|---|---|"]
+        for r in meta["paired_timing"]:
+            lines.append(f"| {r['processes']} | {r['length']:,} | {r['median_s']['ulysses']:.1f} s "
+                         f"| {r['median_s']['deepspeed-ulysses']:.1f} s | {r['deepspeed_time_over_ours']:.2f}x |")
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -275,6 +360,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     parser.add_argument("--processes", nargs="+", type=int, choices=PROCESSES, default=list(PROCESSES))
+    parser.add_argument("--paired-worker", nargs=3, metavar=("LENGTH", "PRESET", "ROUNDS"), help=argparse.SUPPRESS)
+    parser.add_argument("--paired", action="store_true",
+                        help="only the paired Ulysses vs DeepSpeed-Ulysses timing, added to the results file")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of the paired timing")
     parser.add_argument("--quick", action="store_true", help="genslm-tiny at short lengths (smoke test)")
     parser.add_argument("--update", action="store_true",
                         help="replace only the measured cases in the results file (run in parts)")
@@ -285,9 +374,20 @@ def main(argv=None) -> int:
         if result:
             print(json.dumps(result))
         return 0
-    run(args.contenders, args.processes, QUICK_LENGTHS if args.quick else LENGTHS,
-        "genslm-tiny" if args.quick else "genslm-25m", args.out,
-        "parallel_scaling_quick" if args.quick else STEM, update=args.update)
+    if args.paired_worker:
+        length, preset_name, rounds = args.paired_worker
+        result = paired_worker(int(length), preset_name, int(rounds))
+        if result:
+            print(json.dumps(result))
+        return 0
+    preset_name = "genslm-tiny" if args.quick else "genslm-25m"
+    stem = "parallel_scaling_quick" if args.quick else STEM
+    if args.paired:
+        cases = ((2, 1024), (4, 2048)) if args.quick else PAIRED_CASES
+        run_paired(cases, preset_name, args.out, stem, args.rounds)
+        return 0
+    run(args.contenders, args.processes, QUICK_LENGTHS if args.quick else LENGTHS, preset_name, args.out,
+        stem, update=args.update)
     return 0
 
 

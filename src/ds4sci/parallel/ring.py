@@ -31,7 +31,7 @@ import logging
 import torch
 import torch.distributed as dist
 
-from .ulysses import _check_qkv, ulysses_attention
+from .ulysses import _check_qkv, ulysses_attention_releasing
 
 LAYOUTS = ("contiguous", "zigzag")
 log = logging.getLogger(__name__)
@@ -287,5 +287,12 @@ def hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysses_
     q, k, v: ``[B, H, S_local, D]``, this rank's slice of its ring shard (token order from
     ``sequence.shard_positions`` with the same ``layout`` and Ulysses degree).
     """
+    return hybrid_attention_releasing([q, k, v], ulysses_group, ring_group, layout, backend)
+
+
+def hybrid_attention_releasing(qkv: list[torch.Tensor], ulysses_group, ring_group,
+                               layout: str = "zigzag", backend: str = "auto") -> torch.Tensor:
+    """:func:`hybrid_attention` of ``qkv = [q, k, v]``, emptying the list once they are sent
+    (see ``ulysses.ulysses_attention_releasing``)."""
     core = functools.partial(ring_attention, group=ring_group, layout=layout, backend=backend)
-    return ulysses_attention(q, k, v, ulysses_group, core=core)
+    return ulysses_attention_releasing(qkv, ulysses_group, core=core)

@@ -29,8 +29,8 @@ import torch.distributed as dist
 
 from ds4sci.models.genslm.model import IGNORE_INDEX, causal_attention
 
-from .ring import LAYOUTS, hybrid_attention, ring_attention
-from .ulysses import head_splits, ulysses_attention
+from .ring import LAYOUTS, hybrid_attention, hybrid_attention_releasing, ring_attention
+from .ulysses import head_splits, ulysses_attention, ulysses_attention_releasing
 
 MODES = ("ulysses", "ring", "hybrid")
 
@@ -110,7 +110,8 @@ def sequence_parallel_core(mode: str, *, sp_group=None, ulysses_group=None, ring
         if ulysses_group is None or ring_group is None:
             raise ValueError("sequence parallelism: mode='hybrid' needs ulysses_group and "
                              "ring_group")
-        return SequenceParallelCore(hybrid_attention, ulysses_group=ulysses_group,
+        return SequenceParallelCore(hybrid_attention, releasing=hybrid_attention_releasing,
+                                    ulysses_group=ulysses_group,
                                     ring_group=ring_group, layout=layout)
     group = sp_group
     if group is None:
@@ -118,7 +119,7 @@ def sequence_parallel_core(mode: str, *, sp_group=None, ulysses_group=None, ring
     if group is None:
         raise ValueError(f"sequence parallelism: mode={mode!r} needs sp_group")
     if mode == "ulysses":
-        return SequenceParallelCore(ulysses_attention, group=group)
+        return SequenceParallelCore(ulysses_attention, releasing=ulysses_attention_releasing, group=group)
     return SequenceParallelCore(ring_attention, group=group, layout=layout)
 
 
@@ -129,11 +130,17 @@ class SequenceParallelCore:
     groups cannot be copied, and a copy of the model must talk over the same groups anyway.
     """
 
-    def __init__(self, fn, **settings):
-        self.fn, self.settings = fn, settings
+    def __init__(self, fn, releasing=None, **settings):
+        self.fn, self.releasing, self.settings = fn, releasing, settings
+        self.releases_inputs = releasing is not None
+        """Whether ``model.run_core`` may hand over ``[q, k, v]`` to ``call_releasing``."""
 
     def __call__(self, q, k, v):
         return self.fn(q, k, v, **self.settings)
+
+    def call_releasing(self, qkv: list):
+        """``fn`` on ``qkv = [q, k, v]``, emptying the list once they are no longer needed."""
+        return self.releasing(qkv, **self.settings)
 
     def __deepcopy__(self, memo):
         return self

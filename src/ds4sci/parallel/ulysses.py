@@ -52,19 +52,23 @@ def head_splits(num_heads: int, size: int) -> list[int]:
     return [base + (j < extra) for j in range(size)]
 
 
-def seq_to_head(tensors, group) -> list[torch.Tensor]:
+def seq_to_head(tensors, group, release: bool = False) -> list[torch.Tensor]:
     """Sequence shards with all heads ``[B, H, S/P, D]`` -> the whole sequence with this rank's
     heads ``[B, H_j, S, D]`` (shards concatenated in group-rank order), for each of ``tensors``
-    (same shape) in one all-to-all."""
+    (same shape) in one all-to-all. ``release``: empty the list ``tensors`` once they are copied
+    into the send buffer, so that (with no other reference) they are freed before the receive."""
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     b, h, s_local, d = tensors[0].shape
     splits = head_splits(h, size)
     # all_to_all_single splits dim 0, so heads go first; stacking writes that layout in one copy.
     x_HnBsD = torch.stack([t.transpose(0, 1) for t in tensors], dim=1)
+    n = len(tensors)
+    if release:
+        tensors.clear()
     out = _AllToAll.apply(x_HnBsD, group, splits, [splits[rank]] * size)  # [P * H_j, n, B, S/P, D]
     del x_HnBsD  # free the send buffer before the reordering copy below
-    out = out.view(size, splits[rank], len(tensors), b, s_local, d).permute(2, 3, 1, 0, 4, 5)
-    return list(out.reshape(len(tensors), b, splits[rank], size * s_local, d).unbind(0))
+    out = out.view(size, splits[rank], n, b, s_local, d).permute(2, 3, 1, 0, 4, 5)
+    return list(out.reshape(n, b, splits[rank], size * s_local, d).unbind(0))
 
 
 def head_to_seq(x_BHjSD: torch.Tensor, group, num_heads: int) -> torch.Tensor:
@@ -94,10 +98,24 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group,
     q, k, v: this rank's shard ``[B, H, S/P, D]`` (all heads, positions already applied);
     returns the attention output for the same shard, ``[B, H, S/P, D]``. ``core`` attends the
     whole (gathered) sequence for a subset of heads; the hybrid layout passes ring attention.
-    Differentiable with respect to q, k, v.
+    Differentiable with respect to q, k, v. See :func:`ulysses_attention_releasing` for the
+    form the model uses.
     """
-    _check_qkv("ulysses_attention", q, k, v)
+    return ulysses_attention_releasing([q, k, v], group, core)
+
+
+def ulysses_attention_releasing(qkv: list[torch.Tensor], group, core=causal_attention) -> torch.Tensor:
+    """:func:`ulysses_attention` of ``qkv = [q, k, v]``, emptying the list once they are sent.
+
+    The local shards are not needed after the all-to-all (autograd saves none of them), so a
+    caller that hands over its only references (``model.run_core``) has them freed before the
+    attention runs: three fewer ``[B, H, S/P, D]`` tensors alive at its peak.
+    """
+    _check_qkv("ulysses_attention", *qkv)
+    num_heads = qkv[0].shape[1]
     if dist.get_world_size(group) == 1:
+        q, k, v = qkv
+        qkv.clear()
         return core(q, k, v)
-    q_j, k_j, v_j = seq_to_head((q, k, v), group)  # one collective for all three
-    return head_to_seq(core(q_j, k_j, v_j), group, q.shape[1])
+    q_j, k_j, v_j = seq_to_head(qkv, group, release=True)  # one collective for all three
+    return head_to_seq(core(q_j, k_j, v_j), group, num_heads)

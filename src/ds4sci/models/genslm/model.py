@@ -86,15 +86,31 @@ class Attention(nn.Module):
 
     def forward(self, x_BSE, cos, sin):
         b, s, _ = x_BSE.shape
+        out_BHSD = run_core(self.core, self._qkv(x_BSE, cos, sin))
+        return self.dense(out_BHSD.transpose(1, 2).reshape(b, s, -1))
+
+    def _qkv(self, x_BSE, cos, sin) -> list[torch.Tensor]:
+        """``[q, k, v]``, each ``[B, H, S, D]``, rotary applied. All three are new tensors, so once
+        this returns nothing keeps the fused ``[B, S, 3E]`` projection output alive."""
+        b, s, _ = x_BSE.shape
         # GPT-NeoX's fused layout: per head, [q | k | v] of head_dim each. The head count is read
         # from the projection's output so a tensor-parallel shard (a subset of heads) runs as is.
         qkv = self.query_key_value(x_BSE).view(b, s, -1, 3 * self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in qkv.split(self.head_dim, dim=-1))  # [B, H, S, D]
-        # q and k become new tensors through rotary; copying v too lets the fused [S, 3E]
-        # projection output be freed instead of being kept alive (for backward) by v's view.
-        q, k, v = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v.contiguous()
-        out_BHSD = self.core(q, k, v)
-        return self.dense(out_BHSD.transpose(1, 2).reshape(b, s, -1))
+        return [apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v.contiguous()]
+
+
+def run_core(core, qkv: list[torch.Tensor]) -> torch.Tensor:
+    """``core(q, k, v)`` for ``qkv = [q, k, v]``, taking the list over (it is emptied).
+
+    A core with ``releases_inputs = True`` (Ulysses) is handed the list itself through
+    ``call_releasing`` and empties it once q, k and v are sent away: with no other reference
+    left, the local shards are freed before attention runs on the gathered ones."""
+    if getattr(core, "releases_inputs", False):
+        return core.call_releasing(qkv)
+    q, k, v = qkv
+    qkv.clear()
+    return core(q, k, v)
 
 
 class MLP(nn.Module):
