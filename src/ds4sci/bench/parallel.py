@@ -295,7 +295,9 @@ def run_paired(cases, preset_name: str, out_dir: Path, stem: str, rounds: int, p
                  f"{r['median_s']['deepspeed-ulysses']:.1f} s (deepspeed/ours {r['deepspeed_time_over_ours']:.2f}x, "
                  f"median of {rounds} rounds)")
     path = out_dir / f"{stem}.json"
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text()) if path.exists() else {
+        "machine": {**machine_info(), "budget_bytes_per_process": BUDGET, "fits": {}, "scaling_vs_one_process": {}},
+        "results": []}
     data["machine"]["paired_timing"] = results
     path.write_text(json.dumps(data, indent=1))
     write_markdown(data["results"], data["machine"], out_dir / f"{stem}.md")
