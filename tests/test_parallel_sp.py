@@ -331,6 +331,38 @@ def test_measured_comm_volume_matches_theory(mode, world_size, ulysses, heads):
         assert (forward, backward) == (theory["forward"], theory["backward"]), f"rank {rank}"
 
 
+def _layout_rank(rank, world_size, heads):
+    """What Ulysses hands the attention core's backward, and what it keeps of the caller's q, k, v."""
+    import weakref
+
+    from ds4sci.parallel.ulysses import head_splits, head_to_seq, ulysses_attention_releasing
+
+    h_j = head_splits(heads, world_size)[rank]
+    x = torch.randn(1, h_j, 8 * world_size, 4, requires_grad=True)
+    seen = []
+    y = x * 1.0  # a non-leaf, so the hook sees the gradient exactly as head_to_seq returns it
+    y.register_hook(lambda g: seen.append(g.transpose(1, 2).is_contiguous()))
+    head_to_seq(y, dist.group.WORLD, heads).sum().backward()
+    qkv = [torch.randn(1, heads, 8, 4) for _ in range(3)]
+    refs = [weakref.ref(t) for t in qkv]
+    freed = []
+
+    def core(q, k, v):
+        freed.append([r() is None for r in refs])
+        return q
+    ulysses_attention_releasing(qkv, dist.group.WORLD, core=core)
+    return seen, freed, qkv
+
+
+@pytest.mark.parametrize("heads", [4, 3])
+def test_ulysses_frees_sent_shards_and_returns_grads_in_attention_layout(heads):
+    """The local q, k, v are freed once sent (the caller handed over its only references), and
+    the gradient head_to_seq returns is laid out [B, S, H_j, D] as attention's backward wants."""
+    for seen, freed, qkv in run_distributed(_layout_rank, 2, heads):
+        assert seen == [True]
+        assert freed == [[True, True, True]] and qkv == []
+
+
 def test_failing_rank_ends_the_ring_with_an_error():
     def body(rank, world_size):
         x = torch.randn(1, 2, 4, 8)

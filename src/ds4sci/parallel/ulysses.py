@@ -79,10 +79,33 @@ def head_to_seq(x_BHjSD: torch.Tensor, group, num_heads: int) -> torch.Tensor:
     if h_j != splits[rank] or s % size:
         raise ValueError(f"head_to_seq: input has shape {tuple(x_BHjSD.shape)}; expected "
                          f"[B, {splits[rank]}, S divisible by {size}, D] on group rank {rank}")
-    x_PHjBsD = x_BHjSD.view(b, h_j, size, s // size, d).permute(2, 1, 0, 3, 4)
-    out = _AllToAll.apply(x_PHjBsD.reshape(size * h_j, b, s // size, d), group,
+    return _HeadToSeq.apply(x_BHjSD, group, splits)
+
+
+class _HeadToSeq(torch.autograd.Function):
+    """The all-to-all of :func:`head_to_seq`. Its backward returns the gradient in
+    ``[B, S, H_j, D]`` memory order (a transposed view): the attention backward on CPU wants
+    its output gradient laid out so and would otherwise make its own copy, one more
+    ``[B, H_j, S, D]`` tensor alive at the layer's peak."""
+
+    @staticmethod
+    def forward(ctx, x_BHjSD, group, splits):
+        size = dist.get_world_size(group)
+        b, h_j, s, d = x_BHjSD.shape
+        ctx.group, ctx.splits, ctx.shape = group, splits, x_BHjSD.shape
+        x_PHjBsD = x_BHjSD.view(b, h_j, size, s // size, d).permute(2, 1, 0, 3, 4)
+        out = _all_to_all(x_PHjBsD.reshape(size * h_j, b, s // size, d), group,
                           [h_j] * size, splits)  # [H, B, S/P, D]
-    return out.permute(1, 0, 2, 3)
+        return out.permute(1, 0, 2, 3)
+
+    @staticmethod
+    def backward(ctx, grad_BHsD):
+        b, h_j, s, d = ctx.shape
+        size = dist.get_world_size(ctx.group)
+        recv = _all_to_all(grad_BHsD.permute(1, 0, 2, 3), ctx.group, ctx.splits, [h_j] * size)  # [P*H_j, B, S/P, D]
+        grad_BPsHjD = torch.empty(b, size, s // size, h_j, d, dtype=recv.dtype, device=recv.device)
+        grad_BPsHjD.copy_(recv.view(size, h_j, b, s // size, d).permute(2, 0, 3, 1, 4))
+        return grad_BPsHjD.view(b, s, h_j, d).transpose(1, 2), None, None
 
 
 def _check_qkv(name, q, k, v):
