@@ -26,10 +26,10 @@ Contenders: ``ulysses`` (ds4sci), ``ring`` (ds4sci, zigzag), ``deepspeed-ulysses
 
 Step times of separate jobs drift with whatever else the machine does, so our Ulysses and
 DeepSpeed-Ulysses are also timed *paired* (``--paired``): one torchrun job per (P, S) builds the
-model once and alternates the two attention cores step by step (ours, DeepSpeed's, ours, ...),
-``--rounds`` times; the medians and the median per-round ratio go to the results file's
-``paired_timing``. Both cores run the same local causal attention, so this compares the
-sequence-parallel layers themselves.
+model once and swaps the two attention cores step by step, ``--rounds`` rounds of one step each
+after a warm-up round at the same length, the order alternating between rounds; the medians
+and the median per-round ratio go to the results file's ``paired_timing``. Both cores run the
+same local causal attention, so this compares the sequence-parallel layers themselves.
 
 Usage: ``python -m ds4sci.bench.parallel [--quick]`` or ``ds4sci bench parallel-scaling``.
 """
@@ -148,13 +148,16 @@ def paired_worker(length: int, preset_name: str, rounds: int) -> dict:
     cores = {"ulysses": [layer.attention.core for layer in model.layers]}
     cores["deepspeed-ulysses"] = [_deepspeed_core(mesh.group("sp"))] * len(model.layers)
     times = {name: [] for name in cores}
-    for round_ in range(rounds + 1):  # round 0 warms both up
-        for name, layer_cores in cores.items():
-            for layer, core in zip(model.layers, layer_cores):
+    step(256)  # kernels, optimizer state, communicators
+    # Round 0 warms both up at the full length (the first step at a new size pays page faults
+    # for its new buffers); the order alternates between rounds so neither always goes first.
+    for round_ in range(rounds + 1):
+        for name in (list(cores) if round_ % 2 else list(cores)[::-1]):
+            for layer, core in zip(model.layers, cores[name]):
                 layer.attention.core = core
             dist.barrier()
             start = time.perf_counter()
-            step(length if round_ else 256)
+            step(length)
             elapsed = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step ends when the slowest rank does
             if round_:
