@@ -142,8 +142,7 @@ def run(configs: dict, blocks, dtypes, out_dir: Path, stem: str, quick: bool, up
             for block in blocks:
                 case = {}
                 for contender in contenders:
-                    args = ["--worker", contender, block, config, dtype_name] + (["--quick"] if quick else [])
-                    result = run_worker("ds4sci.bench.evoformer_block", args, timeout=3600, env=WORKER_ENV)
+                    result = _measure(contender, block, config, dtype_name, quick)
                     row = {"block": block, "config": config, "preset": preset_name, "dtype": dtype_name,
                            "contender": contender, "n_res": n_res,
                            "n_seq": n_seq if block == "evoformer" else n_extra,
@@ -181,13 +180,20 @@ def run(configs: dict, blocks, dtypes, out_dir: Path, stem: str, quick: bool, up
     return rows
 
 
+def _measure(contender: str, block: str, config: str, dtype_name: str, quick: bool,
+             depth: int | None = None) -> dict:
+    """``worker`` in a fresh process (``depth``: a shallower MSA than the config's)."""
+    args = ["--worker", contender, block, config, dtype_name]
+    args += (["--quick"] if quick else []) + ([] if depth is None else ["--depth", str(depth)])
+    return run_worker("ds4sci.bench.evoformer_block", args, timeout=3600, env=WORKER_ENV)
+
+
 def _extrapolate(contender: str, block: str, config: str, dtype_name: str, quick: bool, depth: int) -> dict:
     """The peak of a step that did not fit, from a linear fit over shallower MSAs (module doc)."""
     points = []
     for fraction in EXTRAPOLATION_FRACTIONS:
         small = max(1, depth // fraction)
-        args = ["--worker", contender, block, config, dtype_name, "--depth", str(small)] + (["--quick"] if quick else [])
-        result = run_worker("ds4sci.bench.evoformer_block", args, timeout=3600, env=WORKER_ENV)
+        result = _measure(contender, block, config, dtype_name, quick, small)
         if result["status"] == "ok":
             points.append((small, result["peak_bytes"]))
     if len(points) < 2:

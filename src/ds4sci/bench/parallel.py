@@ -212,6 +212,13 @@ def worker(contender: str, length: int, preset_name: str) -> dict:
             "theory_bytes_per_layer": theory_bytes_per_layer(contender, p, length, config)}
 
 
+def _torchrun(p: int, args: list[str], timeout: float) -> dict:
+    """This module with ``args`` as a torchrun job of ``p`` local processes sharing the cores."""
+    return run_worker("torch.distributed.run",
+                      ["--standalone", f"--nproc-per-node={p}", "-m", "ds4sci.bench.parallel", *args],
+                      timeout=timeout, env={**WORKER_ENV, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // p))})
+
+
 def _deepspeed_available() -> str | None:
     try:
         import deepspeed  # noqa: F401
@@ -233,10 +240,7 @@ def run(contenders, processes, lengths, preset_name: str, out_dir: Path, stem: s
             if contender != "ulysses" and p == 1:
                 continue  # one process: no sequence parallelism, the same run as ulysses P=1
             for length in lengths[p]:
-                r = run_worker("torch.distributed.run",
-                               ["--standalone", f"--nproc-per-node={p}", "-m", "ds4sci.bench.parallel",
-                                "--worker", contender, str(length), preset_name],
-                               timeout=3600, env={**WORKER_ENV, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // p))})
+                r = _torchrun(p, ["--worker", contender, str(length), preset_name], timeout=3600)
                 rows.append({"contender": contender, "processes": p, "length": length, "preset": preset_name,
                              **r, "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
                 if r["status"] == "ok":
@@ -285,10 +289,7 @@ def run_paired(cases, preset_name: str, out_dir: Path, stem: str, rounds: int, p
         return []
     results = []
     for p, length in cases:
-        r = run_worker("torch.distributed.run",
-                       ["--standalone", f"--nproc-per-node={p}", "-m", "ds4sci.bench.parallel",
-                        "--paired-worker", str(length), preset_name, str(rounds)],
-                       timeout=7200, env={**WORKER_ENV, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // p))})
+        r = _torchrun(p, ["--paired-worker", str(length), preset_name, str(rounds)], timeout=7200)
         if "median_s" not in r:
             progress(f"paired P={p} S={length}: failed {r.get('error', '')}")
             continue
@@ -302,7 +303,7 @@ def run_paired(cases, preset_name: str, out_dir: Path, stem: str, rounds: int, p
         "machine": {**machine_info(), "budget_bytes_per_process": BUDGET, "fits": {}, "scaling_vs_one_process": {}},
         "results": []}
     data["machine"]["paired_timing"] = results
-    path.write_text(json.dumps(data, indent=1))
+    write_rows(data["results"], data["machine"], out_dir, stem)
     write_markdown(data["results"], data["machine"], out_dir / f"{stem}.md")
     return results
 

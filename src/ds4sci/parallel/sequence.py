@@ -132,8 +132,11 @@ class SequenceParallelCore:
 
     def __init__(self, fn, releasing=None, **settings):
         self.fn, self.releasing, self.settings = fn, releasing, settings
-        self.releases_inputs = releasing is not None
+
+    @property
+    def releases_inputs(self) -> bool:
         """Whether ``model.run_core`` may hand over ``[q, k, v]`` to ``call_releasing``."""
+        return self.releasing is not None
 
     def __call__(self, q, k, v):
         return self.fn(q, k, v, **self.settings)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .primitives import Linear, run_piece
+from .primitives import Linear, chunked, run_piece
 
 
 class OuterProductMean(nn.Module):
@@ -39,8 +39,8 @@ class OuterProductMean(nn.Module):
             return self._rows(*self._projections(m, mask), norm)
         # Chunked: the projections are recomputed in backward, so the normalised m is not kept.
         a, b = run_piece(self._projections, m, mask)
-        return torch.cat([run_piece(self._rows, a_rows, b, norm_rows) for a_rows, norm_rows
-                          in zip(a.split(chunk_size, -2), norm.split(chunk_size, -3))], dim=-3)
+        return chunked(lambda a, norm, b: self._rows(a, b, norm), chunk_size, (-2, -3), (a, norm), (b,),
+                       out_dim=-3)
 
     def _projections(self, m: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``a, b [*, S, R, C]``: the masked projections of the normalised MSA."""

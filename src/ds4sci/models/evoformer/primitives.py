@@ -176,17 +176,20 @@ def run_piece(fn, *args: torch.Tensor) -> torch.Tensor:
     return fn(*args)
 
 
-def chunked(fn, chunk_size: int | None, dim: int, sliced: Sequence[torch.Tensor],
-            shared: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+def chunked(fn, chunk_size: int | None, dim: int | Sequence[int], sliced: Sequence[torch.Tensor],
+            shared: Sequence[torch.Tensor] = (), out_dim: int | None = None) -> torch.Tensor:
     """``fn(*sliced, *shared)`` for a function independent along ``dim``, computed
-    ``chunk_size`` slices at a time (each of ``sliced`` cut alike along ``dim``; ``shared`` passed
-    whole) and concatenated: the same numbers with a working set bounded by one chunk. While
-    training, each chunk is recomputed in backward (:func:`run_piece`), so that bound holds for
-    the saved activations too."""
-    n = sliced[0].shape[dim]
+    ``chunk_size`` slices at a time (each of ``sliced`` cut alike along ``dim``, or along its own
+    entry of ``dim`` when that is a sequence; ``shared`` passed whole) and concatenated along
+    ``out_dim`` (default: the first tensor's ``dim``): the same numbers with a working set
+    bounded by one chunk. While training, each chunk is recomputed in backward
+    (:func:`run_piece`), so that bound holds for the saved activations too."""
+    dims = [dim] * len(sliced) if isinstance(dim, int) else list(dim)
+    n = sliced[0].shape[dims[0]]
     if chunk_size is None or n <= chunk_size:
         return fn(*sliced, *shared)
     # torch.split, not one narrow() per chunk: in backward the chunks' gradients are gathered
     # into one tensor once, instead of each chunk zero-filling a full-size gradient.
-    pieces = [run_piece(fn, *args, *shared) for args in zip(*(t.split(chunk_size, dim) for t in sliced))]
-    return torch.cat(pieces, dim=dim)
+    cuts = (t.split(chunk_size, d) for t, d in zip(sliced, dims))
+    pieces = [run_piece(fn, *args, *shared) for args in zip(*cuts)]
+    return torch.cat(pieces, dim=dims[0] if out_dim is None else out_dim)

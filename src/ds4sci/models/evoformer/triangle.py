@@ -123,9 +123,8 @@ class TriangleMultiplicativeUpdate(nn.Module):
         # chunk layer-normalises its own rows of z for the gate.
         a, b = run_piece(lambda z, mask_1: self._projections(self.layer_norm_in(z), mask_1), z, mask_1)
         a_CIK, b_CKJ = self._channels_first(a, b)
-        return torch.cat([run_piece(lambda a, b, z: self._rows(a, b, self.layer_norm_in(z)), a_rows, b_CKJ, z_rows)
-                          for a_rows, z_rows in zip(a_CIK.split(chunk_size, -2), z.split(chunk_size, -3))],
-                         dim=-3)
+        return chunked(lambda a, z, b: self._rows(a, b, self.layer_norm_in(z)), chunk_size, (-2, -3),
+                       (a_CIK, z), (b_CKJ,), out_dim=-3)
 
     def _channels_first(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``a, b [*, N, N, C]`` -> ``a [*, C, I, K]``, ``b [*, C, K, J]`` (views) so that the
