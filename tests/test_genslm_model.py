@@ -69,13 +69,20 @@ def _loss_and_grads(config, ids, labels):
     {"loss_chunk_size": 7, "activation_checkpointing": "full"},
     {"mlp_chunk_size": 9},
     {"mlp_chunk_size": 9, "activation_checkpointing": "full", "loss_chunk_size": 16},
+    {"attention_head_chunk": 1},
+    {"attention_head_chunk": 3, "activation_checkpointing": "full", "mlp_chunk_size": 9, "loss_chunk_size": 16},
+    {"attention_head_chunk": 2, "activation_checkpointing": "selective"},
+    {"use_parallel_residual": False, "activation_checkpointing": "full"},
+    {"use_parallel_residual": False, "activation_checkpointing": "full", "attention_head_chunk": 2,
+     "mlp_chunk_size": 9, "loss_chunk_size": 7},
 ])
 def test_memory_techniques_give_same_loss_and_grads(change):
     ids = _ids(length=41)
     labels = ids.clone()
     labels[1, 30:] = -100  # a padded row
-    base_loss, base_grads = _loss_and_grads(TINY.replace(loss_chunk_size=None), ids, labels)
-    loss, grads = _loss_and_grads(TINY.replace(loss_chunk_size=None).replace(**change), ids, labels)
+    base = TINY.replace(loss_chunk_size=None, use_parallel_residual=change.get("use_parallel_residual", True))
+    base_loss, base_grads = _loss_and_grads(base, ids, labels)
+    loss, grads = _loss_and_grads(base.replace(**change), ids, labels)
     torch.testing.assert_close(loss, base_loss, rtol=1e-6, atol=1e-6)
     for name in base_grads:
         torch.testing.assert_close(grads[name], base_grads[name], rtol=1e-5, atol=1e-7, msg=name)
@@ -105,6 +112,31 @@ def test_no_quadratic_tensor_in_forward_and_backward():
     assert mode.largest < length * length
 
 
+def _peak_live_bytes(config, length):
+    from memory_helpers import PeakLiveBytes
+
+    torch.manual_seed(0)
+    model = GenSLM(config)
+    ids = _ids(batch=1, length=length)
+    with PeakLiveBytes() as mode:
+        model(ids, labels=ids).loss.backward()
+    return mode.peak
+
+
+def test_tiled_training_keeps_little_more_than_the_layer_inputs():
+    """Full checkpointing + tiled attention and MLP + chunked loss: a training step's peak is the
+    layers' inputs plus a handful of [S, E] tensors (one layer's backward at a time), far below
+    full checkpointing alone, which holds a whole layer's projections and attention."""
+    config = TINY.replace(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128)
+    length, chunk = 2048, 256
+    seq_bytes = length * config.hidden_size * 4  # one [S, E] fp32 tensor
+    full = _peak_live_bytes(config.replace(activation_checkpointing="full", loss_chunk_size=chunk), length)
+    tiled = _peak_live_bytes(config.replace(activation_checkpointing="full", loss_chunk_size=chunk,
+                                            mlp_chunk_size=chunk, attention_head_chunk=1), length)
+    assert tiled <= (config.num_hidden_layers + 7) * seq_bytes, tiled / seq_bytes
+    assert tiled < 0.6 * full, (tiled / seq_bytes, full / seq_bytes)
+
+
 @pytest.mark.parametrize("bad,match", [
     ({"hidden_size": 66}, "hidden_size=66 is not divisible by num_attention_heads=4"),
     ({"hidden_act": "swish"}, "hidden_act='swish'"),
@@ -113,6 +145,7 @@ def test_no_quadratic_tensor_in_forward_and_backward():
     ({"num_hidden_layers": 0}, "num_hidden_layers=0"),
     ({"loss_chunk_size": 0}, "loss_chunk_size=0"),
     ({"mlp_chunk_size": 0}, "mlp_chunk_size=0"),
+    ({"attention_head_chunk": 0}, "attention_head_chunk=0"),
     ({"hidden_size": 48, "num_attention_heads": 4, "rotary_pct": 0.25}, "rotary dims .* = 3 is odd"),
 ])
 def test_bad_config_errors(bad, match):

@@ -161,10 +161,11 @@ def test_fsdp_matches_single_process(world_size, kwargs):
         _compare(result, reference())
 
 
-@pytest.mark.parametrize("checkpointing", ["full", "selective"])
-def test_fsdp_with_activation_checkpointing_matches_single_process(checkpointing):
-    """Recomputing a layer in backward re-gathers its FSDP-sharded parameters."""
-    cfg = CFG.replace(activation_checkpointing=checkpointing, mlp_chunk_size=5)
+@pytest.mark.parametrize("checkpointing,head_chunk", [("full", None), ("selective", None), ("full", 1)])
+def test_fsdp_with_activation_checkpointing_matches_single_process(checkpointing, head_chunk):
+    """Recomputing a layer's pieces in backward uses its FSDP-gathered parameters (tiled
+    attention slices them per head group)."""
+    cfg = CFG.replace(activation_checkpointing=checkpointing, mlp_chunk_size=5, attention_head_chunk=head_chunk)
     results = run_distributed(_train_sharded, 2, 2, 1, dict(), True, cfg)
     for result in results:
         _compare(result, reference())

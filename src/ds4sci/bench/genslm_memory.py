@@ -5,7 +5,7 @@ a fresh process; peak resident memory above the process's idle state is recorded
 ``memory = a + b*S + c*S^2`` per contender predicts the longest sequence whose step fits the
 budget (20 GiB by default). Tokens/s is measured at one length for every contender.
 
-Contenders: ``ds4sci`` (full activation checkpointing, tiled MLP, chunked loss),
+Contenders: ``ds4sci`` (full activation checkpointing, tiled MLP and attention, chunked loss),
 ``ds4sci-ckpt`` (full checkpointing only: HF's memory settings, for the tokens/s comparison), ``hf-eager``
 (GenSLM's original path: GPTNeoXForCausalLM with eager attention), ``hf-sdpa`` and
 ``hf-sdpa-ckpt`` (SDPA + gradient checkpointing), all built from the same weights.
@@ -51,7 +51,7 @@ def _model(contender: str, preset_name: str):
     config = preset(preset_name)
     if contender == "ds4sci":
         return GenSLM(config.replace(activation_checkpointing="full", loss_chunk_size=4096,
-                                     mlp_chunk_size=4096))
+                                     mlp_chunk_size=4096, attention_head_chunk=2))
     if contender == "ds4sci-ckpt":  # the same memory settings as hf-sdpa-ckpt, for tokens/s
         return GenSLM(config.replace(activation_checkpointing="full", loss_chunk_size=None))
     hf = to_hf(GenSLM(config)).train()

@@ -32,7 +32,6 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-from torch.utils.checkpoint import checkpoint
 
 from ..models.genslm.model import IGNORE_INDEX, GenSLM
 
@@ -86,9 +85,8 @@ class GenSLMStage(nn.Module):
             x = self.embed_in(x.long())
         # Every stage sees the full (unsharded) sequence, so positions are 0..S-1.
         cos, sin = self.rotary(torch.arange(x.shape[1], device=x.device))
-        full = self.config.activation_checkpointing == "full" and torch.is_grad_enabled()
         for layer in self.layers.values():
-            x = checkpoint(layer, x, cos, sin, use_reentrant=False) if full else layer(x, cos, sin)
+            x = layer(x, cos, sin)  # each layer applies the configured checkpointing itself
         return self.final_layer_norm(x) if self.is_last else x
 
 

@@ -45,6 +45,11 @@ class GenSLMConfig:
     mlp_chunk_size: int | None = None
     """Tokens per chunk of the MLP, each chunk recomputed in backward, so the ``[S, 4E]``
     activations exist one chunk at a time (tiled MLP); None = whole sequence."""
+    attention_head_chunk: int | None = None
+    """Heads per group of tiled attention in training: each group's ``[S, 3 x heads x D]``
+    projections and attention are recomputed from the layer input in backward, one group at a
+    time; None = all heads at once. Local attention only: under sequence or tensor parallelism
+    (heads already split over ranks) layers attend with all their heads at once."""
 
     def __post_init__(self):
         positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -71,7 +76,7 @@ class GenSLMConfig:
                 f"GenSLMConfig: activation_checkpointing={self.activation_checkpointing!r}; "
                 f"expected one of {_CHECKPOINTING}"
             )
-        for name in ("loss_chunk_size", "mlp_chunk_size"):
+        for name in ("loss_chunk_size", "mlp_chunk_size", "attention_head_chunk"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"GenSLMConfig: {name}={value}; expected >= 1 or None")

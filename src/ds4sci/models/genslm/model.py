@@ -86,16 +86,28 @@ class Attention(nn.Module):
 
     def forward(self, x_BSE, cos, sin):
         b, s, _ = x_BSE.shape
-        out_BHSD = run_core(self.core, self._qkv(x_BSE, cos, sin))
+        out_BHSD = run_core(self.core, self._qkv(self.query_key_value(x_BSE), cos, sin))
         return self.dense(out_BHSD.transpose(1, 2).reshape(b, s, -1))
 
-    def _qkv(self, x_BSE, cos, sin) -> list[torch.Tensor]:
-        """``[q, k, v]``, each ``[B, H, S, D]``, rotary applied. All three are new tensors, so once
-        this returns nothing keeps the fused ``[B, S, 3E]`` projection output alive."""
+    def forward_heads(self, x_BSE, cos, sin, h0: int, h1: int):
+        """Heads ``h0 .. h1-1`` alone: their share of ``forward`` without the output bias. The
+        shares of all head groups plus ``dense.bias`` sum to ``forward`` (to fp32 rounding); each
+        holds ``[S, 3 (h1-h0) D]`` projections instead of ``[S, 3E]`` (tiled attention)."""
         b, s, _ = x_BSE.shape
+        rows = slice(3 * self.head_dim * h0, 3 * self.head_dim * h1)
+        qkv = F.linear(x_BSE, self.query_key_value.weight[rows], self.query_key_value.bias[rows])
+        out_BHSD = run_core(self.core, self._qkv(qkv, cos, sin))
+        cols = self.dense.weight[:, self.head_dim * h0 : self.head_dim * h1]
+        return F.linear(out_BHSD.transpose(1, 2).reshape(b, s, -1), cols)
+
+    def _qkv(self, qkv_BSX, cos, sin) -> list[torch.Tensor]:
+        """``[q, k, v]``, each ``[B, H, S, D]``, rotary applied, from the fused projection output
+        ``[B, S, 3 H D]``. All three are new tensors, so once this returns nothing keeps the fused
+        projection output alive."""
+        b, s, _ = qkv_BSX.shape
         # GPT-NeoX's fused layout: per head, [q | k | v] of head_dim each. The head count is read
         # from the projection's output so a tensor-parallel shard (a subset of heads) runs as is.
-        qkv = self.query_key_value(x_BSE).view(b, s, -1, 3 * self.head_dim)
+        qkv = qkv_BSX.view(b, s, -1, 3 * self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in qkv.split(self.head_dim, dim=-1))  # [B, H, S, D]
         return [apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v.contiguous()]
 
@@ -125,37 +137,84 @@ class MLP(nn.Module):
 
 
 class Layer(nn.Module):
+    """One GPT-NeoX layer. In training it decides what its backward keeps:
+
+    - ``activation_checkpointing="full"``: only the layer input. With the parallel residual the
+      attention and the MLP are recomputed separately from it (no outer checkpoint, so nothing is
+      recomputed twice); with the sequential residual the whole layer is one checkpoint.
+    - ``attention_head_chunk``: attention runs in groups of heads, each recomputed from the layer
+      input in backward, so one group's projections and attention exist at a time.
+    - ``mlp_chunk_size`` / ``"selective"``: the MLP runs in sequence chunks, each recomputed.
+    """
+
     def __init__(self, config: GenSLMConfig):
         super().__init__()
         self.parallel = config.use_parallel_residual
-        self.selective_checkpoint = config.activation_checkpointing == "selective"
+        self.checkpointing = config.activation_checkpointing
         self.mlp_chunk_size = config.mlp_chunk_size
+        self.head_chunk = config.attention_head_chunk
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attention = Attention(config)
         self.mlp = MLP(config)
 
+    def forward(self, x_BSE, cos, sin):
+        full = self.checkpointing == "full" and torch.is_grad_enabled()
+        if full and not self.parallel:
+            # x + attn would be a second saved input of the MLP: recompute the whole layer instead.
+            return checkpoint(self._forward, x_BSE, cos, sin, False, use_reentrant=False)
+        return self._forward(x_BSE, cos, sin, full)
+
+    def _forward(self, x_BSE, cos, sin, full: bool):
+        attn = self._attention(x_BSE, cos, sin, full)
+        if self.parallel:
+            return x_BSE + attn + self._mlp(x_BSE, full)
+        x_BSE = x_BSE + attn
+        return x_BSE + self._mlp(x_BSE, full)
+
+    def _attention_block(self, x_BSE, cos, sin):
+        return self.attention(self.input_layernorm(x_BSE), cos, sin)
+
+    def _attention_heads(self, x_BSE, cos, sin, h0, h1):
+        return self.attention.forward_heads(self.input_layernorm(x_BSE), cos, sin, h0, h1)
+
+    def _head_groups(self) -> list[tuple[int, int]] | None:
+        """Head ranges for tiled attention, or None where it does not apply: no
+        ``attention_head_chunk``, or attention that is not local (sequence- or tensor-parallel
+        attention already splits heads over ranks and wraps the projections)."""
+        heads = self.attention.query_key_value.out_features // (3 * self.attention.head_dim)
+        if (self.head_chunk is None or self.head_chunk >= heads or self.attention.core is not causal_attention
+                or type(self.attention.query_key_value.weight) not in (torch.Tensor, nn.Parameter)):
+            return None
+        return [(h, min(h + self.head_chunk, heads)) for h in range(0, heads, self.head_chunk)]
+
+    def _attention(self, x_BSE, cos, sin, full: bool):
+        groups = self._head_groups() if torch.is_grad_enabled() else None
+        if groups is None:
+            if full:
+                return checkpoint(self._attention_block, x_BSE, cos, sin, use_reentrant=False)
+            return self._attention_block(x_BSE, cos, sin)
+        out = None
+        for h0, h1 in groups:
+            share = checkpoint(self._attention_heads, x_BSE, cos, sin, h0, h1, use_reentrant=False)
+            # In place: no backward saves these sums, and a new tensor per group would hold three.
+            out = share if out is None else out.add_(share)
+        return out.add_(self.attention.dense.bias)
+
     def _mlp_block(self, x):
         return self.mlp(self.post_attention_layernorm(x))
 
-    def _mlp(self, x_BSE):
-        # The MLP's [S, 4E] activations are the largest per layer. Selective checkpointing keeps
-        # only its input; the tiled MLP also recomputes it one sequence chunk at a time.
-        recompute = torch.is_grad_enabled() and (self.selective_checkpoint or self.mlp_chunk_size)
-        chunk = self.mlp_chunk_size or x_BSE.shape[1]
-        outs = []
-        for start in range(0, x_BSE.shape[1], chunk):
-            piece = x_BSE[:, start : start + chunk]
-            outs.append(checkpoint(self._mlp_block, piece, use_reentrant=False) if recompute
-                        else self._mlp_block(piece))
+    def _mlp(self, x_BSE, full: bool):
+        # The MLP's [S, 4E] activations are the largest per layer. Checkpointing keeps only its
+        # input; the tiled MLP also recomputes it one sequence chunk at a time.
+        recompute = torch.is_grad_enabled() and (full or self.checkpointing == "selective" or self.mlp_chunk_size)
+        if not recompute:
+            return self._mlp_block(x_BSE)
+        # split, not slicing: one gradient gather in backward instead of a zero-filled [S, E]
+        # gradient per chunk.
+        outs = [checkpoint(self._mlp_block, piece, use_reentrant=False)
+                for piece in x_BSE.split(self.mlp_chunk_size or x_BSE.shape[1], dim=1)]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-
-    def forward(self, x_BSE, cos, sin):
-        attn = self.attention(self.input_layernorm(x_BSE), cos, sin)
-        if self.parallel:
-            return x_BSE + attn + self._mlp(x_BSE)
-        x_BSE = x_BSE + attn
-        return x_BSE + self._mlp(x_BSE)
 
 
 @dataclass
@@ -193,8 +252,9 @@ class GenSLM(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def hidden_states(self, input_ids: torch.Tensor, position_offset: int = 0,
-                      positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-layer-normed hidden states ``[B, S, E]``.
+                      positions: torch.Tensor | None = None, final_norm: bool = True) -> torch.Tensor:
+        """Final-layer-normed hidden states ``[B, S, E]`` (``final_norm=False``: before that norm,
+        for ``loss_sum(..., normed=False)``).
 
         ``position_offset``: position of the first token, for a sequence shard that does not
         start at 0; ``positions`` (``[S]`` int, overrides it): each token's position, for shards
@@ -212,10 +272,9 @@ class GenSLM(nn.Module):
                              f"[S] = {tuple(input_ids.shape[1:])}")
         cos, sin = self.rotary(positions)
         x = self.embed_in(input_ids.long())
-        full = self.config.activation_checkpointing == "full" and torch.is_grad_enabled()
         for layer in self.layers:
-            x = checkpoint(layer, x, cos, sin, use_reentrant=False) if full else layer(x, cos, sin)
-        return self.final_layer_norm(x)
+            x = layer(x, cos, sin)  # each layer applies the configured checkpointing itself
+        return self.final_layer_norm(x) if final_norm else x
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_offset: int = 0) -> CausalLMOutput:
@@ -224,38 +283,49 @@ class GenSLM(nn.Module):
         With labels and ``config.loss_chunk_size`` set, logits are produced and dropped chunk by
         chunk (recomputed in backward), so ``output.logits`` is None.
         """
-        hidden = self.hidden_states(input_ids, position_offset)
         if labels is None:
-            return CausalLMOutput(logits=self.embed_out(hidden))
+            return CausalLMOutput(logits=self.embed_out(self.hidden_states(input_ids, position_offset)))
         if labels.shape != input_ids.shape:
             raise ValueError(
                 f"GenSLM: labels has shape {tuple(labels.shape)}; expected input_ids' {tuple(input_ids.shape)}"
             )
         # Token t predicts label t+1; the last position predicts nothing.
         targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
-        loss_sum, count, logits = self.loss_sum(hidden, targets)
+        # With chunks, the final norm runs inside each (recomputed) chunk too.
+        normed = self.config.loss_chunk_size is None
+        hidden = self.hidden_states(input_ids, position_offset, final_norm=normed)
+        loss_sum, count, logits = self.loss_sum(hidden, targets, normed=normed)
         return CausalLMOutput(logits=logits, loss=loss_sum / count.clamp_min(1), num_tokens=count)
 
-    def loss_sum(self, hidden_BSE: torch.Tensor, targets_BS: torch.Tensor):
-        """Summed cross-entropy of ``embed_out(hidden)`` against ``targets`` (already shifted)."""
+    def loss_sum(self, hidden_BSE: torch.Tensor, targets_BS: torch.Tensor, normed: bool = True):
+        """Summed cross-entropy of ``embed_out(hidden)`` against ``targets`` (already shifted).
+
+        ``normed=False``: ``hidden`` is from ``hidden_states(final_norm=False)`` and the final norm
+        is applied here, inside each loss chunk, so its ``[S, E]`` output is never held whole.
+        """
         count = (targets_BS != IGNORE_INDEX).sum()
         chunk = self.config.loss_chunk_size
-        flat_h, flat_t = hidden_BSE.reshape(-1, hidden_BSE.shape[-1]), targets_BS.reshape(-1)
         if chunk is None:
+            if not normed:
+                hidden_BSE = self.final_layer_norm(hidden_BSE)
             logits = self.embed_out(hidden_BSE)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat_t,
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets_BS.reshape(-1),
                                    ignore_index=IGNORE_INDEX, reduction="sum")
             return loss, count, logits
         total = hidden_BSE.new_zeros((), dtype=torch.float32)
-        for start in range(0, flat_h.shape[0], chunk):
-            h, t = flat_h[start : start + chunk], flat_t[start : start + chunk]
+        # split, not slicing: one gradient gather in backward instead of a zero-filled [S, E]
+        # gradient per chunk.
+        pieces = zip(hidden_BSE.reshape(-1, hidden_BSE.shape[-1]).split(chunk), targets_BS.reshape(-1).split(chunk))
+        for h, t in pieces:
             if torch.is_grad_enabled():
-                total = total + checkpoint(self._chunk_loss, h, t, use_reentrant=False)
+                total = total + checkpoint(self._chunk_loss, h, t, normed, use_reentrant=False)
             else:
-                total = total + self._chunk_loss(h, t)
+                total = total + self._chunk_loss(h, t, normed)
         return total, count, None
 
-    def _chunk_loss(self, hidden, targets):
+    def _chunk_loss(self, hidden, targets, normed: bool = True):
+        if not normed:
+            hidden = self.final_layer_norm(hidden)
         logits = self.embed_out(hidden).float()
         return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
