@@ -72,6 +72,9 @@ def _loss_and_grads(config, ids, labels):
     {"attention_head_chunk": 1},
     {"attention_head_chunk": 3, "activation_checkpointing": "full", "mlp_chunk_size": 9, "loss_chunk_size": 16},
     {"attention_head_chunk": 2, "activation_checkpointing": "selective"},
+    {"activation_checkpointing": "full", "checkpoint_num_layers": 2},
+    {"activation_checkpointing": "full", "checkpoint_num_layers": 3, "attention_head_chunk": 1,
+     "mlp_chunk_size": 9, "loss_chunk_size": 16, "num_hidden_layers": 4},
     {"use_parallel_residual": False, "activation_checkpointing": "full"},
     {"use_parallel_residual": False, "activation_checkpointing": "full", "attention_head_chunk": 2,
      "mlp_chunk_size": 9, "loss_chunk_size": 7},
@@ -80,7 +83,8 @@ def test_memory_techniques_give_same_loss_and_grads(change):
     ids = _ids(length=41)
     labels = ids.clone()
     labels[1, 30:] = -100  # a padded row
-    base = TINY.replace(loss_chunk_size=None, use_parallel_residual=change.get("use_parallel_residual", True))
+    base = TINY.replace(loss_chunk_size=None, use_parallel_residual=change.get("use_parallel_residual", True),
+                        num_hidden_layers=change.get("num_hidden_layers", TINY.num_hidden_layers))
     base_loss, base_grads = _loss_and_grads(base, ids, labels)
     loss, grads = _loss_and_grads(base.replace(**change), ids, labels)
     torch.testing.assert_close(loss, base_loss, rtol=1e-6, atol=1e-6)
@@ -135,6 +139,11 @@ def test_tiled_training_keeps_little_more_than_the_layer_inputs():
                                             mlp_chunk_size=chunk, attention_head_chunk=1), length)
     assert tiled <= (config.num_hidden_layers + 7) * seq_bytes, tiled / seq_bytes
     assert tiled < 0.6 * full, (tiled / seq_bytes, full / seq_bytes)
+    # Segments of two layers keep half the layer inputs (and not the embedding output).
+    segments = _peak_live_bytes(config.replace(activation_checkpointing="full", loss_chunk_size=chunk,
+                                               mlp_chunk_size=chunk, attention_head_chunk=1,
+                                               checkpoint_num_layers=2), length)
+    assert segments <= tiled - 0.75 * seq_bytes, (segments / seq_bytes, tiled / seq_bytes)
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -146,6 +155,8 @@ def test_tiled_training_keeps_little_more_than_the_layer_inputs():
     ({"loss_chunk_size": 0}, "loss_chunk_size=0"),
     ({"mlp_chunk_size": 0}, "mlp_chunk_size=0"),
     ({"attention_head_chunk": 0}, "attention_head_chunk=0"),
+    ({"checkpoint_num_layers": 0, "activation_checkpointing": "full"}, "checkpoint_num_layers=0"),
+    ({"checkpoint_num_layers": 2}, "checkpoint_num_layers=2 needs activation_checkpointing='full'"),
     ({"hidden_size": 48, "num_attention_heads": 4, "rotary_pct": 0.25}, "rotary dims .* = 3 is odd"),
 ])
 def test_bad_config_errors(bad, match):

@@ -161,11 +161,13 @@ def test_fsdp_matches_single_process(world_size, kwargs):
         _compare(result, reference())
 
 
-@pytest.mark.parametrize("checkpointing,head_chunk", [("full", None), ("selective", None), ("full", 1)])
-def test_fsdp_with_activation_checkpointing_matches_single_process(checkpointing, head_chunk):
+@pytest.mark.parametrize("checkpointing,head_chunk,segment", [
+    ("full", None, 1), ("selective", None, 1), ("full", 1, 1), ("full", 1, 2)])
+def test_fsdp_with_activation_checkpointing_matches_single_process(checkpointing, head_chunk, segment):
     """Recomputing a layer's pieces in backward uses its FSDP-gathered parameters (tiled
-    attention slices them per head group)."""
-    cfg = CFG.replace(activation_checkpointing=checkpointing, mlp_chunk_size=5, attention_head_chunk=head_chunk)
+    attention slices them per head group); a two-layer segment re-gathers both layers."""
+    cfg = CFG.replace(activation_checkpointing=checkpointing, mlp_chunk_size=5, attention_head_chunk=head_chunk,
+                      checkpoint_num_layers=segment)
     results = run_distributed(_train_sharded, 2, 2, 1, dict(), True, cfg)
     for result in results:
         _compare(result, reference())
@@ -235,8 +237,10 @@ def test_tensor_parallel_matches_single_process(embeddings):
 
 def test_tensor_parallel_with_tiled_mlp_and_checkpointing_matches_single_process():
     """The tiled MLP slices the sequence of the column-parallel activations; recomputation in
-    backward replays the TP collectives."""
-    cfg = CFG.replace(activation_checkpointing="full", mlp_chunk_size=5)
+    backward replays the TP collectives; tiled attention is off under TP (heads are already split)
+    and two-layer checkpoint segments replay both layers' collectives."""
+    cfg = CFG.replace(activation_checkpointing="full", mlp_chunk_size=5, attention_head_chunk=1,
+                      checkpoint_num_layers=2)
     results = run_distributed(_train_sharded, 2, 1, 2, None, True, cfg)
     for result in results:
         _compare(result, reference())

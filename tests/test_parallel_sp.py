@@ -412,6 +412,8 @@ def _model_rank(rank, world_size, config, state, ids, labels, mode, layout, ulys
 MODEL_CASES = [
     ("ulysses", 2, "contiguous", 2, 19, {}),
     ("ulysses", 2, "contiguous", 2, 16, dict(hidden_size=48, num_attention_heads=3)),
+    ("ulysses", 2, "contiguous", 2, 19, dict(activation_checkpointing="full", checkpoint_num_layers=2,
+                                             attention_head_chunk=1, mlp_chunk_size=4)),
     ("ring", 2, "zigzag", 1, 21, dict(loss_chunk_size=5)),
     ("ring", 4, "zigzag", 1, 5, {}),  # padded 5 -> 8: chunks of one token, some all padding
     ("ring", 4, "contiguous", 1, 18, dict(activation_checkpointing="full")),

@@ -33,7 +33,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from ..models.genslm.model import IGNORE_INDEX, GenSLM
+from ..models.genslm.model import IGNORE_INDEX, GenSLM, run_layers
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -81,12 +81,10 @@ class GenSLMStage(nn.Module):
             self.embed_out = model.embed_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.is_first:
-            x = self.embed_in(x.long())
         # Every stage sees the full (unsharded) sequence, so positions are 0..S-1.
         cos, sin = self.rotary(torch.arange(x.shape[1], device=x.device))
-        for layer in self.layers.values():
-            x = layer(x, cos, sin)  # each layer applies the configured checkpointing itself
+        x = run_layers(self.layers.values(), x, cos, sin, self.config,
+                       embed=self.embed_in if self.is_first else None)
         return self.final_layer_norm(x) if self.is_last else x
 
 

@@ -205,8 +205,9 @@ class DistributedTrainer(Trainer):
             targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
             positions = None
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
-            hidden = self.model.hidden_states(ids, positions=positions)
-            loss_sum, count, _ = self.model.loss_sum(hidden, targets)
+            # The final norm runs inside the loss chunks (never a whole normed [S, E] copy).
+            hidden = self.model.hidden_states(ids, positions=positions, final_norm=False)
+            loss_sum, count, _ = self.model.loss_sum(hidden, targets, normed=False)
         return loss_sum, count
 
     def _global_sum(self, value: torch.Tensor, group_name: str) -> torch.Tensor:

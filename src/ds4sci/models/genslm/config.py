@@ -40,6 +40,11 @@ class GenSLMConfig:
     """Id HF configs record as EOS (GenSLM's configs say 0)."""
     activation_checkpointing: str = "none"
     """Recompute activations in backward: none, full (whole layer) or selective (MLP only)."""
+    checkpoint_num_layers: int = 1
+    """With full checkpointing, layers per checkpoint segment: 1 keeps every layer's input for
+    backward; k > 1 keeps every k-th (the first segment only the token ids) and recomputes the
+    segment's forward once more in backward (less memory, one more forward pass). GPT-NeoX's
+    ``checkpoint-num-layers``."""
     loss_chunk_size: int | None = 4096
     """Tokens per chunk of the fused final projection + cross-entropy; None = whole sequence."""
     mlp_chunk_size: int | None = None
@@ -76,6 +81,12 @@ class GenSLMConfig:
                 f"GenSLMConfig: activation_checkpointing={self.activation_checkpointing!r}; "
                 f"expected one of {_CHECKPOINTING}"
             )
+        if self.checkpoint_num_layers < 1:
+            raise ValueError(f"GenSLMConfig: checkpoint_num_layers={self.checkpoint_num_layers}; expected >= 1")
+        if self.checkpoint_num_layers > 1 and self.activation_checkpointing != "full":
+            raise ValueError(
+                f"GenSLMConfig: checkpoint_num_layers={self.checkpoint_num_layers} needs "
+                f"activation_checkpointing='full' (got {self.activation_checkpointing!r})")
         for name in ("loss_chunk_size", "mlp_chunk_size", "attention_head_chunk"):
             value = getattr(self, name)
             if value is not None and value < 1:

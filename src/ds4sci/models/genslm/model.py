@@ -217,6 +217,33 @@ class Layer(nn.Module):
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
+def run_layers(layers, x, cos, sin, config: GenSLMConfig, embed: nn.Embedding | None = None):
+    """``layers`` applied in order to ``x`` (token ids ``[B, S]`` when ``embed`` is given, which
+    embeds them first; else hidden ``[B, S, E]``).
+
+    Each layer applies its own checkpointing. With full checkpointing and ``checkpoint_num_layers
+    = k > 1``, every k layers also form one checkpoint, so backward keeps every k-th layer input
+    instead of each (the first segment keeps only the token ids: the embedding is recomputed too)
+    and runs each segment's forward once more to rebuild the inputs in between.
+    """
+    k = config.checkpoint_num_layers
+    layers = list(layers)
+    if k == 1 or config.activation_checkpointing != "full" or not torch.is_grad_enabled():
+        return _segment(x, cos, sin, layers, embed)
+    for start in range(0, len(layers), k):
+        x = checkpoint(_segment, x, cos, sin, layers[start : start + k], embed if start == 0 else None,
+                       use_reentrant=False)
+    return x
+
+
+def _segment(x, cos, sin, layers, embed):
+    if embed is not None:
+        x = embed(x.long())
+    for layer in layers:
+        x = layer(x, cos, sin)
+    return x
+
+
 @dataclass
 class CausalLMOutput:
     logits: torch.Tensor | None
@@ -271,9 +298,7 @@ class GenSLM(nn.Module):
             raise ValueError(f"GenSLM: positions has shape {tuple(positions.shape)}; expected "
                              f"[S] = {tuple(input_ids.shape[1:])}")
         cos, sin = self.rotary(positions)
-        x = self.embed_in(input_ids.long())
-        for layer in self.layers:
-            x = layer(x, cos, sin)  # each layer applies the configured checkpointing itself
+        x = run_layers(self.layers, input_ids, cos, sin, self.config, embed=self.embed_in)
         return self.final_layer_norm(x) if final_norm else x
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
