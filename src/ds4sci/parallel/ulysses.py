@@ -8,7 +8,7 @@ shard's q, k, v and output, less the part it keeps) and as many in backward: con
 when S grows with P (``sequence.comm_bytes_per_layer`` has the exact figure for uneven heads).
 
 Heads need not divide the group size: rank ``j`` takes ``H // P`` heads, plus one for the first
-``H % P`` ranks (uneven ``all_to_all_single`` splits), so nothing is padded or replicated. A rank
+``H % P`` ranks (blocks of uneven size per rank), so nothing is padded or replicated. A rank
 with no head (``P > H``) sends all its heads away and attends over nothing; use the hybrid
 Ulysses x ring layout (``ring.hybrid_attention``) to go beyond ``H``. All ranks must hold shards
 of the same length (``sequence.shard_batch`` pads to make them so).
@@ -24,32 +24,87 @@ import torch.distributed as dist
 from ds4sci.models.genslm.model import causal_attention
 
 
-class _AllToAll(torch.autograd.Function):
-    """``all_to_all_single`` along dim 0 whose backward is the inverse all-to-all (splits
-    swapped), so gradients return to the ranks and rows their inputs came from."""
-
-    @staticmethod
-    def forward(ctx, x, group, in_splits, out_splits):
-        ctx.group, ctx.in_splits, ctx.out_splits = group, in_splits, out_splits
-        return _all_to_all(x, group, in_splits, out_splits)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_to_all(grad, ctx.group, ctx.out_splits, ctx.in_splits), None, None, None
-
-
-def _all_to_all(x, group, in_splits, out_splits):
-    x = x.contiguous()
-    out = x.new_empty((sum(out_splits), *x.shape[1:]))
-    dist.all_to_all_single(out, x, output_split_sizes=list(out_splits),
-                           input_split_sizes=list(in_splits), group=group)
-    return out
-
-
 def head_splits(num_heads: int, size: int) -> list[int]:
     """Heads per rank: ``num_heads // size``, one more on the first ``num_heads % size`` ranks."""
     base, extra = divmod(num_heads, size)
     return [base + (j < extra) for j in range(size)]
+
+
+def _offsets(splits: list[int]) -> list[int]:
+    return [sum(splits[:j]) for j in range(len(splits))]
+
+
+def _all_to_all(send: torch.Tensor, group, send_sizes: list[int], recv_sizes: list[int]) -> torch.Tensor:
+    """One ``all_to_all_single`` of flat buffers: ``send_sizes[j]`` elements to rank ``j``,
+    ``recv_sizes[j]`` from it (uneven sizes are fine on gloo and NCCL alike)."""
+    recv = send.new_empty(sum(recv_sizes))
+    dist.all_to_all_single(recv, send, output_split_sizes=recv_sizes, input_split_sizes=send_sizes, group=group)
+    return recv
+
+
+# Layouts are chosen so that what is sent and received is whole contiguous blocks and attention
+# reads what arrives in place: one copy per exchange, where reshaping around the all-to-all in
+# the natural [B, H, S, D] layout needs three (pack, reorder on arrival, the caller's reshape to
+# [B, S, E]).
+
+
+class _PackHeads(torch.autograd.Function):
+    """q, k, v ``[B, H, S/P, D]`` -> one flat send buffer: for each rank ``j`` in turn, its heads
+    as a block ``[S/P, B, H_j, n, D]``. Saves nothing, so the caller can drop q, k, v before the
+    exchange."""
+
+    @staticmethod
+    def forward(ctx, splits, *tensors):
+        b, _, s_local, d = tensors[0].shape
+        n = len(tensors)
+        ctx.splits, ctx.shape, ctx.n = splits, tensors[0].shape, n
+        block = s_local * b * n * d  # elements per head of a block
+        send = tensors[0].new_empty(sum(splits) * block)
+        for offset, count in zip(_offsets(splits), splits):
+            dst = send[offset * block : (offset + count) * block].view(s_local, b, count, n, d)
+            for i, t in enumerate(tensors):
+                dst[:, :, :, i] = t[:, offset : offset + count].permute(2, 0, 1, 3)
+        return send
+
+    @staticmethod
+    def backward(ctx, grad_send):
+        b, h, s_local, d = ctx.shape
+        n = ctx.n
+        block = s_local * b * n * d
+        grad = grad_send.new_empty(s_local, b, h, n, d)
+        for offset, count in zip(_offsets(ctx.splits), ctx.splits):
+            grad[:, :, offset : offset + count] = grad_send[offset * block : (offset + count) * block].view(
+                s_local, b, count, n, d)
+        return (None, *(grad[:, :, :, i].permute(1, 2, 0, 3) for i in range(n)))
+
+
+class _ExchangeToHeads(torch.autograd.Function):
+    """The all-to-all of :func:`seq_to_head`: the blocks received (rank order = sequence order)
+    form ``[S, B, H_j, n, D]``, returned as ``n`` views ``[B, H_j, S, D]`` (memory order
+    ``[S, B, H_j, D]``, which attention reads as is)."""
+
+    @staticmethod
+    def forward(ctx, send, group, splits, shape, n):
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        b, _, s_local, d = shape
+        block = s_local * b * n * d
+        ctx.group, ctx.splits, ctx.shape, ctx.n = group, splits, shape, n
+        recv = _all_to_all(send, group, [c * block for c in splits], [splits[rank] * block] * size)
+        buf = recv.view(size * s_local, b, splits[rank], n, d)
+        return tuple(buf[:, :, :, i].permute(1, 2, 0, 3) for i in range(n))
+
+    @staticmethod
+    def backward(ctx, *grads_BHjSD):
+        size, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        b, _, s_local, d = ctx.shape
+        n, splits = ctx.n, ctx.splits
+        block = s_local * b * n * d
+        # Each rank's positions of this rank's heads, in the layout of the block it sent.
+        send = grads_BHjSD[0].new_empty(size * s_local, b, splits[rank], n, d)
+        for i, g in enumerate(grads_BHjSD):
+            send[:, :, :, i] = g.permute(2, 0, 1, 3)
+        grad_send = _all_to_all(send.view(-1), ctx.group, [splits[rank] * block] * size, [c * block for c in splits])
+        return grad_send, None, None, None, None
 
 
 def seq_to_head(tensors, group, release: bool = False) -> list[torch.Tensor]:
@@ -57,22 +112,17 @@ def seq_to_head(tensors, group, release: bool = False) -> list[torch.Tensor]:
     heads ``[B, H_j, S, D]`` (shards concatenated in group-rank order), for each of ``tensors``
     (same shape) in one all-to-all. ``release``: empty the list ``tensors`` once they are copied
     into the send buffer, so that (with no other reference) they are freed before the receive."""
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
-    b, h, s_local, d = tensors[0].shape
-    splits = head_splits(h, size)
-    # all_to_all_single splits dim 0, so heads go first; stacking writes that layout in one copy.
-    x_HnBsD = torch.stack([t.transpose(0, 1) for t in tensors], dim=1)
-    n = len(tensors)
+    splits = head_splits(tensors[0].shape[1], dist.get_world_size(group))
+    shape, n = tensors[0].shape, len(tensors)
+    send = _PackHeads.apply(splits, *tensors)
     if release:
         tensors.clear()
-    out = _AllToAll.apply(x_HnBsD, group, splits, [splits[rank]] * size)  # [P * H_j, n, B, S/P, D]
-    del x_HnBsD  # free the send buffer before the reordering copy below
-    out = out.view(size, splits[rank], n, b, s_local, d).permute(2, 3, 1, 0, 4, 5)
-    return list(out.reshape(n, b, splits[rank], size * s_local, d).unbind(0))
+    return list(_ExchangeToHeads.apply(send, group, splits, shape, n))
 
 
 def head_to_seq(x_BHjSD: torch.Tensor, group, num_heads: int) -> torch.Tensor:
-    """Inverse of :func:`seq_to_head`: ``[B, H_j, S, D]`` -> ``[B, H, S/P, D]``."""
+    """Inverse of :func:`seq_to_head`: ``[B, H_j, S, D]`` -> ``[B, H, S/P, D]`` (memory order
+    ``[B, S/P, H, D]``, so the caller's ``[B, S/P, E]`` reshape is free)."""
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     b, h_j, s, d = x_BHjSD.shape
     splits = head_splits(num_heads, size)
@@ -83,29 +133,39 @@ def head_to_seq(x_BHjSD: torch.Tensor, group, num_heads: int) -> torch.Tensor:
 
 
 class _HeadToSeq(torch.autograd.Function):
-    """The all-to-all of :func:`head_to_seq`. Its backward returns the gradient in
-    ``[B, S, H_j, D]`` memory order (a transposed view): the attention backward on CPU wants
-    its output gradient laid out so and would otherwise make its own copy, one more
-    ``[B, H_j, S, D]`` tensor alive at the layer's peak."""
+    """The all-to-all of :func:`head_to_seq`. To rank ``r`` go positions ``r`` of this rank's
+    heads as ``[B, S/P, H_j, D]`` (no copy when attention's output is laid out ``[B, S, H_j, D]``,
+    as the CPU and GPU kernels write it, and B = 1); what arrives is laid side by side over heads.
+    Its backward returns the gradient in ``[B, S, H_j, D]`` memory order (a transposed view), the
+    layout attention's backward wants (else it makes its own copy, one more ``[B, H_j, S, D]``
+    tensor alive at the layer's peak)."""
 
     @staticmethod
     def forward(ctx, x_BHjSD, group, splits):
-        size = dist.get_world_size(group)
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
         b, h_j, s, d = x_BHjSD.shape
+        s_local = s // size
         ctx.group, ctx.splits, ctx.shape = group, splits, x_BHjSD.shape
-        x_PHjBsD = x_BHjSD.view(b, h_j, size, s // size, d).permute(2, 1, 0, 3, 4)
-        out = _all_to_all(x_PHjBsD.reshape(size * h_j, b, s // size, d), group,
-                          [h_j] * size, splits)  # [H, B, S/P, D]
-        return out.permute(1, 0, 2, 3)
+        send = x_BHjSD.transpose(1, 2).reshape(b, size, s_local, h_j, d).transpose(0, 1).contiguous()
+        recv = _all_to_all(send.view(-1), group, [b * s_local * h_j * d] * size, [b * s_local * c * d for c in splits])
+        out_BsHD = recv.new_empty(b, s_local, sum(splits), d)
+        for offset, count in zip(_offsets(splits), splits):
+            out_BsHD[:, :, offset : offset + count] = recv[b * s_local * offset * d : b * s_local * (offset + count) * d].view(
+                b, s_local, count, d)
+        return out_BsHD.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad_BHsD):
+        size, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
         b, h_j, s, d = ctx.shape
-        size = dist.get_world_size(ctx.group)
-        recv = _all_to_all(grad_BHsD.permute(1, 0, 2, 3), ctx.group, ctx.splits, [h_j] * size)  # [P*H_j, B, S/P, D]
-        grad_BPsHjD = torch.empty(b, size, s // size, h_j, d, dtype=recv.dtype, device=recv.device)
-        grad_BPsHjD.copy_(recv.view(size, h_j, b, s // size, d).permute(2, 0, 3, 1, 4))
-        return grad_BPsHjD.view(b, s, h_j, d).transpose(1, 2), None, None
+        s_local, splits = s // size, ctx.splits
+        grad_BsHD = grad_BHsD.transpose(1, 2)
+        send = torch.cat([grad_BsHD[:, :, offset : offset + count].reshape(-1)
+                          for offset, count in zip(_offsets(splits), splits)])
+        recv = _all_to_all(send, ctx.group, [b * s_local * c * d for c in splits], [b * s_local * h_j * d] * size)
+        # [P, B, S/P, H_j, D] -> [B, S, H_j, D]: free when B = 1
+        grad_BSHjD = recv.view(size, b, s_local, h_j, d).transpose(0, 1).reshape(b, s, h_j, d)
+        return grad_BSHjD.transpose(1, 2), None, None
 
 
 def _check_qkv(name, q, k, v):
