@@ -84,19 +84,23 @@ class Attention(nn.Module):
         """``(q, k, v) [B, H, S, D] -> [B, H, S, D]``; ``parallelize.py`` swaps in sequence-parallel
         attention (Ulysses, ring) here. The model itself never knows."""
 
-    def forward(self, x_BSE, cos, sin):
+    def forward(self, x_BSE, cos, sin, norm=None):
+        """``norm``: applied to ``x`` first (the layer's input norm), here rather than by the
+        caller so that its output is freed once projected instead of living through attention."""
         b, s, _ = x_BSE.shape
-        out_BHSD = run_core(self.core, self._qkv(self.query_key_value(x_BSE), cos, sin))
+        out_BHSD = run_core(self.core, self._qkv(self.query_key_value(_apply(norm, x_BSE)), cos, sin))
         return self.dense(out_BHSD.transpose(1, 2).reshape(b, s, -1))
 
-    def forward_heads(self, x_BSE, cos, sin, h0: int, h1: int):
+    def forward_heads(self, x_BSE, cos, sin, h0: int, h1: int, norm=None):
         """Heads ``h0 .. h1-1`` alone: their share of ``forward`` without the output bias. The
         shares of all head groups plus ``dense.bias`` sum to ``forward`` (to fp32 rounding); each
         holds ``[S, 3 (h1-h0) D]`` projections instead of ``[S, 3E]`` (tiled attention)."""
         b, s, _ = x_BSE.shape
         rows = slice(3 * self.head_dim * h0, 3 * self.head_dim * h1)
-        qkv = F.linear(x_BSE, self.query_key_value.weight[rows], self.query_key_value.bias[rows])
-        out_BHSD = run_core(self.core, self._qkv(qkv, cos, sin))
+        weight, bias = self.query_key_value.weight[rows], self.query_key_value.bias[rows]
+        # One expression, so the normed input and the projection output are temporaries, freed as
+        # soon as they are consumed (_qkv's results are new tensors).
+        out_BHSD = run_core(self.core, self._qkv(F.linear(_apply(norm, x_BSE), weight, bias), cos, sin))
         cols = self.dense.weight[:, self.head_dim * h0 : self.head_dim * h1]
         return F.linear(out_BHSD.transpose(1, 2).reshape(b, s, -1), cols)
 
@@ -110,6 +114,10 @@ class Attention(nn.Module):
         qkv = qkv_BSX.view(b, s, -1, 3 * self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in qkv.split(self.head_dim, dim=-1))  # [B, H, S, D]
         return [apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v.contiguous()]
+
+
+def _apply(fn, x):
+    return x if fn is None else fn(x)
 
 
 def run_core(core, qkv: list[torch.Tensor]) -> torch.Tensor:
@@ -173,10 +181,10 @@ class Layer(nn.Module):
         return x_BSE + self._mlp(x_BSE, full)
 
     def _attention_block(self, x_BSE, cos, sin):
-        return self.attention(self.input_layernorm(x_BSE), cos, sin)
+        return self.attention(x_BSE, cos, sin, norm=self.input_layernorm)
 
     def _attention_heads(self, x_BSE, cos, sin, h0, h1):
-        return self.attention.forward_heads(self.input_layernorm(x_BSE), cos, sin, h0, h1)
+        return self.attention.forward_heads(x_BSE, cos, sin, h0, h1, norm=self.input_layernorm)
 
     def _head_groups(self) -> list[tuple[int, int]] | None:
         """Head ranges for tiled attention, or None where it does not apply: no
