@@ -160,8 +160,10 @@ class _HeadToSeq(torch.autograd.Function):
         b, h_j, s, d = ctx.shape
         s_local, splits = s // size, ctx.splits
         grad_BsHD = grad_BHsD.transpose(1, 2)
-        send = torch.cat([grad_BsHD[:, :, offset : offset + count].reshape(-1)
-                          for offset, count in zip(_offsets(splits), splits)])
+        send = grad_BHsD.new_empty(b * s_local * sum(splits) * d)
+        for offset, count in zip(_offsets(splits), splits):
+            send[b * s_local * offset * d : b * s_local * (offset + count) * d].view(b, s_local, count, d).copy_(
+                grad_BsHD[:, :, offset : offset + count])
         recv = _all_to_all(send, ctx.group, [b * s_local * c * d for c in splits], [b * s_local * h_j * d] * size)
         # [P, B, S/P, H_j, D] -> [B, S, H_j, D]: free when B = 1
         grad_BSHjD = recv.view(size, b, s_local, h_j, d).transpose(0, 1).reshape(b, s, h_j, d)
