@@ -118,12 +118,13 @@ def run(lengths: dict, preset_name: str, out_dir: Path, stem: str, rate_length: 
         update: bool = False):
     """Measure, fit and write; with ``update``, replace only the measured contenders' rows."""
     rows = []
+    commit = machine_info()["git_commit"]
     for contender, ls in lengths.items():
         for length in ls:
             r = run_worker("ds4sci.bench.genslm_memory", ["--worker", contender, str(length), preset_name],
                            timeout=3600, env=WORKER_ENV)
             rows.append({"contender": contender, "length": length, "preset": preset_name, **r,
-                         "git_commit": machine_info()["git_commit"],
+                         "git_commit": commit,
                          "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "measured_now": True})
             peak = f"{r['peak_bytes'] / 2**30:7.2f} GiB" if r.get("peak_bytes") is not None else r["status"].upper()
             extra = f"  {r['time_s']:7.1f} s  {r['tokens_per_s']:8.0f} tok/s" if r["status"] == "ok" else ""

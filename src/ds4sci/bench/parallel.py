@@ -17,7 +17,7 @@ Theoretical attention volume sent per rank per layer: ``parallel.sequence.comm_b
 (Ulysses: all-to-alls of q, k, v and the output and of their gradients, ``4 S E (P-1)/P^2``
 elements each way; ring: K/V on P-1 hops each way plus fp32 dK/dV on P hops), with the forward
 counted twice because activation checkpointing recomputes it. Measured: bytes leaving each rank
-through ``all_to_all`` / ``batch_isend_irecv`` during the step
+through ``all_to_all_single`` / ``batch_isend_irecv`` during the step
 (``parallel.sequence.count_sent_bytes``), the largest rank's, per layer.
 
 Contenders: ``ulysses`` (ds4sci), ``ring`` (ds4sci, zigzag), ``deepspeed-ulysses``
@@ -288,13 +288,14 @@ def run_paired(cases, preset_name: str, out_dir: Path, stem: str, rounds: int, p
         progress(f"paired timing skipped: {why}")
         return []
     results = []
+    commit = machine_info()["git_commit"]
     for p, length in cases:
         r = _torchrun(p, ["--paired-worker", str(length), preset_name, str(rounds)], timeout=7200)
         if "median_s" not in r:
             progress(f"paired P={p} S={length}: failed {r.get('error', '')}")
             continue
         r["measured"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        r["git_commit"] = machine_info()["git_commit"]  # the scaling rows may be from another commit
+        r["git_commit"] = commit  # the scaling rows may be from another commit
         results.append(r)
         progress(f"paired P={p} S={length:>6}: ulysses {r['median_s']['ulysses']:.1f} s, deepspeed-ulysses "
                  f"{r['median_s']['deepspeed-ulysses']:.1f} s (deepspeed/ours {r['deepspeed_time_over_ours']:.2f}x, "

@@ -248,7 +248,7 @@ def comm_bytes_per_layer(mode: str, *, batch: int, seq_len: int, num_heads: int,
 @contextlib.contextmanager
 def count_sent_bytes():
     """Count the bytes this rank sends through the collectives sequence parallelism uses
-    (``all_to_all``, ``all_to_all_single``, ``batch_isend_irecv``) while the block runs::
+    (``all_to_all_single``, ``batch_isend_irecv``) while the block runs::
 
         with count_sent_bytes() as sent:
             loss.backward()
@@ -259,12 +259,7 @@ def count_sent_bytes():
     thread, around sequence-parallel code only.
     """
     counter = _Sent()
-    a2a_list, a2a, batch = dist.all_to_all, dist.all_to_all_single, dist.batch_isend_irecv
-
-    def counting_a2a_list(output_tensor_list, input_tensor_list, group=None, async_op=False):
-        me = dist.get_rank(group)
-        counter.total += sum(t.numel() * t.element_size() for j, t in enumerate(input_tensor_list) if j != me)
-        return a2a_list(output_tensor_list, input_tensor_list, group, async_op)
+    a2a, batch = dist.all_to_all_single, dist.batch_isend_irecv
 
     def counting_a2a(output, input, output_split_sizes=None, input_split_sizes=None, group=None,
                      async_op=False):
@@ -279,11 +274,11 @@ def count_sent_bytes():
                              for op in p2p_op_list if op.op is dist.isend)
         return batch(p2p_op_list)
 
-    dist.all_to_all, dist.all_to_all_single, dist.batch_isend_irecv = counting_a2a_list, counting_a2a, counting_batch
+    dist.all_to_all_single, dist.batch_isend_irecv = counting_a2a, counting_batch
     try:
         yield counter
     finally:
-        dist.all_to_all, dist.all_to_all_single, dist.batch_isend_irecv = a2a_list, a2a, batch
+        dist.all_to_all_single, dist.batch_isend_irecv = a2a, batch
 
 
 class _Sent:

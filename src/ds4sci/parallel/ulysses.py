@@ -18,6 +18,8 @@ Legend: ``B`` batch, ``H`` heads, ``S`` sequence, ``D`` head dim, ``P`` group si
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -32,6 +34,14 @@ def head_splits(num_heads: int, size: int) -> list[int]:
 
 def _offsets(splits: list[int]) -> list[int]:
     return [sum(splits[:j]) for j in range(len(splits))]
+
+
+def _head_blocks(flat: torch.Tensor, splits: list[int], outer: tuple, inner: tuple) -> list[torch.Tensor]:
+    """Views of ``flat`` as consecutive per-rank blocks ``[*outer, H_j, *inner]`` (``H_j =
+    splits[j]``), the layout every exchange here sends or receives heads in."""
+    unit = math.prod(outer) * math.prod(inner)  # elements per head
+    return [flat[offset * unit : (offset + count) * unit].view(*outer, count, *inner)
+            for offset, count in zip(_offsets(splits), splits)]
 
 
 def _all_to_all(send: torch.Tensor, group, send_sizes: list[int], recv_sizes: list[int]) -> torch.Tensor:
@@ -58,23 +68,17 @@ class _PackHeads(torch.autograd.Function):
         b, _, s_local, d = tensors[0].shape
         n = len(tensors)
         ctx.splits, ctx.shape, ctx.n = splits, tensors[0].shape, n
-        block = s_local * b * n * d  # elements per head of a block
-        send = tensors[0].new_empty(sum(splits) * block)
-        for offset, count in zip(_offsets(splits), splits):
-            dst = send[offset * block : (offset + count) * block].view(s_local, b, count, n, d)
+        send = tensors[0].new_empty(sum(splits) * s_local * b * n * d)
+        for offset, dst in zip(_offsets(splits), _head_blocks(send, splits, (s_local, b), (n, d))):
             for i, t in enumerate(tensors):
-                dst[:, :, :, i] = t[:, offset : offset + count].permute(2, 0, 1, 3)
+                dst[:, :, :, i] = t[:, offset : offset + dst.shape[2]].permute(2, 0, 1, 3)
         return send
 
     @staticmethod
     def backward(ctx, grad_send):
         b, h, s_local, d = ctx.shape
         n = ctx.n
-        block = s_local * b * n * d
-        grad = grad_send.new_empty(s_local, b, h, n, d)
-        for offset, count in zip(_offsets(ctx.splits), ctx.splits):
-            grad[:, :, offset : offset + count] = grad_send[offset * block : (offset + count) * block].view(
-                s_local, b, count, n, d)
+        grad = torch.cat(_head_blocks(grad_send, ctx.splits, (s_local, b), (n, d)), dim=2)  # [S/P, B, H, n, D]
         return (None, *(grad[:, :, :, i].permute(1, 2, 0, 3) for i in range(n)))
 
 
@@ -142,28 +146,23 @@ class _HeadToSeq(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_BHjSD, group, splits):
-        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        size = dist.get_world_size(group)
         b, h_j, s, d = x_BHjSD.shape
         s_local = s // size
         ctx.group, ctx.splits, ctx.shape = group, splits, x_BHjSD.shape
         send = x_BHjSD.transpose(1, 2).reshape(b, size, s_local, h_j, d).transpose(0, 1).contiguous()
         recv = _all_to_all(send.view(-1), group, [b * s_local * h_j * d] * size, [b * s_local * c * d for c in splits])
-        out_BsHD = recv.new_empty(b, s_local, sum(splits), d)
-        for offset, count in zip(_offsets(splits), splits):
-            out_BsHD[:, :, offset : offset + count] = recv[b * s_local * offset * d : b * s_local * (offset + count) * d].view(
-                b, s_local, count, d)
-        return out_BsHD.transpose(1, 2)
+        return torch.cat(_head_blocks(recv, splits, (b, s_local), (d,)), dim=2).transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad_BHsD):
-        size, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        size = dist.get_world_size(ctx.group)
         b, h_j, s, d = ctx.shape
         s_local, splits = s // size, ctx.splits
         grad_BsHD = grad_BHsD.transpose(1, 2)
         send = grad_BHsD.new_empty(b * s_local * sum(splits) * d)
-        for offset, count in zip(_offsets(splits), splits):
-            send[b * s_local * offset * d : b * s_local * (offset + count) * d].view(b, s_local, count, d).copy_(
-                grad_BsHD[:, :, offset : offset + count])
+        for offset, dst in zip(_offsets(splits), _head_blocks(send, splits, (b, s_local), (d,))):
+            dst.copy_(grad_BsHD[:, :, offset : offset + dst.shape[2]])
         recv = _all_to_all(send, ctx.group, [b * s_local * c * d for c in splits], [b * s_local * h_j * d] * size)
         # [P, B, S/P, H_j, D] -> [B, S, H_j, D]: free when B = 1
         grad_BSHjD = recv.view(size, b, s_local, h_j, d).transpose(0, 1).reshape(b, s, h_j, d)

@@ -39,7 +39,8 @@ class GenSLMConfig:
     eos_token_id: int = 0
     """Id HF configs record as EOS (GenSLM's configs say 0)."""
     activation_checkpointing: str = "none"
-    """Recompute activations in backward: none, full (whole layer) or selective (MLP only)."""
+    """Recompute activations in backward: none, full (keep only each layer's input) or selective
+    (MLP only)."""
     checkpoint_num_layers: int = 1
     """With full checkpointing, layers per checkpoint segment: 1 keeps every layer's input for
     backward; k > 1 keeps every k-th (the first segment only the token ids) and recomputes the
