@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -52,7 +53,14 @@ from .genslm_memory import BUDGET, WORKER_ENV, fit_and_predict
 
 CONTENDERS = ("ulysses", "ring", "deepspeed-ulysses")
 PROCESSES = (1, 2, 4)
-LENGTHS = {1: (2048, 4096, 8192), 2: (4096, 8192, 16384), 4: (8192, 16384, 32768)}
+CHUNK = 2048
+"""MLP and loss chunk (tokens per rank); every measured shard is at least twice as long, so the
+chunks' fixed buffers do not bend the fit."""
+LENGTHS = {1: (8192, 12288, 16384), 2: (8192, 12288, 16384), 4: (16384, 24576, 32768)}
+"""Total lengths per P, chosen so that at every point the peak lies in the last layer's attention
+backward (the per-token peak the fit extrapolates). One process accumulates every layer's
+unsharded gradients, so below ~8K tokens its peak is in the first layer's backward instead; with
+FSDP (P > 1) the gradients are sharded and 4096 tokens per rank suffice."""
 QUICK_LENGTHS = {1: (256, 512), 2: (512, 1024), 4: (1024, 2048)}
 STEM = "parallel_scaling_cpu"
 
@@ -108,8 +116,8 @@ def _setup(contender: str, preset_name: str):
     dist.init_process_group("gloo")
     p, rank = dist.get_world_size(), dist.get_rank()
     torch.manual_seed(0)
-    config = preset(preset_name).replace(activation_checkpointing="full", loss_chunk_size=4096,
-                                         mlp_chunk_size=4096)
+    config = preset(preset_name).replace(activation_checkpointing="full", loss_chunk_size=CHUNK,
+                                         mlp_chunk_size=CHUNK)
     model = GenSLM(config)
     mode = "ring" if contender == "ring" else "ulysses"
     dims = ParallelDims(sp=p, world_size=p, sp_mode=mode)
@@ -232,6 +240,7 @@ def run(contenders, processes, lengths, preset_name: str, out_dir: Path, stem: s
     """Measure, fit and write; with ``update``, keep the results file's other cases (so the
     benchmark can be run in parts: ``--processes 4 --contenders ring --update``)."""
     rows = []
+    commit = machine_info()["git_commit"]
     for contender in contenders:
         if contender == "deepspeed-ulysses" and (why := _deepspeed_available()):
             progress(f"{contender}: skipped, {why}")
@@ -242,7 +251,7 @@ def run(contenders, processes, lengths, preset_name: str, out_dir: Path, stem: s
             for length in lengths[p]:
                 r = _torchrun(p, ["--worker", contender, str(length), preset_name], timeout=3600)
                 rows.append({"contender": contender, "processes": p, "length": length, "preset": preset_name,
-                             **r, "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                             **r, "git_commit": commit, "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
                 if r["status"] == "ok":
                     progress(f"{contender:<18} P={p} S={length:>6}  peak {r['peak_bytes'] / 2**30:6.2f} GiB  "
                              f"{r['time_s']:7.1f} s  attention {r['attn_bytes_per_layer'] / 2**20:8.1f} MiB/layer "
@@ -271,6 +280,9 @@ def run(contenders, processes, lengths, preset_name: str, out_dir: Path, stem: s
                      f"{scaling[key]:.2f}x one process (target >= {0.9 * p:.1f}x)")
     meta.update({"budget_bytes_per_process": BUDGET, "fits": fits, "scaling_vs_one_process": scaling,
                  "worker_env": WORKER_ENV})
+    previous = out_dir / f"{stem}.json"
+    if previous.exists() and (paired := json.loads(previous.read_text())["machine"].get("paired_timing")):
+        meta["paired_timing"] = paired  # a separate measurement (``--paired``), each entry with its commit
     json_path, csv_path = write_rows(rows, meta, out_dir, stem)
     png = plot(rows, out_dir / f"{stem}.png", meta)
     md = write_markdown(rows, meta, out_dir / f"{stem}.md")
@@ -376,18 +388,20 @@ def main(argv=None) -> int:
     parser.add_argument("--update", action="store_true",
                         help="replace only the measured cases in the results file (run in parts)")
     args = parser.parse_args(argv)
-    if args.worker:
-        contender, length, preset_name = args.worker
-        result = worker(contender, int(length), preset_name)
+    if args.worker or args.paired_worker:
+        if args.worker:
+            contender, length, preset_name = args.worker
+            result = worker(contender, int(length), preset_name)
+        else:
+            length, preset_name, rounds = args.paired_worker
+            result = paired_worker(int(length), preset_name, int(rounds))
         if result:
             print(json.dumps(result))
-        return 0
-    if args.paired_worker:
-        length, preset_name, rounds = args.paired_worker
-        result = paired_worker(int(length), preset_name, int(rounds))
-        if result:
-            print(json.dumps(result))
-        return 0
+        # The process group is destroyed and the result written. About one exit in twenty then
+        # aborts in gloo's C++ teardown ("terminate called without an active exception"), which
+        # would turn a finished case into a failed one: leave without interpreter finalization.
+        sys.stdout.flush()
+        os._exit(0)
     preset_name = "genslm-tiny" if args.quick else "genslm-25m"
     stem = "parallel_scaling_quick" if args.quick else STEM
     if args.paired:
