@@ -99,6 +99,8 @@ def test_bad_inputs_name_the_argument():
         ring_attention(q[:, :, :3], q[:, :, :3], q[:, :, :3], group=None, layout="zigzag")
     with pytest.raises(ValueError, match="layout='spiral'"):
         ring_attention(q, q, q, group=None, layout="spiral")
+    with pytest.raises(ValueError, match="head_chunk=0; expected None or a positive int"):
+        ring_attention(q, q, q, group=None, head_chunk=0)
     with pytest.raises(ValueError, match="ulysses_attention: q, k, v"):
         ulysses_attention(q, q, q[..., :4], group=None)
     with pytest.raises(ValueError, match="mode='star'"):
@@ -169,17 +171,18 @@ def _groups(mode, world_size, ulysses):
     return mesh.get_group("ulysses"), mesh.get_group("ring")
 
 
-def _attention_rank(rank, world_size, q, k, v, dout, mode, layout, ulysses, backend):
+def _attention_rank(rank, world_size, q, k, v, dout, mode, layout, ulysses, backend, head_chunk):
     ulysses_group, ring_group = _groups(mode, world_size, ulysses)
     pos = shard_positions(q.shape[2], rank, world_size, layout, ulysses)
     q_l, k_l, v_l = (t[:, :, pos].clone().requires_grad_() for t in (q, k, v))
     if mode == "ulysses":
         out = ulysses_attention(q_l, k_l, v_l, ulysses_group)
     elif mode == "ring":
-        out = ring_attention(q_l, k_l, v_l, ring_group, layout=layout, backend=backend)
+        out = ring_attention(q_l, k_l, v_l, ring_group, layout=layout, backend=backend,
+                             head_chunk=head_chunk)
     else:
         core = sequence_parallel_core("hybrid", ulysses_group=ulysses_group, ring_group=ring_group,
-                                      layout=layout)
+                                      layout=layout, head_chunk=head_chunk)
         out = core(q_l, k_l, v_l)
     assert out.shape == q_l.shape and out.dtype == q.dtype
     out.backward(dout[:, :, pos])
@@ -193,7 +196,7 @@ def _sdpa(q, k, v, dout):
     return out.detach(), q.grad, k.grad, v.grad
 
 
-# (mode, world size, heads, sequence length, layout, ulysses degree, backend)
+# (mode, world size, heads, sequence length, layout, ulysses degree, backend[, ring head chunk])
 ATTENTION_CASES = [
     ("ulysses", 2, 4, 16, "contiguous", 2, "auto"),   # even heads
     ("ulysses", 2, 3, 17, "contiguous", 2, "auto"),   # uneven heads, length padded 17 -> 18
@@ -208,17 +211,21 @@ ATTENTION_CASES = [
     ("hybrid", 4, 2, 19, "zigzag", 2, "auto"),        # sp 4 > 2 heads
     ("hybrid", 4, 3, 16, "contiguous", 2, "auto"),    # uneven heads inside the Ulysses group
     ("hybrid", 4, 2, 8, "zigzag", 4, "auto"),         # Ulysses degree 4 > 2 heads: empty rings
+    ("ring", 2, 3, 17, "zigzag", 1, "auto", 2),       # backward in head groups of 2 and 1
+    ("ring", 4, 2, 24, "contiguous", 1, "math", 1),
+    ("hybrid", 4, 3, 16, "contiguous", 2, "auto", 1),
 ]
 
 
 def _run_attention(case, dtype, seed=0):
-    mode, world_size, heads, seq, layout, ulysses, backend = case
+    mode, world_size, heads, seq, layout, ulysses, backend, *head_chunk = case
     g = torch.Generator().manual_seed(seed)
     q, k, v, dout = (torch.randn(2, heads, seq, 16, generator=g) for _ in range(4))
     # Pad the sequence as shard_batch does: zeros at the end never reach a real query (causal).
     pad = -seq % (world_size * (2 if layout == "zigzag" else 1))
     padded = [F.pad(t, (0, 0, 0, pad)).to(dtype) for t in (q, k, v, dout)]
-    results = run_distributed(_attention_rank, world_size, *padded, mode, layout, ulysses, backend)
+    results = run_distributed(_attention_rank, world_size, *padded, mode, layout, ulysses, backend,
+                              *(head_chunk or [None]))
     full = [torch.zeros_like(padded[0]) for _ in range(4)]
     for pos, *parts in results:
         for whole, part in zip(full, parts):
@@ -236,7 +243,7 @@ def test_attention_matches_single_process_fp32(case, monkeypatch):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("case", [ATTENTION_CASES[1], ATTENTION_CASES[7], ATTENTION_CASES[10]],
+@pytest.mark.parametrize("case", [ATTENTION_CASES[1], ATTENTION_CASES[7], ATTENTION_CASES[10], ATTENTION_CASES[13]],
                          ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_attention_half_precision_error_within_twice_plain_torch(case, dtype):
@@ -363,6 +370,29 @@ def test_ulysses_frees_sent_shards_and_returns_grads_in_attention_layout(heads):
         assert freed == [[True, True, True]] and qkv == []
 
 
+def _largest_rank(rank, world_size, mode, head_chunk):
+    from memory_helpers import LargestAllocation
+
+    g = torch.Generator().manual_seed(rank)
+    q, k, v = (torch.randn(1, 2, 256, 16, generator=g, requires_grad=True) for _ in range(3))
+    with LargestAllocation() as mode_:
+        if mode == "ulysses":
+            out = ulysses_attention(q, k, v, dist.group.WORLD)
+        else:
+            out = ring_attention(q, k, v, dist.group.WORLD, head_chunk=head_chunk)
+        out.sum().backward()
+    return mode_.largest
+
+
+@pytest.mark.parametrize("mode,head_chunk", [("ulysses", None), ("ring", None), ("ring", 1)])
+def test_attention_memory_is_linear_in_the_sequence(mode, head_chunk):
+    """No tensor of forward + backward has S_local x S elements (scores): what the parallel-scaling
+    benchmark's linear fit of peak memory against S assumes."""
+    s_local, s = 256, 512
+    for largest in run_distributed(_largest_rank, 2, mode, head_chunk):
+        assert largest <= 3 * 2 * s * 16 < s_local * s, largest
+
+
 def test_failing_rank_ends_the_ring_with_an_error():
     def body(rank, world_size):
         x = torch.randn(1, 2, 4, 8)
@@ -394,7 +424,8 @@ def _model_rank(rank, world_size, config, state, ids, labels, mode, layout, ulys
     model.load_state_dict(state)
     ulysses_group, ring_group = _groups(mode, world_size, ulysses)
     apply_sequence_parallel(model, mode, sp_group=dist.group.WORLD if mode != "hybrid" else None,
-                            ulysses_group=ulysses_group, ring_group=ring_group, layout=layout)
+                            ulysses_group=ulysses_group, ring_group=ring_group, layout=layout,
+                            head_chunk=config.attention_head_chunk)
     model = copy.deepcopy(model)  # a copy shares the process groups (e.g. for an EMA model)
     ids_l, targets_l, pos_l = shard_batch(ids, labels, rank, world_size, layout, ulysses, pad_id=3)
     hidden = model.hidden_states(ids_l, positions=pos_l)
@@ -418,6 +449,8 @@ MODEL_CASES = [
     ("ring", 4, "zigzag", 1, 5, {}),  # padded 5 -> 8: chunks of one token, some all padding
     ("ring", 4, "contiguous", 1, 18, dict(activation_checkpointing="full")),
     ("hybrid", 4, "zigzag", 2, 23, dict(hidden_size=32, num_attention_heads=2)),
+    ("ring", 2, "zigzag", 1, 21, dict(activation_checkpointing="full", attention_head_chunk=1)),
+    ("hybrid", 4, "zigzag", 2, 23, dict(activation_checkpointing="full", attention_head_chunk=1)),
 ]
 
 

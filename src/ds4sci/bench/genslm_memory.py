@@ -97,11 +97,12 @@ def worker(contender: str, length: int, preset_name: str) -> dict:
             "tokens_per_s": length / elapsed, "loss": loss}
 
 
-def fit_and_predict(lengths, peaks, budget=BUDGET) -> dict:
-    """Least-squares ``a + b S + c S^2`` (c >= 0) and the largest S with prediction <= budget."""
+def fit_and_predict(lengths, peaks, budget=BUDGET, quadratic: bool = True) -> dict:
+    """Least-squares ``a + b S + c S^2`` (c >= 0; c = 0 without ``quadratic``) and the largest S
+    with prediction <= budget."""
     s = np.asarray(lengths, dtype=float)
     y = np.asarray(peaks, dtype=float)
-    if len(s) >= 3:
+    if len(s) >= 3 and quadratic:
         a, b, c = np.linalg.lstsq(np.stack([np.ones_like(s), s, s * s], 1), y, rcond=None)[0]
     else:
         a, b, c = *np.linalg.lstsq(np.stack([np.ones_like(s), s], 1), y, rcond=None)[0], 0.0

@@ -185,101 +185,149 @@ def _merge(out, lse, rows, block_out, block_lse):
     """Online-softmax merge of one block's (out, lse) into the fp32 accumulators, rows ``rows``."""
     old_lse = lse[..., rows]
     new_lse = torch.logaddexp(old_lse, block_lse)
-    out[..., rows, :] = (out[..., rows, :] * (old_lse - new_lse).exp()[..., None]
-                         + block_out.to(out.dtype) * (block_lse - new_lse).exp()[..., None])
+    # In place: no block-sized temporaries next to the K/V blocks in flight.
+    out[..., rows, :].mul_((old_lse - new_lse).exp()[..., None]).addcmul_(
+        block_out.to(out.dtype), (block_lse - new_lse).exp()[..., None])
     lse[..., rows] = new_lse
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, layout, backend):
+    def forward(ctx, q, kv, group, layout, backend, head_chunk):
+        """``kv``: k and v stacked ``[2, B, H, S, D]``, one message per hop (saved as is)."""
         fwd, bwd = _pick_backend(q, backend)
         size, rank, send_to, recv_from = _ring_peers(group)
         s = q.shape[-2]
-        out = lse = None
-        kv = torch.stack((k, v))  # one message per hop
+        out = lse = next_kv = None
+        held = kv
         for step in range(size):
             if step + 1 < size:
-                next_kv, reqs = _exchange(kv, group, send_to, recv_from, tag=0)
+                next_kv, reqs = _exchange(held, group, send_to, recv_from, tag=0)
             block = _blocks(rank, (rank - step) % size, layout, s)
             if block is not None:
                 rows, cols, causal = block
-                block_out, block_lse = fwd(q[..., rows, :], kv[0][..., cols, :],
-                                           kv[1][..., cols, :], causal)
+                block_out, block_lse = fwd(q[..., rows, :], held[0][..., cols, :],
+                                           held[1][..., cols, :], causal)
                 if out is None:  # step 0 is the own (diagonal) block: every row has a key
                     out, lse = block_out.to(_acc(q.dtype)), block_lse.to(_acc(q.dtype)).contiguous()
                 else:
                     _merge(out, lse, rows, block_out, block_lse)
+                del block_out, block_lse  # not alive while the next receive buffer is
             if step + 1 < size:
                 _wait(reqs)
-                kv = next_kv
+                held, reqs = next_kv, None  # the block sent is dropped now, not at the next send
+        del held, next_kv
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.layout, ctx.bwd = group, layout, bwd
+        ctx.save_for_backward(q, kv, out, lse)
+        ctx.group, ctx.layout, ctx.bwd, ctx.head_chunk = group, layout, bwd, head_chunk
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        group, layout, bwd = ctx.group, ctx.layout, ctx.bwd
-        size, rank, send_to, recv_from = _ring_peers(group)
-        s = q.shape[-2]
-        dout = dout.contiguous()
-        dq = torch.zeros_like(q, dtype=_acc(q.dtype))
-        # dK/dV of the shard currently held, accumulated in fp32 as it travels with that shard.
-        # Its transfer overlaps the next step's block kernel: it is only waited for when that
-        # step's contribution is added.
-        kv = torch.stack((k, v))
-        dkv, dkv_reqs = None, []
-        for step in range(size):
-            if step + 1 < size:
-                next_kv, kv_reqs = _exchange(kv, group, send_to, recv_from, tag=0)
-            block = _blocks(rank, (rank - step) % size, layout, s)
-            if block is not None:
-                rows, cols, causal = block
-                bdq, bdk, bdv = bwd(dout[..., rows, :], q[..., rows, :], kv[0][..., cols, :],
-                                    kv[1][..., cols, :], out[..., rows, :],
-                                    lse[..., rows].contiguous(), causal)
+        q, kv, out, lse = ctx.saved_tensors
+        # The kernels take strided tensors; a gradient arriving through the caller's [B, S, H*D]
+        # reshape is [B, S, H, D] in memory, and a copy of it would be one more tensor alive.
+        if dout.stride(-1) != 1:
+            dout = dout.contiguous()
+        h, chunk = q.shape[1], ctx.head_chunk
+        run = functools.partial(_ring_backward, group=ctx.group, layout=ctx.layout, bwd=ctx.bwd)
+        if not chunk or chunk >= h:
+            dq, dkv = run(dout, q, kv, out, lse)
+            return dq.to(q.dtype), dkv.to(kv.dtype), None, None, None, None
+        # Head groups one ring pass at a time: K/V in flight, the travelling dK/dV and the block
+        # gradients are a group's, not all heads'; the results go straight into the gradients.
+        dq, dkv = torch.empty_like(q), torch.empty_like(kv)
+        for h0 in range(0, h, chunk):
+            heads = slice(h0, min(h0 + chunk, h))
+            dq_g, dkv_g = run(dout[:, heads], q[:, heads], kv[:, :, heads].contiguous(), out[:, heads],
+                              lse[:, heads])
+            dq[:, heads], dkv[:, :, heads] = dq_g, dkv_g
+            del dq_g, dkv_g
+        return dq, dkv, None, None, None, None
+
+
+def _ring_backward(dout, q, kv, out, lse, *, group, layout, bwd):
+    """One ring pass of backward over the heads given: ``(dq, dkv)`` in the accumulation dtype,
+    ``dkv`` stacked ``[2, B, H, S, D]`` like ``kv``."""
+    size, rank, send_to, recv_from = _ring_peers(group)
+    s = q.shape[-2]
+    dq = None
+    # dK/dV of the shard currently held, accumulated in fp32 as it travels with that shard. Its
+    # transfer overlaps the next step's block kernel: it is only waited for when that step's
+    # contribution is added.
+    held, dkv, dkv_reqs = kv, None, []
+    for step in range(size):
+        if step + 1 < size:
+            next_kv, kv_reqs = _exchange(held, group, send_to, recv_from, tag=0)
+        block = _blocks(rank, (rank - step) % size, layout, s)
+        if block is not None:
+            rows, cols, causal = block
+            bdq, bdk, bdv = bwd(dout[..., rows, :], q[..., rows, :], held[0][..., cols, :],
+                                held[1][..., cols, :], out[..., rows, :], lse[..., rows].contiguous(), causal)
+            if dq is None:  # step 0: the own block, every row
+                dq = bdq.to(_acc(q.dtype))
+            else:
                 dq[..., rows, :] += bdq
-            _wait(dkv_reqs)
-            acc = torch.zeros_like(kv, dtype=_acc(kv.dtype)) if dkv is None else dkv
-            if block is not None:
-                acc[0][..., cols, :] += bdk
-                acc[1][..., cols, :] += bdv
-            if size == 1:  # nowhere to travel (gloo refuses a send to oneself)
-                dkv = acc
-                break
-            # Pass the accumulated dK/dV on with the shard; after the last step this hop brings
-            # each shard's gradient home.
-            dkv, dkv_reqs = _exchange(acc, group, send_to, recv_from, tag=1)
-            if step + 1 < size:
-                _wait(kv_reqs)
-                kv = next_kv
+            del bdq
         _wait(dkv_reqs)
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
+        dkv_reqs = []  # drops the dK/dV sent last step
+        acc = torch.zeros_like(held, dtype=_acc(held.dtype)) if dkv is None else dkv
+        if block is not None:
+            acc[0][..., cols, :] += bdk
+            acc[1][..., cols, :] += bdv
+            del bdk, bdv  # not alive while the next receive buffers are
+        if size == 1:  # nowhere to travel (gloo refuses a send to oneself)
+            dkv = acc
+            break
+        # Pass the accumulated dK/dV on with the shard; after the last step this hop brings
+        # each shard's gradient home.
+        dkv, dkv_reqs = _exchange(acc, group, send_to, recv_from, tag=1)
+        del acc
+        if step + 1 < size:
+            _wait(kv_reqs)
+            held, kv_reqs = next_kv, None
+    _wait(dkv_reqs)
+    return dq, dkv
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group,
-                   layout: str = "zigzag", backend: str = "auto") -> torch.Tensor:
+                   layout: str = "zigzag", backend: str = "auto", head_chunk: int | None = None) -> torch.Tensor:
     """Causal attention of a sequence sharded over the ranks of ``group``.
 
     q, k, v: this rank's shard ``[B, H, S_local, D]`` (all heads, positions already applied) in
     the token order of ``layout`` (``contiguous`` or ``zigzag``, see the module docstring; for
     zigzag ``S_local`` must be even). Returns the output for the same tokens, same shape and
     dtype. ``backend``: block kernel, ``auto`` (CPU flash kernel on CPU, fp32 ``math``
-    elsewhere), ``cpu_flash`` or ``math``. Differentiable with respect to q, k, v.
+    elsewhere), ``cpu_flash`` or ``math``. ``head_chunk``: backward runs one ring pass per group of
+    this many heads, so the K/V blocks in flight, the travelling dK/dV and the block gradients
+    are one group's (about half the ring's peak per local token at one head per group; more
+    messages, same bytes). Differentiable with respect to q, k, v.
     """
+    return ring_attention_releasing([q, k, v], group, layout, backend, head_chunk)
+
+
+def ring_attention_releasing(qkv: list[torch.Tensor], group, layout: str = "zigzag", backend: str = "auto",
+                             head_chunk: int | None = None) -> torch.Tensor:
+    """:func:`ring_attention` of ``qkv = [q, k, v]``, emptying the list once k and v are stacked
+    into the one tensor that travels (``model.run_core`` hands over its only references, so k and
+    v are freed before the ring starts: two fewer ``[B, H, S, D]`` tensors alive)."""
+    q, k, v = qkv
     _check_qkv("ring_attention", q, k, v)
     if layout not in LAYOUTS:
         raise ValueError(f"ring_attention: layout={layout!r}; expected one of {LAYOUTS}")
     if layout == "zigzag" and q.shape[-2] % 2:
         raise ValueError(f"ring_attention: layout='zigzag' needs an even local length (two equal "
                          f"chunks); q has S_local={q.shape[-2]}")
-    return _RingAttention.apply(q, k, v, group, layout, backend)
+    if head_chunk is not None and (not isinstance(head_chunk, int) or head_chunk < 1):
+        raise ValueError(f"ring_attention: head_chunk={head_chunk!r}; expected None or a positive int")
+    kv = torch.stack((k, v))  # its backward only splits the gradient: saves neither input
+    del k, v
+    qkv.clear()
+    return _RingAttention.apply(q, kv, group, layout, backend, head_chunk)
 
 
 def hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysses_group, ring_group,
-                     layout: str = "zigzag", backend: str = "auto") -> torch.Tensor:
+                     layout: str = "zigzag", backend: str = "auto", head_chunk: int | None = None) -> torch.Tensor:
     """Causal attention over a ring of Ulysses groups: an all-to-all inside ``ulysses_group``
     gathers the ring shard for a subset of heads, ring attention over ``ring_group`` attends it,
     and the inverse all-to-all returns the output shard.
@@ -287,12 +335,14 @@ def hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysses_
     q, k, v: ``[B, H, S_local, D]``, this rank's slice of its ring shard (token order from
     ``sequence.shard_positions`` with the same ``layout`` and Ulysses degree).
     """
-    return hybrid_attention_releasing([q, k, v], ulysses_group, ring_group, layout, backend)
+    return hybrid_attention_releasing([q, k, v], ulysses_group, ring_group, layout, backend, head_chunk)
 
 
 def hybrid_attention_releasing(qkv: list[torch.Tensor], ulysses_group, ring_group,
-                               layout: str = "zigzag", backend: str = "auto") -> torch.Tensor:
+                               layout: str = "zigzag", backend: str = "auto",
+                               head_chunk: int | None = None) -> torch.Tensor:
     """:func:`hybrid_attention` of ``qkv = [q, k, v]``, emptying the list once they are sent
     (see ``ulysses.ulysses_attention_releasing``)."""
-    core = functools.partial(ring_attention, group=ring_group, layout=layout, backend=backend)
+    core = functools.partial(ring_attention, group=ring_group, layout=layout, backend=backend,
+                             head_chunk=head_chunk)
     return ulysses_attention_releasing(qkv, ulysses_group, core=core)

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from ds4sci.models.genslm.model import IGNORE_INDEX, causal_attention
 
-from .ring import LAYOUTS, hybrid_attention, hybrid_attention_releasing, ring_attention
+from .ring import LAYOUTS, hybrid_attention, hybrid_attention_releasing, ring_attention, ring_attention_releasing
 from .ulysses import head_splits, ulysses_attention, ulysses_attention_releasing
 
 MODES = ("ulysses", "ring", "hybrid")
@@ -102,7 +102,7 @@ def shard_batch(input_ids_BS: torch.Tensor, labels_BS: torch.Tensor, sp_rank: in
 
 
 def sequence_parallel_core(mode: str, *, sp_group=None, ulysses_group=None, ring_group=None,
-                           layout: str = "zigzag"):
+                           layout: str = "zigzag", head_chunk: int | None = None):
     """The attention core ``(q, k, v) -> out`` of one mode (:func:`apply_sequence_parallel`)."""
     if mode not in MODES:
         raise ValueError(f"sequence parallelism: mode={mode!r}; expected one of {MODES}")
@@ -112,7 +112,7 @@ def sequence_parallel_core(mode: str, *, sp_group=None, ulysses_group=None, ring
                              "ring_group")
         return SequenceParallelCore(hybrid_attention, releasing=hybrid_attention_releasing,
                                     ulysses_group=ulysses_group,
-                                    ring_group=ring_group, layout=layout)
+                                    ring_group=ring_group, layout=layout, head_chunk=head_chunk)
     group = sp_group
     if group is None:
         group = ulysses_group if mode == "ulysses" else ring_group
@@ -120,7 +120,8 @@ def sequence_parallel_core(mode: str, *, sp_group=None, ulysses_group=None, ring
         raise ValueError(f"sequence parallelism: mode={mode!r} needs sp_group")
     if mode == "ulysses":
         return SequenceParallelCore(ulysses_attention, releasing=ulysses_attention_releasing, group=group)
-    return SequenceParallelCore(ring_attention, group=group, layout=layout)
+    return SequenceParallelCore(ring_attention, releasing=ring_attention_releasing, group=group, layout=layout,
+                                head_chunk=head_chunk)
 
 
 class SequenceParallelCore:
@@ -154,18 +155,19 @@ class SequenceParallelCore:
 
 
 def apply_sequence_parallel(model, mode: str, *, sp_group=None, ulysses_group=None,
-                            ring_group=None, layout: str = "zigzag"):
+                            ring_group=None, layout: str = "zigzag", head_chunk: int | None = None):
     """Make every layer of ``model`` (a GenSLM) attend over a sequence sharded across ranks.
 
     ``mode``: ``ulysses`` (``sp_group``; token layout must be ``contiguous``), ``ring``
     (``sp_group``, ``layout`` contiguous or zigzag) or ``hybrid`` (``ulysses_group`` inside
     ``ring_group``, ``layout`` for the ring level). Inputs must then be sharded with
-    :func:`shard_batch` using the same layout. Returns the model.
+    :func:`shard_batch` using the same layout. ``head_chunk``: heads per ring pass of the ring's
+    backward (ring and hybrid; ``ring.ring_attention``). Returns the model.
     """
     if mode == "ulysses":
         layout = "contiguous"
     core = sequence_parallel_core(mode, sp_group=sp_group, ulysses_group=ulysses_group,
-                                  ring_group=ring_group, layout=layout)
+                                  ring_group=ring_group, layout=layout, head_chunk=head_chunk)
     for layer in _layers(model):
         layer.attention.core = core
     return model

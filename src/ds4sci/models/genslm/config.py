@@ -54,8 +54,9 @@ class GenSLMConfig:
     attention_head_chunk: int | None = None
     """Heads per group of tiled attention in training: each group's ``[S, 3 x heads x D]``
     projections and attention are recomputed from the layer input in backward, one group at a
-    time; None = all heads at once. Local attention only: under sequence or tensor parallelism
-    (heads already split over ranks) layers attend with all their heads at once."""
+    time; None = all heads at once. Under Ulysses or tensor parallelism (heads already split over
+    ranks) layers attend with all their heads at once; under ring and hybrid sequence parallelism
+    the ring's backward runs one pass per group of this many heads (``ring.ring_attention``)."""
 
     def __post_init__(self):
         positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",

@@ -84,7 +84,8 @@ def parallelize_genslm(model, dims: ParallelDims, mesh: ParallelMesh, *, ring_la
         apply_sequence_parallel(
             model, dims.sp_mode, sp_group=mesh.group("sp"),
             ulysses_group=mesh.group("ulysses") if dims.sp_mode == "hybrid" else None,
-            ring_group=mesh.group("ring") if dims.sp_mode == "hybrid" else None, layout=layout)
+            ring_group=mesh.group("ring") if dims.sp_mode == "hybrid" else None, layout=layout,
+            head_chunk=model.config.attention_head_chunk)
     return _tp_then_fsdp(model, dims, mesh, cpu_offload=cpu_offload, tp_embeddings=tp_embeddings,
                          reshard_after_forward=reshard_after_forward, param_dtype=param_dtype)
 
