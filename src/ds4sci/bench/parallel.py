@@ -87,14 +87,16 @@ def theory_bytes_per_layer(contender: str, p: int, s: int, config) -> float:
     return float(2 * b["forward"] + b["backward"])
 
 
-def _deepspeed_core(group):
+def _deepspeed_core(group, local_core=None):
     """DeepSpeed-Ulysses' DistributedAttention as a ``(q, k, v) [B, H, S, D]`` core: it takes
-    ``[S, B, H, D]`` (scatter heads, gather sequence) and runs our causal SDPA locally."""
+    ``[S, B, H, D]`` (scatter heads, gather sequence) and runs ``local_core`` (default our causal
+    SDPA) locally."""
     import deepspeed
     from deepspeed.sequence.layer import DistributedAttention
 
     from ..models.genslm.model import causal_attention
 
+    causal_attention = local_core or causal_attention
     if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo")
 
@@ -186,6 +188,58 @@ def paired_worker(length: int, preset_name: str, rounds: int) -> dict:
         return {}
     ratios = [d / u for d, u in zip(times["deepspeed-ulysses"], times["ulysses"])]
     return {"processes": p, "length": length, "rounds": rounds, "times": times,
+            "median_s": {name: statistics.median(t) for name, t in times.items()},
+            "deepspeed_time_over_ours": statistics.median(ratios)}
+
+
+def _no_attention(q, k, v):
+    """Stand-in for the local attention in the exchange timing: elementwise, so what is timed
+    is the sequence-parallel layer around it (its output keeps the inputs' memory order)."""
+    return q + k + v
+
+
+def exchange_worker(local_len: int, preset_name: str, rounds: int) -> dict:
+    """One rank timing the sequence-parallel layers alone: our Ulysses and DeepSpeed-Ulysses
+    around :func:`_no_attention`, forward and backward of one layer's q, k, v ``[1, H, S/P, D]``,
+    alternately, ``rounds`` rounds of 3 calls each after a warm-up round."""
+    import statistics
+
+    import torch.distributed as dist
+
+    from ..models.genslm import preset
+    from ..parallel.ulysses import ulysses_attention
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", 1))))
+    dist.init_process_group("gloo")
+    p, rank = dist.get_world_size(), dist.get_rank()
+    config = preset(preset_name)
+    group = dist.group.WORLD
+    deepspeed = _deepspeed_core(group, local_core=_no_attention)
+    layers = {"ulysses": lambda q, k, v: ulysses_attention(q, k, v, group, core=_no_attention),
+              "deepspeed-ulysses": deepspeed}
+    shape = (1, config.num_attention_heads, local_len, config.head_dim)
+    q, k, v = (torch.randn(shape) for _ in range(3))
+    ours, theirs = (layer(q, k, v) for layer in layers.values())
+    if not torch.equal(ours, theirs):  # the same sums of the same gathered heads
+        raise RuntimeError(f"exchange timing: outputs differ by {(ours - theirs).abs().max():.3g}")
+    times = {name: [] for name in layers}
+    for round_ in range(rounds + 1):
+        for name in (list(layers) if round_ % 2 else list(layers)[::-1]):
+            q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+            grad = torch.randn(shape)
+            dist.barrier()
+            start = time.perf_counter()
+            for _ in range(3):
+                layers[name](q, k, v).backward(grad)
+            elapsed = torch.tensor((time.perf_counter() - start) / 3, dtype=torch.float64)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            if round_:
+                times[name].append(float(elapsed))
+    dist.destroy_process_group()
+    if rank:
+        return {}
+    ratios = [d / u for d, u in zip(times["deepspeed-ulysses"], times["ulysses"])]
+    return {"processes": p, "tokens_per_rank": local_len, "rounds": rounds, "times": times,
             "median_s": {name: statistics.median(t) for name, t in times.items()},
             "deepspeed_time_over_ours": statistics.median(ratios)}
 
@@ -337,6 +391,36 @@ def run_paired(cases, preset_name: str, out_dir: Path, stem: str, rounds: int, p
     return results
 
 
+EXCHANGE_CASES = ((2, 8192), (4, 8192))
+"""(P, tokens per rank) of the exchange-only timing (``--exchange``)."""
+
+
+def run_exchange(cases, preset_name: str, out_dir: Path, stem: str, rounds: int, progress=print) -> list[dict]:
+    """Timing of the sequence-parallel layers alone (``exchange_worker``), stored under
+    ``exchange_timing`` in the results file."""
+    if why := _deepspeed_available():
+        progress(f"exchange timing skipped: {why}")
+        return []
+    results = []
+    commit = machine_info()["git_commit"]
+    for p, local_len in cases:
+        r = _torchrun(p, ["--exchange-worker", str(local_len), preset_name, str(rounds)], timeout=1800)
+        if "median_s" not in r:
+            progress(f"exchange P={p} S/P={local_len}: failed {r.get('error', '')}")
+            continue
+        r.update(measured=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), git_commit=commit)
+        results.append(r)
+        progress(f"exchange P={p} S/P={local_len:>6}: ulysses {r['median_s']['ulysses'] * 1e3:.1f} ms, "
+                 f"deepspeed-ulysses {r['median_s']['deepspeed-ulysses'] * 1e3:.1f} ms "
+                 f"(deepspeed/ours {r['deepspeed_time_over_ours']:.2f}x, median of {rounds} rounds)")
+    path = out_dir / f"{stem}.json"
+    data = json.loads(path.read_text())
+    data["machine"]["exchange_timing"] = results
+    write_rows(data["results"], data["machine"], out_dir, stem)
+    write_markdown(data["results"], data["machine"], out_dir / f"{stem}.md")
+    return results
+
+
 def write_markdown(rows, meta, path: Path) -> Path:
     """The README tables: every case, then the fitted longest length per (contender, P)."""
     lines = ["| contender | P | S | peak / process | step time | attention sent / layer (theory) |",
@@ -358,6 +442,12 @@ def write_markdown(rows, meta, path: Path) -> Path:
         for r in meta["paired_timing"]:
             lines.append(f"| {r['processes']} | {r['length']:,} | {r['median_s']['ulysses']:.1f} s "
                          f"| {r['median_s']['deepspeed-ulysses']:.1f} s | {r['deepspeed_time_over_ours']:.2f}x |")
+    if meta.get("exchange_timing"):
+        lines += ["", "| P | tokens per rank | Ulysses layer alone (ds4sci) | deepspeed-ulysses | deepspeed / ours |",
+                  "|---|---|---|---|---|"]
+        for r in meta["exchange_timing"]:
+            lines.append(f"| {r['processes']} | {r['tokens_per_rank']:,} | {r['median_s']['ulysses'] * 1e3:.1f} ms "
+                         f"| {r['median_s']['deepspeed-ulysses'] * 1e3:.1f} ms | {r['deepspeed_time_over_ours']:.2f}x |")
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -399,14 +489,21 @@ def main(argv=None) -> int:
     parser.add_argument("--paired", action="store_true",
                         help="only the paired Ulysses vs DeepSpeed-Ulysses timing, added to the results file")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the paired timing")
+    parser.add_argument("--exchange-worker", nargs=3, metavar=("LOCAL_LENGTH", "PRESET", "ROUNDS"),
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--exchange", action="store_true",
+                        help="only the timing of the Ulysses layers alone (no attention), added to the results file")
     parser.add_argument("--quick", action="store_true", help="genslm-tiny at short lengths (smoke test)")
     parser.add_argument("--update", action="store_true",
                         help="replace only the measured cases in the results file (run in parts)")
     args = parser.parse_args(argv)
-    if args.worker or args.paired_worker:
+    if args.worker or args.paired_worker or args.exchange_worker:
         if args.worker:
             contender, length, preset_name = args.worker
             result = worker(contender, int(length), preset_name)
+        elif args.exchange_worker:
+            length, preset_name, rounds = args.exchange_worker
+            result = exchange_worker(int(length), preset_name, int(rounds))
         else:
             length, preset_name, rounds = args.paired_worker
             result = paired_worker(int(length), preset_name, int(rounds))
@@ -419,6 +516,10 @@ def main(argv=None) -> int:
         os._exit(0)
     preset_name = "genslm-tiny" if args.quick else "genslm-25m"
     stem = "parallel_scaling_quick" if args.quick else STEM
+    if args.exchange:
+        cases = [c for c in (((2, 256), (4, 256)) if args.quick else EXCHANGE_CASES) if c[0] in args.processes]
+        run_exchange(cases, preset_name, args.out, stem, args.rounds)
+        return 0
     if args.paired:
         cases = [c for c in (((2, 1024), (4, 2048)) if args.quick else PAIRED_CASES) if c[0] in args.processes]
         run_paired(cases, preset_name, args.out, stem, args.rounds)
