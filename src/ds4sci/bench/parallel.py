@@ -35,6 +35,8 @@ model once and swaps the two attention cores step by step, ``--rounds`` rounds o
 after a warm-up round at the same length, the order alternating between rounds; the medians
 and the median per-round ratio go to the results file's ``paired_timing``. Both cores run the
 same local causal attention, so this compares the sequence-parallel layers themselves.
+``--exchange`` times those layers alone (``exchange_worker``: an elementwise stand-in for the
+local attention, forward and backward of one layer), results under ``exchange_timing``.
 
 Usage: ``python -m ds4sci.bench.parallel [--quick]`` or ``ds4sci bench parallel-scaling``.
 """
