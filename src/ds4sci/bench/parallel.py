@@ -160,28 +160,21 @@ def _setup(contender: str, preset_name: str):
     return model, config, mesh, step
 
 
-def paired_worker(length: int, preset_name: str, rounds: int) -> dict:
-    """One rank of a job timing our Ulysses against DeepSpeed-Ulysses alternately on one model."""
+def _alternate(runs: dict, rounds: int, **fields) -> dict:
+    """Time each of ``runs`` (name -> ``run(name)``, the two contenders) once per round, the
+    slowest rank's time, ``rounds`` rounds after a warm-up round 0 (the first call at a new size
+    pays page faults for its new buffers); the order alternates between rounds so neither always
+    goes first. Rank 0 returns the summary with ``fields``, other ranks ``{}``."""
     import statistics
 
     import torch.distributed as dist
 
-    model, _, mesh, step = _setup("ulysses", preset_name)
-    cores = {"ulysses": [layer.attention.core for layer in model.layers]}
-    cores["deepspeed-ulysses"] = [_deepspeed_core(mesh.group("sp"))] * len(model.layers)
-    times = {name: [] for name in cores}
-    step(256)  # kernels, optimizer state, communicators
-    # Round 0 warms both up at the full length (the first step at a new size pays page faults
-    # for its new buffers); the order alternates between rounds so neither always goes first.
+    times = {name: [] for name in runs}
     for round_ in range(rounds + 1):
-        for name in (list(cores) if round_ % 2 else list(cores)[::-1]):
-            for layer, core in zip(model.layers, cores[name]):
-                layer.attention.core = core
+        for name in (list(runs) if round_ % 2 else list(runs)[::-1]):
             dist.barrier()
-            start = time.perf_counter()
-            step(length)
-            elapsed = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step ends when the slowest rank does
+            elapsed = torch.tensor(runs[name](name), dtype=torch.float64)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # done when the slowest rank is
             if round_:
                 times[name].append(float(elapsed))
     p, rank = dist.get_world_size(), dist.get_rank()
@@ -189,9 +182,26 @@ def paired_worker(length: int, preset_name: str, rounds: int) -> dict:
     if rank:
         return {}
     ratios = [d / u for d, u in zip(times["deepspeed-ulysses"], times["ulysses"])]
-    return {"processes": p, "length": length, "rounds": rounds, "times": times,
+    return {"processes": p, **fields, "rounds": rounds, "times": times,
             "median_s": {name: statistics.median(t) for name, t in times.items()},
             "deepspeed_time_over_ours": statistics.median(ratios)}
+
+
+def paired_worker(length: int, preset_name: str, rounds: int) -> dict:
+    """One rank of a job timing our Ulysses against DeepSpeed-Ulysses alternately on one model."""
+    model, _, mesh, step = _setup("ulysses", preset_name)
+    cores = {"ulysses": [layer.attention.core for layer in model.layers]}
+    cores["deepspeed-ulysses"] = [_deepspeed_core(mesh.group("sp"))] * len(model.layers)
+    step(256)  # kernels, optimizer state, communicators
+
+    def run(name):
+        for layer, core in zip(model.layers, cores[name]):
+            layer.attention.core = core
+        start = time.perf_counter()
+        step(length)
+        return time.perf_counter() - start
+
+    return _alternate({name: run for name in cores}, rounds, length=length)
 
 
 def _no_attention(q, k, v):
@@ -204,8 +214,6 @@ def exchange_worker(local_len: int, preset_name: str, rounds: int) -> dict:
     """One rank timing the sequence-parallel layers alone: our Ulysses and DeepSpeed-Ulysses
     around :func:`_no_attention`, forward and backward of one layer's q, k, v ``[1, H, S/P, D]``,
     alternately, ``rounds`` rounds of 3 calls each after a warm-up round."""
-    import statistics
-
     import torch.distributed as dist
 
     from ..models.genslm import preset
@@ -213,37 +221,25 @@ def exchange_worker(local_len: int, preset_name: str, rounds: int) -> dict:
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", 1))))
     dist.init_process_group("gloo")
-    p, rank = dist.get_world_size(), dist.get_rank()
     config = preset(preset_name)
     group = dist.group.WORLD
-    deepspeed = _deepspeed_core(group, local_core=_no_attention)
     layers = {"ulysses": lambda q, k, v: ulysses_attention(q, k, v, group, core=_no_attention),
-              "deepspeed-ulysses": deepspeed}
+              "deepspeed-ulysses": _deepspeed_core(group, local_core=_no_attention)}
     shape = (1, config.num_attention_heads, local_len, config.head_dim)
     q, k, v = (torch.randn(shape) for _ in range(3))
     ours, theirs = (layer(q, k, v) for layer in layers.values())
     if not torch.equal(ours, theirs):  # the same sums of the same gathered heads
         raise RuntimeError(f"exchange timing: outputs differ by {(ours - theirs).abs().max():.3g}")
-    times = {name: [] for name in layers}
-    for round_ in range(rounds + 1):
-        for name in (list(layers) if round_ % 2 else list(layers)[::-1]):
-            q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
-            grad = torch.randn(shape)
-            dist.barrier()
-            start = time.perf_counter()
-            for _ in range(3):
-                layers[name](q, k, v).backward(grad)
-            elapsed = torch.tensor((time.perf_counter() - start) / 3, dtype=torch.float64)
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-            if round_:
-                times[name].append(float(elapsed))
-    dist.destroy_process_group()
-    if rank:
-        return {}
-    ratios = [d / u for d, u in zip(times["deepspeed-ulysses"], times["ulysses"])]
-    return {"processes": p, "tokens_per_rank": local_len, "rounds": rounds, "times": times,
-            "median_s": {name: statistics.median(t) for name, t in times.items()},
-            "deepspeed_time_over_ours": statistics.median(ratios)}
+
+    def run(name):
+        q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+        grad = torch.randn(shape)
+        start = time.perf_counter()
+        for _ in range(3):
+            layers[name](q, k, v).backward(grad)
+        return (time.perf_counter() - start) / 3
+
+    return _alternate({name: run for name in layers}, rounds, tokens_per_rank=local_len)
 
 
 def worker(contender: str, length: int, preset_name: str) -> dict:
@@ -362,62 +358,51 @@ PAIRED_CASES = ((2, 8192), (4, 8192), (4, 16384))
 P = 4 (where the exchanges are a larger share of the step than attention, quadratic in S)."""
 
 
-def run_paired(cases, preset_name: str, out_dir: Path, stem: str, rounds: int, progress=print) -> list[dict]:
-    """Paired step times (module doc), stored under ``paired_timing`` in the results file."""
+EXCHANGE_CASES = ((2, 8192), (4, 8192))
+"""(P, tokens per rank) of the exchange-only timing (``--exchange``)."""
+
+TIMINGS = {
+    # kind: (worker flag, results key, timeout s, label of the case's number, unit, scale)
+    "paired": ("--paired-worker", "paired_timing", 7200, "S", "s", 1.0),
+    "exchange": ("--exchange-worker", "exchange_timing", 1800, "S/P", "ms", 1e3),
+}
+
+
+def run_timing(kind: str, cases, preset_name: str, out_dir: Path, stem: str, rounds: int,
+               progress=print) -> list[dict]:
+    """Our Ulysses against DeepSpeed-Ulysses in one job per case (module doc): ``paired`` whole
+    steps, ``exchange`` the layers alone. Stored under the kind's key in the results file; cases
+    not measured now keep their earlier entries (``--processes 4`` re-times P = 4 alone)."""
+    flag, key, timeout, label, unit, scale = TIMINGS[kind]
     if why := _deepspeed_available():
-        progress(f"paired timing skipped: {why}")
+        progress(f"{kind} timing skipped: {why}")
         return []
     results = []
     commit = machine_info()["git_commit"]
-    for p, length in cases:
-        r = _torchrun(p, ["--paired-worker", str(length), preset_name, str(rounds)], timeout=7200)
+    for p, n in cases:
+        r = _torchrun(p, [flag, str(n), preset_name, str(rounds)], timeout=timeout)
         if "median_s" not in r:
-            progress(f"paired P={p} S={length}: failed {r.get('error', '')}")
+            progress(f"{kind} P={p} {label}={n}: failed {r.get('error', '')}")
             continue
-        r["measured"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        r["git_commit"] = commit  # the scaling rows may be from another commit
+        # The scaling rows may be from another commit.
+        r.update(case=[p, n], measured=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), git_commit=commit)
         results.append(r)
-        progress(f"paired P={p} S={length:>6}: ulysses {r['median_s']['ulysses']:.1f} s, deepspeed-ulysses "
-                 f"{r['median_s']['deepspeed-ulysses']:.1f} s (deepspeed/ours {r['deepspeed_time_over_ours']:.2f}x, "
-                 f"median of {rounds} rounds)")
+        ours, theirs = (r["median_s"][name] * scale for name in ("ulysses", "deepspeed-ulysses"))
+        progress(f"{kind} P={p} {label}={n:>6}: ulysses {ours:.1f} {unit}, deepspeed-ulysses {theirs:.1f} {unit} "
+                 f"(deepspeed/ours {r['deepspeed_time_over_ours']:.2f}x, median of {rounds} rounds)")
     path = out_dir / f"{stem}.json"
     data = json.loads(path.read_text()) if path.exists() else {
         "machine": {**machine_info(), "budget_bytes_per_process": BUDGET, "fits": {}, "scaling_vs_one_process": {}},
         "results": []}
-    # Keep earlier cases not measured now (``--processes 4`` re-times P = 4 alone).
-    now = {(r["processes"], r["length"]) for r in results}
-    kept = [r for r in data["machine"].get("paired_timing", []) if (r["processes"], r["length"]) not in now]
-    data["machine"]["paired_timing"] = sorted(kept + results, key=lambda r: (r["processes"], r["length"]))
-    write_rows(data["results"], data["machine"], out_dir, stem)
-    write_markdown(data["results"], data["machine"], out_dir / f"{stem}.md")
-    return results
 
+    def case(r):
+        # Entries written before ``case`` existed: the worker's number is the length (paired) or
+        # the tokens per rank (exchange).
+        return tuple(r.get("case") or (r["processes"], r.get("length", r.get("tokens_per_rank"))))
 
-EXCHANGE_CASES = ((2, 8192), (4, 8192))
-"""(P, tokens per rank) of the exchange-only timing (``--exchange``)."""
-
-
-def run_exchange(cases, preset_name: str, out_dir: Path, stem: str, rounds: int, progress=print) -> list[dict]:
-    """Timing of the sequence-parallel layers alone (``exchange_worker``), stored under
-    ``exchange_timing`` in the results file."""
-    if why := _deepspeed_available():
-        progress(f"exchange timing skipped: {why}")
-        return []
-    results = []
-    commit = machine_info()["git_commit"]
-    for p, local_len in cases:
-        r = _torchrun(p, ["--exchange-worker", str(local_len), preset_name, str(rounds)], timeout=1800)
-        if "median_s" not in r:
-            progress(f"exchange P={p} S/P={local_len}: failed {r.get('error', '')}")
-            continue
-        r.update(measured=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), git_commit=commit)
-        results.append(r)
-        progress(f"exchange P={p} S/P={local_len:>6}: ulysses {r['median_s']['ulysses'] * 1e3:.1f} ms, "
-                 f"deepspeed-ulysses {r['median_s']['deepspeed-ulysses'] * 1e3:.1f} ms "
-                 f"(deepspeed/ours {r['deepspeed_time_over_ours']:.2f}x, median of {rounds} rounds)")
-    path = out_dir / f"{stem}.json"
-    data = json.loads(path.read_text())
-    data["machine"]["exchange_timing"] = results
+    now = {case(r) for r in results}
+    kept = [r for r in data["machine"].get(key, []) if case(r) not in now]
+    data["machine"][key] = sorted(kept + results, key=case)
     write_rows(data["results"], data["machine"], out_dir, stem)
     write_markdown(data["results"], data["machine"], out_dir / f"{stem}.md")
     return results
@@ -520,11 +505,11 @@ def main(argv=None) -> int:
     stem = "parallel_scaling_quick" if args.quick else STEM
     if args.exchange:
         cases = [c for c in (((2, 256), (4, 256)) if args.quick else EXCHANGE_CASES) if c[0] in args.processes]
-        run_exchange(cases, preset_name, args.out, stem, args.rounds)
+        run_timing("exchange", cases, preset_name, args.out, stem, args.rounds)
         return 0
     if args.paired:
         cases = [c for c in (((2, 1024), (4, 2048)) if args.quick else PAIRED_CASES) if c[0] in args.processes]
-        run_paired(cases, preset_name, args.out, stem, args.rounds)
+        run_timing("paired", cases, preset_name, args.out, stem, args.rounds)
         return 0
     run(args.contenders, args.processes, QUICK_LENGTHS if args.quick else LENGTHS, preset_name, args.out,
         stem, update=args.update)
