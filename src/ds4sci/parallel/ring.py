@@ -181,6 +181,24 @@ def _wait(reqs):
         req.wait()
 
 
+def _ring_steps(kv, group, layout, s):
+    """The ring schedule, shared by forward and backward: per step ``(block, held)``, the K/V shard
+    this rank holds and which of its queries meet which of those keys (``_blocks``; None for
+    none). The next shard's transfer starts before each step and is waited for after it, so it
+    overlaps the caller's compute; a shard sent is dropped as soon as its successor has arrived
+    (callers ``del held`` at the end of a step, so that their reference does not keep it alive
+    through the next receive)."""
+    size, rank, send_to, recv_from = _ring_peers(group)
+    held = kv
+    for step in range(size):
+        if step + 1 < size:
+            next_kv, reqs = _exchange(held, group, send_to, recv_from, tag=0)
+        yield _blocks(rank, (rank - step) % size, layout, s), held
+        if step + 1 < size:
+            _wait(reqs)
+            held, next_kv, reqs = next_kv, None, None
+
+
 def _merge(out, lse, rows, block_out, block_lse):
     """Online-softmax merge of one block's (out, lse) into the fp32 accumulators, rows ``rows``."""
     old_lse = lse[..., rows]
@@ -196,14 +214,8 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, kv, group, layout, backend, head_chunk):
         """``kv``: k and v stacked ``[2, B, H, S, D]``, one message per hop (saved as is)."""
         fwd, bwd = _pick_backend(q, backend)
-        size, rank, send_to, recv_from = _ring_peers(group)
-        s = q.shape[-2]
-        out = lse = next_kv = None
-        held = kv
-        for step in range(size):
-            if step + 1 < size:
-                next_kv, reqs = _exchange(held, group, send_to, recv_from, tag=0)
-            block = _blocks(rank, (rank - step) % size, layout, s)
+        out = lse = None
+        for block, held in _ring_steps(kv, group, layout, q.shape[-2]):
             if block is not None:
                 rows, cols, causal = block
                 block_out, block_lse = fwd(q[..., rows, :], held[0][..., cols, :],
@@ -213,10 +225,7 @@ class _RingAttention(torch.autograd.Function):
                 else:
                     _merge(out, lse, rows, block_out, block_lse)
                 del block_out, block_lse  # not alive while the next receive buffer is
-            if step + 1 < size:
-                _wait(reqs)
-                held, reqs = next_kv, None  # the block sent is dropped now, not at the next send
-        del held, next_kv
+            del held
         out = out.to(q.dtype)
         ctx.save_for_backward(q, kv, out, lse)
         ctx.group, ctx.layout, ctx.bwd, ctx.head_chunk = group, layout, bwd, head_chunk
@@ -249,17 +258,13 @@ class _RingAttention(torch.autograd.Function):
 def _ring_backward(dout, q, kv, out, lse, *, group, layout, bwd):
     """One ring pass of backward over the heads given: ``(dq, dkv)`` in the accumulation dtype,
     ``dkv`` stacked ``[2, B, H, S, D]`` like ``kv``."""
-    size, rank, send_to, recv_from = _ring_peers(group)
-    s = q.shape[-2]
+    size, _, send_to, recv_from = _ring_peers(group)
     dq = None
     # dK/dV of the shard currently held, accumulated in fp32 as it travels with that shard. Its
     # transfer overlaps the next step's block kernel: it is only waited for when that step's
     # contribution is added.
-    held, dkv, dkv_reqs = kv, None, []
-    for step in range(size):
-        if step + 1 < size:
-            next_kv, kv_reqs = _exchange(held, group, send_to, recv_from, tag=0)
-        block = _blocks(rank, (rank - step) % size, layout, s)
+    dkv, dkv_reqs = None, []
+    for block, held in _ring_steps(kv, group, layout, q.shape[-2]):
         if block is not None:
             rows, cols, causal = block
             bdq, bdk, bdv = bwd(dout[..., rows, :], q[..., rows, :], held[0][..., cols, :],
@@ -272,6 +277,7 @@ def _ring_backward(dout, q, kv, out, lse, *, group, layout, bwd):
         _wait(dkv_reqs)
         dkv_reqs = []  # drops the dK/dV sent last step
         acc = torch.zeros_like(held, dtype=_acc(held.dtype)) if dkv is None else dkv
+        del held
         if block is not None:
             acc[0][..., cols, :] += bdk
             acc[1][..., cols, :] += bdv
@@ -283,9 +289,6 @@ def _ring_backward(dout, q, kv, out, lse, *, group, layout, bwd):
         # each shard's gradient home.
         dkv, dkv_reqs = _exchange(acc, group, send_to, recv_from, tag=1)
         del acc
-        if step + 1 < size:
-            _wait(kv_reqs)
-            held, kv_reqs = next_kv, None
     _wait(dkv_reqs)
     return dq, dkv
 
