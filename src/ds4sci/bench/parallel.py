@@ -49,6 +49,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -98,12 +99,12 @@ def _deepspeed_core(group, local_core=None):
 
     from ..models.genslm.model import causal_attention
 
-    causal_attention = local_core or causal_attention
+    local_core = local_core or causal_attention
     if not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo")
 
     def local(q_SBHD, k_SBHD, v_SBHD, *args, **kwargs):
-        out = causal_attention(*(t.permute(1, 2, 0, 3) for t in (q_SBHD, k_SBHD, v_SBHD)))
+        out = local_core(*(t.permute(1, 2, 0, 3) for t in (q_SBHD, k_SBHD, v_SBHD)))
         return out.permute(2, 0, 1, 3)
 
     attn = DistributedAttention(local, group, scatter_idx=2, gather_idx=0)
@@ -115,6 +116,14 @@ def _deepspeed_core(group, local_core=None):
     return core
 
 
+def _init_gloo():
+    """This rank's share of the cores (torchrun's processes share the machine) and its gloo group."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", 1))))
+    dist.init_process_group("gloo")
+
+
 def _setup(contender: str, preset_name: str):
     """Process group, model (parallelized for ``contender``), optimizer and a step function."""
     import torch.distributed as dist
@@ -124,8 +133,7 @@ def _setup(contender: str, preset_name: str):
     from ..parallel import ParallelDims
     from ..parallel.sequence import shard_batch
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", 1))))
-    dist.init_process_group("gloo")
+    _init_gloo()
     p, rank = dist.get_world_size(), dist.get_rank()
     torch.manual_seed(0)
     config = preset(preset_name).replace(activation_checkpointing="full", loss_chunk_size=CHUNK,
@@ -219,8 +227,7 @@ def exchange_worker(local_len: int, preset_name: str, rounds: int) -> dict:
     from ..models.genslm import preset
     from ..parallel.ulysses import ulysses_attention
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", 1))))
-    dist.init_process_group("gloo")
+    _init_gloo()
     config = preset(preset_name)
     group = dist.group.WORLD
     layers = {"ulysses": lambda q, k, v: ulysses_attention(q, k, v, group, core=_no_attention),
@@ -344,8 +351,10 @@ def run(contenders, processes, lengths, preset_name: str, out_dir: Path, stem: s
     meta.update({"budget_bytes_per_process": BUDGET, "fits": fits, "scaling_vs_one_process": scaling,
                  "fits_free_quadratic": free_quadratic, "worker_env": WORKER_ENV})
     previous = out_dir / f"{stem}.json"
-    if previous.exists() and (paired := json.loads(previous.read_text())["machine"].get("paired_timing")):
-        meta["paired_timing"] = paired  # a separate measurement (``--paired``), each entry with its commit
+    if previous.exists():
+        # Separate measurements (``--paired``, ``--exchange``), each entry with its commit.
+        earlier = json.loads(previous.read_text())["machine"]
+        meta.update({spec.key: earlier[spec.key] for spec in TIMINGS.values() if spec.key in earlier})
     json_path, csv_path = write_rows(rows, meta, out_dir, stem)
     png = plot(rows, out_dir / f"{stem}.png", meta)
     md = write_markdown(rows, meta, out_dir / f"{stem}.md")
@@ -353,18 +362,30 @@ def run(contenders, processes, lengths, preset_name: str, out_dir: Path, stem: s
     return rows, fits
 
 
-PAIRED_CASES = ((2, 8192), (4, 8192), (4, 16384))
-"""(P, S) of the paired Ulysses vs DeepSpeed-Ulysses timing: 4096 tokens per rank, and 2048 at
-P = 4 (where the exchanges are a larger share of the step than attention, quadratic in S)."""
+class Timing(NamedTuple):
+    """One kind of our-Ulysses-vs-DeepSpeed timing."""
 
+    flag: str  # the worker's command-line flag
+    key: str  # where its results go in the results file
+    field: str  # the result field holding the worker's number (the case's second element)
+    column: str  # that number's name in the progress line and in the table
+    ours: str  # our column in the table
+    timeout: float
+    unit: str
+    scale: float  # seconds -> unit
+    cases: tuple  # (P, number)
+    quick_cases: tuple
 
-EXCHANGE_CASES = ((2, 8192), (4, 8192))
-"""(P, tokens per rank) of the exchange-only timing (``--exchange``)."""
 
 TIMINGS = {
-    # kind: (worker flag, results key, timeout s, label of the case's number, unit, scale)
-    "paired": ("--paired-worker", "paired_timing", 7200, "S", "s", 1.0),
-    "exchange": ("--exchange-worker", "exchange_timing", 1800, "S/P", "ms", 1e3),
+    # Whole steps: 4096 tokens per rank, and 2048 at P = 4 (where the exchanges are a larger share
+    # of the step than attention, quadratic in S).
+    "paired": Timing("--paired-worker", "paired_timing", "length", "S", "ulysses (ds4sci)", 7200, "s", 1.0,
+                     cases=((2, 8192), (4, 8192), (4, 16384)), quick_cases=((2, 1024), (4, 2048))),
+    # The Ulysses layers alone (``--exchange``), by tokens per rank.
+    "exchange": Timing("--exchange-worker", "exchange_timing", "tokens_per_rank", "tokens per rank",
+                       "Ulysses layer alone (ds4sci)", 1800, "ms", 1e3,
+                       cases=((2, 8192), (4, 8192)), quick_cases=((2, 256), (4, 256))),
 }
 
 
@@ -373,36 +394,35 @@ def run_timing(kind: str, cases, preset_name: str, out_dir: Path, stem: str, rou
     """Our Ulysses against DeepSpeed-Ulysses in one job per case (module doc): ``paired`` whole
     steps, ``exchange`` the layers alone. Stored under the kind's key in the results file; cases
     not measured now keep their earlier entries (``--processes 4`` re-times P = 4 alone)."""
-    flag, key, timeout, label, unit, scale = TIMINGS[kind]
+    spec = TIMINGS[kind]
     if why := _deepspeed_available():
         progress(f"{kind} timing skipped: {why}")
         return []
     results = []
     commit = machine_info()["git_commit"]
     for p, n in cases:
-        r = _torchrun(p, [flag, str(n), preset_name, str(rounds)], timeout=timeout)
+        r = _torchrun(p, [spec.flag, str(n), preset_name, str(rounds)], timeout=spec.timeout)
         if "median_s" not in r:
-            progress(f"{kind} P={p} {label}={n}: failed {r.get('error', '')}")
+            progress(f"{kind} P={p} {spec.column}={n}: failed {r.get('error', '')}")
             continue
         # The scaling rows may be from another commit.
-        r.update(case=[p, n], measured=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), git_commit=commit)
+        r.update(measured=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), git_commit=commit)
         results.append(r)
-        ours, theirs = (r["median_s"][name] * scale for name in ("ulysses", "deepspeed-ulysses"))
-        progress(f"{kind} P={p} {label}={n:>6}: ulysses {ours:.1f} {unit}, deepspeed-ulysses {theirs:.1f} {unit} "
-                 f"(deepspeed/ours {r['deepspeed_time_over_ours']:.2f}x, median of {rounds} rounds)")
+        ours, theirs = (r["median_s"][name] * spec.scale for name in ("ulysses", "deepspeed-ulysses"))
+        progress(f"{kind} P={p} {spec.column}={n:>6}: ulysses {ours:.1f} {spec.unit}, deepspeed-ulysses "
+                 f"{theirs:.1f} {spec.unit} (deepspeed/ours {r['deepspeed_time_over_ours']:.2f}x, "
+                 f"median of {rounds} rounds)")
     path = out_dir / f"{stem}.json"
     data = json.loads(path.read_text()) if path.exists() else {
         "machine": {**machine_info(), "budget_bytes_per_process": BUDGET, "fits": {}, "scaling_vs_one_process": {}},
         "results": []}
 
     def case(r):
-        # Entries written before ``case`` existed: the worker's number is the length (paired) or
-        # the tokens per rank (exchange).
-        return tuple(r.get("case") or (r["processes"], r.get("length", r.get("tokens_per_rank"))))
+        return r["processes"], r[spec.field]
 
     now = {case(r) for r in results}
-    kept = [r for r in data["machine"].get(key, []) if case(r) not in now]
-    data["machine"][key] = sorted(kept + results, key=case)
+    kept = [r for r in data["machine"].get(spec.key, []) if case(r) not in now]
+    data["machine"][spec.key] = sorted(kept + results, key=case)
     write_rows(data["results"], data["machine"], out_dir, stem)
     write_markdown(data["results"], data["machine"], out_dir / f"{stem}.md")
     return results
@@ -424,17 +444,14 @@ def write_markdown(rows, meta, path: Path) -> Path:
     for key, f in meta["fits"].items():
         ratio = meta["scaling_vs_one_process"].get(key)
         lines.append(f"| {key} | {f['predicted_max_tokens']:,.0f} | {'' if ratio is None else f'{ratio:.2f}x'} |")
-    if meta.get("paired_timing"):
-        lines += ["", "| P | S | ulysses (ds4sci) | deepspeed-ulysses | deepspeed / ours |", "|---|---|---|---|---|"]
-        for r in meta["paired_timing"]:
-            lines.append(f"| {r['processes']} | {r['length']:,} | {r['median_s']['ulysses']:.1f} s "
-                         f"| {r['median_s']['deepspeed-ulysses']:.1f} s | {r['deepspeed_time_over_ours']:.2f}x |")
-    if meta.get("exchange_timing"):
-        lines += ["", "| P | tokens per rank | Ulysses layer alone (ds4sci) | deepspeed-ulysses | deepspeed / ours |",
-                  "|---|---|---|---|---|"]
-        for r in meta["exchange_timing"]:
-            lines.append(f"| {r['processes']} | {r['tokens_per_rank']:,} | {r['median_s']['ulysses'] * 1e3:.1f} ms "
-                         f"| {r['median_s']['deepspeed-ulysses'] * 1e3:.1f} ms | {r['deepspeed_time_over_ours']:.2f}x |")
+    for spec in TIMINGS.values():
+        if not meta.get(spec.key):
+            continue
+        lines += ["", f"| P | {spec.column} | {spec.ours} | deepspeed-ulysses | deepspeed / ours |", "|---|---|---|---|---|"]
+        for r in meta[spec.key]:
+            ours, theirs = (r["median_s"][name] * spec.scale for name in ("ulysses", "deepspeed-ulysses"))
+            lines.append(f"| {r['processes']} | {r[spec.field]:,} | {ours:.1f} {spec.unit} | {theirs:.1f} {spec.unit} "
+                         f"| {r['deepspeed_time_over_ours']:.2f}x |")
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -503,13 +520,10 @@ def main(argv=None) -> int:
         os._exit(0)
     preset_name = "genslm-tiny" if args.quick else "genslm-25m"
     stem = "parallel_scaling_quick" if args.quick else STEM
-    if args.exchange:
-        cases = [c for c in (((2, 256), (4, 256)) if args.quick else EXCHANGE_CASES) if c[0] in args.processes]
-        run_timing("exchange", cases, preset_name, args.out, stem, args.rounds)
-        return 0
-    if args.paired:
-        cases = [c for c in (((2, 1024), (4, 2048)) if args.quick else PAIRED_CASES) if c[0] in args.processes]
-        run_timing("paired", cases, preset_name, args.out, stem, args.rounds)
+    if kind := "exchange" if args.exchange else "paired" if args.paired else None:
+        spec = TIMINGS[kind]
+        cases = [c for c in (spec.quick_cases if args.quick else spec.cases) if c[0] in args.processes]
+        run_timing(kind, cases, preset_name, args.out, stem, args.rounds)
         return 0
     run(args.contenders, args.processes, QUICK_LENGTHS if args.quick else LENGTHS, preset_name, args.out,
         stem, update=args.update)
