@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ds4sci.models.genslm import GenSLM, GenSLMConfig, from_hf, preset, to_hf
+from ds4sci.models.genslm import GenSLM, GenSLMConfig, from_hf, init_parameters, preset, to_hf
 from ds4sci.models.genslm.interop import state_dict_from_hf
 
 TINY = preset("genslm-tiny")
@@ -214,3 +214,53 @@ def test_attention_keeps_no_reference_to_what_a_releasing_core_drops(grad):
     with torch.set_grad_enabled(grad):
         model(_ids())
     assert seen == [[False, False, False]]
+
+
+def _materialised(module, seed):
+    module.to_empty(device="cpu")
+    init_parameters(module, seed)
+    return dict(module.named_parameters())
+
+
+def test_initial_weights_are_a_function_of_seed_and_name():
+    """A model built on the meta device and filled later, or a pipeline stage of it alone, gets
+    exactly the weights of a model built whole: what sharded ranks rely on."""
+    from ds4sci.parallel.pipeline import GenSLMStage
+
+    config = TINY.replace(num_hidden_layers=3)
+    whole = dict(GenSLM(config, seed=3).named_parameters())
+    with torch.device("meta"):
+        late = GenSLM(config)
+    assert late.embed_in.weight.is_meta
+    assert _materialised(late, 3).keys() == whole.keys()
+    for name, value in _materialised(late, 3).items():
+        assert torch.equal(value, whole[name]), name
+    with torch.device("meta"):
+        stage = GenSLMStage(GenSLM(config), range(1, 3), is_first=False, is_last=True)
+    stage_params = _materialised(stage, 3)
+    assert "layers.2.mlp.dense_h_to_4h.weight" in stage_params and "embed_in.weight" not in stage_params
+    for name, value in stage_params.items():
+        assert torch.equal(value, whole[name]), name
+
+    other = dict(GenSLM(config, seed=4).named_parameters())
+    for name, value in whole.items():
+        if name.endswith("bias"):
+            assert not value.any(), name
+        elif "layernorm" in name or "layer_norm" in name:
+            assert torch.equal(value, torch.ones_like(value)), name
+        else:  # a random weight: another seed draws other values; weights differ from each other
+            assert not torch.equal(value, other[name]), name
+    qkv = whole["layers.0.attention.query_key_value.weight"]
+    assert not torch.equal(qkv[:64], whole["layers.1.attention.query_key_value.weight"][:64])
+    assert qkv.std().item() == pytest.approx(config.initializer_range, rel=0.05)
+    torch.manual_seed(5)
+    a = GenSLM(config)
+    torch.manual_seed(5)  # no seed given: drawn from torch's global generator
+    assert torch.equal(a.embed_out.weight, GenSLM(config).embed_out.weight)
+
+
+def test_init_parameters_names_a_parameter_it_has_no_rule_for():
+    model = GenSLM(TINY, seed=0)
+    model.layers[0].attention.gate = torch.nn.Conv1d(2, 2, 1)
+    with pytest.raises(TypeError, match=r"layers\.0\.attention\.gate\.weight \(a parameter of Conv1d\)"):
+        init_parameters(model, 0)

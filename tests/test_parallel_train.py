@@ -131,6 +131,45 @@ def test_four_ranks_equal_one_process(tmp_path, layout):
     _compare(ref, run_distributed(_distributed, 4, str(tmp_path / "dist"), layout))
 
 
+def _initial_state(rank, world_size, out, extra):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from ds4sci.models.genslm import GenSLM
+    from ds4sci.train.distributed import DistributedTrainer
+
+    def whole_model_built(model, seed=None):  # what every rank did before meta-device init
+        raise AssertionError("a rank built and initialised a whole GenSLM")
+
+    GenSLM.reset_parameters = whole_model_built  # this forked rank's copy of the class only
+    trainer = DistributedTrainer(_cfg(out, *extra))
+    module = trainer._trained_module()
+    held = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in module.parameters())
+    assert not any(p.is_meta for p in trainer.model.parameters())
+    full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
+    return held, {k: v.clone() for k, v in full.items()}
+
+
+@pytest.mark.parametrize("world_size, layout", [
+    pytest.param(2, ["parallel.dp=2"], id="fsdp2"),
+    pytest.param(2, ["parallel.pp=2"], id="pp2"),
+    pytest.param(4, ["parallel.tp=2", "parallel.dp=2"], id="tp2-fsdp2", marks=pytest.mark.slow),
+])
+def test_ranks_hold_only_their_shards_of_the_one_process_weights(tmp_path, world_size, layout):
+    """The model is built on the meta device and each rank fills its own shards: the weights,
+    gathered, are exactly those one process starts from, and no rank holds much more than
+    its share (whole-model copies would be world_size times that)."""
+    single = Trainer(_cfg(tmp_path / "single"))
+    ref = {k: v.detach().clone() for k, v in single.model.state_dict().items()}
+    results = run_distributed(_initial_state, world_size, str(tmp_path / "dist"), layout)
+    weights = {}
+    for held, full in results:
+        assert held < 0.6 * single.num_parameters * 2 / world_size, (held, single.num_parameters)
+        weights.update(full)
+    assert weights.keys() == ref.keys()
+    for name, value in ref.items():
+        assert torch.equal(weights[name], value), name
+
+
 @pytest.mark.parametrize("layout", [
     pytest.param(["parallel.sp=2"], id="ulysses2"),
     pytest.param(["parallel.pp=2"], id="pp2"),

@@ -180,7 +180,9 @@ def build_pipeline(model: GenSLM, pp_mesh: DeviceMesh, *, batch_size: int, seq_l
     is built, to apply tensor parallelism and/or FSDP to it (in that order), e.g.
     ``lambda m: apply_fsdp(apply_tensor_parallel(m, tp_mesh), dp_mesh)``.
     The returned stage module shares parameters with ``model``: only its parameters are used on
-    this rank (give them to the optimizer; the rest of ``model`` may be freed).
+    this rank (give them to the optimizer; the rest of ``model`` may be freed). A ``model`` built
+    on the meta device leaves the stage there: make it real before the first step with
+    ``module.to_empty(device=...)`` and ``models.genslm.init_parameters(module, seed)``.
     """
     if pp_mesh.ndim != 1:
         raise ValueError(f"build_pipeline: pp_mesh has {pp_mesh.ndim} dims "
@@ -201,7 +203,9 @@ def build_pipeline(model: GenSLM, pp_mesh: DeviceMesh, *, batch_size: int, seq_l
         device = (torch.device(pp_mesh.device_type, torch.cuda.current_device())
                   if pp_mesh.device_type == "cuda" else torch.device(pp_mesh.device_type))
     module = GenSLMStage(model, ranges[stage_index], is_first=stage_index == 0,
-                         is_last=stage_index == pp - 1).to(device)
+                         is_last=stage_index == pp - 1)
+    if not any(p.is_meta for p in module.parameters()):
+        module = module.to(device)
     if parallelize_stage is not None:
         parallelize_stage(module)
     stage = PipelineStage(module, stage_index, pp, torch.device(device), group=pp_mesh.get_group())

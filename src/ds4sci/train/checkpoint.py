@@ -200,7 +200,9 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
         from ..models.genslm import GenSLM, GenSLMConfig
 
         state = torch.load(path / FILES[1], map_location="cpu", weights_only=True)
-        model_state = GenSLM(GenSLMConfig.from_dict(dict(state["config"]["model_config"]))).state_dict()
+        with torch.device("meta"):  # storage to load into; its values come from the shards
+            model = GenSLM(GenSLMConfig.from_dict(dict(state["config"]["model_config"])))
+        model_state = model.to_empty(device="cpu").state_dict()
         load_distributed_app_state(path, {"model": model_state})
         return model_state, state
     model_state = load_file(path / FILES[0])

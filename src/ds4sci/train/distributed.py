@@ -23,8 +23,12 @@ job with an error instead of a hang. The config is compared across ranks at star
 the differing keys). ``DS4SCI_FAULT=<rank>:<step>:raise|exit`` makes one rank fail on purpose
 at the start of that step (used by the tests of this behaviour).
 
-Limits: every rank builds the whole model before it is sharded (no meta-device initialisation
-yet), and ``out_dir`` must be one filesystem all ranks see (rank 0 writes the token files and
+Memory at start: the model is built on the meta device (no storage), sharded, and only then
+made real, each rank filling its own shards (``models.genslm.init_parameters``: every weight is
+a function of the seed and its name, so the values equal one process's). A rank never holds the
+whole model, only its shards plus one whole weight at a time.
+
+Limits: ``out_dir`` must be one filesystem all ranks see (rank 0 writes the token files and
 publishes checkpoints the others wrote shards into).
 """
 
@@ -40,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from ..data.dataset import collate
+from ..models.genslm import GenSLM, GenSLMConfig, init_parameters
 from ..models.genslm.model import IGNORE_INDEX
 from ..models.genslm.parallelize import (
     check_layout,
@@ -155,7 +160,19 @@ class DistributedTrainer(Trainer):
     def _barrier(self) -> None:
         dist.barrier()
 
+    def _build_model(self, config: GenSLMConfig) -> GenSLM:
+        # Without storage: _parallelize shards it, then each rank makes and fills its shards only.
+        with torch.device("meta"):
+            return GenSLM(config)
+
     def _parallelize(self) -> None:
+        p = self.cfg.parallel
+        self._shard()
+        # Offloaded shards live in host memory (FSDP2 copies them to the device per layer).
+        self._trained_module().to_empty(device="cpu" if p.fsdp_cpu_offload else self.device)
+        init_parameters(self._trained_module(), self.cfg.seed)
+
+    def _shard(self) -> None:
         p = self.cfg.parallel
         fsdp = dict(cpu_offload=p.fsdp_cpu_offload, reshard_after_forward=p.fsdp_reshard_after_forward,
                     param_dtype=torch.bfloat16 if p.fsdp_param_dtype == "bf16" else None)
@@ -314,10 +331,11 @@ class DistributedTrainer(Trainer):
         optimizer to name the optimizer state by parameter, then scattered to this layout."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-        from ..models.genslm import GenSLM
         from .trainer import _optimizer, load_plain_state
 
-        plain = GenSLM(self.model.config)
+        with torch.device("meta"):  # its values come from the checkpoint
+            plain = GenSLM(self.model.config)
+        plain.to_empty(device="cpu")
         plain_optimizer = _optimizer(plain, self.cfg)
         load_plain_state(ckpt, plain, plain_optimizer, model_state, optim_state)
         full_model, full_optim = get_state_dict(plain, plain_optimizer)

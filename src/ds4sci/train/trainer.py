@@ -22,7 +22,7 @@ from ..data.corpus import default_records
 from ..data.dataset import TokenDataset, build_token_dir, collate
 from ..data.fasta import read_fasta
 from ..data.tokenizer import CodonTokenizer
-from ..models.genslm import GenSLM
+from ..models.genslm import GenSLM, GenSLMConfig
 from .checkpoint import (
     CheckpointError,
     is_distributed_checkpoint,
@@ -199,7 +199,7 @@ class Trainer:
         model_config = cfg.model_config()
         if model_config.vocab_size < len(self.tokenizer):
             raise ValueError(f"model vocab_size={model_config.vocab_size} < tokenizer's {len(self.tokenizer)}")
-        self.model = GenSLM(model_config).to(self.device)
+        self.model = self._build_model(model_config)
         self.num_parameters = self.model.num_parameters()
         """Of the whole model (a pipeline stage holds only some)."""
         self._parallelize()
@@ -223,6 +223,11 @@ class Trainer:
 
     def _barrier(self) -> None:
         """Wait for every rank (nothing to wait for in one process)."""
+
+    def _build_model(self, config: GenSLMConfig) -> GenSLM:
+        """The whole model, initialised from ``cfg.seed`` (one process: on its device)."""
+        with torch.device(self.device):
+            return GenSLM(config, seed=self.cfg.seed)
 
     def _parallelize(self) -> None:
         """Spread ``self.model`` over ranks (nothing to do in one process)."""

@@ -26,8 +26,9 @@ def load_model(path: str | Path) -> tuple[GenSLM, CodonTokenizer]:
     if ckpt is None:
         raise FileNotFoundError(f"{path}: no checkpoint found")
     model_state, state = load_checkpoint(ckpt)
-    model = GenSLM(GenSLMConfig.from_dict(dict(state["config"]["model_config"])))
-    model.load_state_dict(model_state)
+    with torch.device("meta"):  # no storage of its own: it takes the checkpoint's tensors
+        model = GenSLM(GenSLMConfig.from_dict(dict(state["config"]["model_config"])))
+    model.load_state_dict(model_state, assign=True)
     vocab = state["config"]["train"]["data"]["vocab"]
     return model.eval(), CodonTokenizer(vocab)
 

@@ -15,12 +15,14 @@ Legend: ``B`` batch, ``S`` sequence, ``E`` hidden size, ``H`` heads, ``D`` head 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from .config import GenSLMConfig
@@ -265,7 +267,9 @@ class CausalLMOutput:
 class GenSLM(nn.Module):
     """GPT-NeoX causal language model over codons."""
 
-    def __init__(self, config: GenSLMConfig):
+    def __init__(self, config: GenSLMConfig, *, seed: int | None = None):
+        """Built and initialised (see :meth:`reset_parameters`); under ``torch.device("meta")``
+        built without storage or values, for :func:`init_parameters` after sharding."""
         super().__init__()
         self.config = config
         self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -273,18 +277,16 @@ class GenSLM(nn.Module):
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config.rotary_dims, config.rotary_emb_base)
-        self.reset_parameters()
+        if not self.embed_in.weight.is_meta:
+            self.reset_parameters(seed)
 
-    def reset_parameters(self):
-        std = self.config.initializer_range
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """GPT-NeoX's initialisation, each parameter's value a function of ``seed`` and its name
+        only (:func:`init_parameters`). ``seed=None`` draws one from torch's global CPU generator,
+        so ``torch.manual_seed(s); GenSLM(config)`` is reproducible."""
+        if seed is None:
+            seed = int(torch.randint(2**62, (), device="cpu"))
+        init_parameters(self, seed)
 
     def hidden_states(self, input_ids: torch.Tensor, position_offset: int = 0,
                       positions: torch.Tensor | None = None, final_norm: bool = True) -> torch.Tensor:
@@ -364,3 +366,40 @@ class GenSLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+@torch.no_grad()
+def init_parameters(module: nn.Module, seed: int) -> None:
+    """Set every parameter of ``module`` to its initial value: linear and embedding weights
+    ``N(0, config.initializer_range)``, biases 0, layer-norm weights 1 (GPT-NeoX's scheme).
+
+    ``module``: a ``GenSLM`` or a pipeline ``GenSLMStage`` (parameter names of the whole model),
+    plain or sharded (FSDP2, tensor parallel: DTensor parameters), on any device. A weight's
+    values come from a CPU generator seeded with ``(seed, its name)``, drawn whole on every rank
+    that holds a shard of it; the rank keeps its shard. So a model built on the meta device,
+    sharded, then ``to_empty``-ed and initialised here on each rank holds exactly the weights one
+    process would build, and each rank never holds more than its shards plus one whole weight.
+    """
+    std = module.config.initializer_range
+    for module_name, sub in module.named_modules():
+        for param_name, p in sub.named_parameters(recurse=False):
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            if param_name == "bias":
+                fill = 0.0
+            elif isinstance(sub, nn.LayerNorm):
+                fill = 1.0
+            elif isinstance(sub, (nn.Linear, nn.Embedding)):
+                fill = None
+            else:
+                raise TypeError(f"init_parameters: no initialisation rule for {name} "
+                                f"(a parameter of {type(sub).__name__})")
+            local = p.to_local() if isinstance(p, DTensor) else p
+            if fill is not None:
+                local.fill_(fill)
+                continue
+            digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+            generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+            full = torch.empty(p.shape, device="cpu").normal_(0.0, std, generator=generator).to(p.dtype)
+            if isinstance(p, DTensor):  # this rank's shard only (no communication)
+                full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+            local.copy_(full)
