@@ -55,6 +55,39 @@ def test_bf16_autocast_trains_like_fp32(tmp_path):
         assert abs(a["loss"] - b["loss"]) < 0.05
 
 
+def test_init_from_a_run_or_an_hf_directory_starts_from_its_weights(tmp_path):
+    """Fine-tuning: a new run starts from another run's (or a saved HF model's) weights, with a
+    fresh optimizer and schedule; mismatched models and tokenizers are refused up front."""
+    base = Trainer(_cfg(tmp_path / "base", "optim.max_steps=2"))
+    base.fit()
+    trained = {k: v.clone() for k, v in base.model.state_dict().items()}
+    tuned = Trainer(_cfg(tmp_path / "tuned", "optim.max_steps=2", f"init_from={tmp_path / 'base'}"))
+    assert tuned.step == 0 and not tuned.optimizer.state
+    for name, value in tuned.model.state_dict().items():
+        assert torch.equal(value, trained[name]), name
+    fresh = Trainer(_cfg(tmp_path / "fresh", "optim.max_steps=2"))
+    assert not torch.equal(fresh.model.embed_in.weight, trained["embed_in.weight"])
+
+    pytest.importorskip("transformers")
+    from ds4sci.models.genslm import to_hf
+
+    to_hf(base.model).save_pretrained(tmp_path / "hf")
+    from_hf = Trainer(_cfg(tmp_path / "from_hf", "optim.max_steps=1", f"init_from={tmp_path / 'hf'}"))
+    for name, value in from_hf.model.state_dict().items():
+        assert torch.equal(value, trained[name]), name
+    from_hf.fit()  # and it trains
+
+    with pytest.raises(ValueError, match=r"its model differs from this run's in \{'hidden_size': \(32, 64\)"):
+        Trainer(_cfg(tmp_path / "wide", "model.hidden_size=64", f"init_from={tmp_path / 'base'}"))
+    v71 = ["data.vocab=genslm-71", "model.vocab_size=71"]
+    Trainer(_cfg(tmp_path / "v71", "optim.max_steps=1", *v71)).fit()
+    with pytest.raises(ValueError, match="trained with data.vocab='genslm-71', this run uses 'genslm-69'"):
+        Trainer(_cfg(tmp_path / "v69", "model.vocab_size=71",
+                     f"init_from={latest_checkpoint(tmp_path / 'v71')}"))  # a checkpoint directory
+    with pytest.raises(FileNotFoundError, match="init_from='/nonexistent/run': no such file"):
+        Trainer(_cfg(tmp_path / "none", "init_from=/nonexistent/run"))
+
+
 def test_fresh_run_refuses_to_clobber_checkpoints(tmp_path):
     Trainer(_cfg(tmp_path, "optim.max_steps=2")).fit()
     with pytest.raises(ValueError, match="already holds a run's checkpoints; pass --resume"):

@@ -171,6 +171,24 @@ def test_ranks_hold_only_their_shards_of_the_one_process_weights(tmp_path, world
 
 
 @pytest.mark.parametrize("layout", [
+    pytest.param(["parallel.dp=2"], id="fsdp2"),
+    pytest.param(["parallel.tp=2"], id="tp2"),
+    pytest.param(["parallel.pp=2"], id="pp2"),
+])
+def test_init_from_a_run_loads_its_weights_into_every_layout(tmp_path, layout):
+    base = Trainer(_cfg(tmp_path / "base", "optim.max_steps=1"))
+    base.fit()
+    trained = {k: v.detach().clone() for k, v in base.model.state_dict().items()}
+    results = run_distributed(_initial_state, 2, str(tmp_path / "dist"), [*layout, f"init_from={tmp_path / 'base'}"])
+    weights = {}
+    for _, full in results:
+        weights.update(full)
+    assert weights.keys() == trained.keys()
+    for name, value in trained.items():
+        assert torch.equal(weights[name], value), name
+
+
+@pytest.mark.parametrize("layout", [
     pytest.param(["parallel.sp=2"], id="ulysses2"),
     pytest.param(["parallel.pp=2"], id="pp2"),
     pytest.param(["parallel.dp=2", "parallel.fsdp_param_dtype=bf16"], id="fsdp2-bf16-params"),

@@ -151,6 +151,11 @@ class TrainConfig:
     """fp32, or bf16 (autocast; parameters and optimizer state stay fp32)."""
     seed: int = 0
     """Seed of initialisation and data order."""
+    init_from: str | None = None
+    """Start from these weights instead of random ones (fine-tuning): a ds4sci run or checkpoint
+    directory, or a saved HF GPT-NeoX directory (GenSLM's released models). Its architecture and
+    tokenizer must be the model's; optimizer, schedule and data position start fresh (unlike
+    ``--resume``, which continues a run and ignores this)."""
     out_dir: str = "runs/genslm"
     """Run directory: checkpoints, metrics.jsonl, loss_curve.png, token files."""
     eval_every: int = 20

@@ -203,6 +203,8 @@ class Trainer:
         self.num_parameters = self.model.num_parameters()
         """Of the whole model (a pipeline stage holds only some)."""
         self._parallelize()
+        if cfg.init_from is not None and not resume:
+            self._init_from(cfg.init_from)
         self.optimizer = _optimizer(self._trained_module(), cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.sampler = RecordSampler(len(self.train_data), cfg.seed)
@@ -235,6 +237,10 @@ class Trainer:
     def _trained_module(self) -> torch.nn.Module:
         """The module whose parameters this process optimizes (a pipeline stage under pp)."""
         return self.model
+
+    def _load_weights(self, model_state: dict) -> None:
+        """Whole-model weights (our names) into the model."""
+        self.model.load_state_dict(model_state)
 
     def _micro_batches(self) -> tuple[list, int]:
         """The step's micro-batches ``[(ids, labels)]`` for this process and the step's number of
@@ -283,6 +289,23 @@ class Trainer:
                     if line and json.loads(line)["step"] <= self.step]
             self.metrics_path.write_text("".join(r + "\n" for r in rows))
         self._barrier()
+
+    def _init_from(self, path: str) -> None:
+        """The weights of ``cfg.init_from``, after checking they fit this model and tokenizer."""
+        from ..models.genslm.inference import load_weights
+
+        if not Path(path).exists():
+            raise FileNotFoundError(f"init_from={path!r}: no such file or directory; expected a ds4sci "
+                                    f"run or checkpoint directory or a saved HF GPT-NeoX directory")
+        model_state, config, vocab = load_weights(path)
+        changes = config.architecture_changes(self.model.config)
+        if changes:
+            raise ValueError(f"init_from={path!r}: its model differs from this run's in {changes} (theirs, "
+                             f"ours); choose the matching preset (model=...) or --model.<field>=... overrides")
+        if vocab is not None and vocab != self.cfg.data.vocab:
+            raise ValueError(f"init_from={path!r} was trained with data.vocab={vocab!r}, this run uses "
+                             f"{self.cfg.data.vocab!r}: token ids would not mean the same codons")
+        self._load_weights(model_state)
 
     def _check_resumable(self, ckpt: Path, state: dict) -> None:
         saved, now = _flat(state["config"]["train"]), _flat(self.cfg.to_dict())

@@ -6,6 +6,11 @@ from dataclasses import asdict, dataclass, fields, replace
 
 _ACTIVATIONS = ("gelu", "gelu_fast", "gelu_new", "relu")
 _CHECKPOINTING = ("none", "full", "selective")
+# The fields that decide the weights' shapes and the function they compute (not memory options,
+# the init scale or HF bookkeeping).
+_ARCHITECTURE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "intermediate_size", "rotary_pct", "rotary_emb_base", "layer_norm_eps", "hidden_act",
+                 "use_parallel_residual")
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,12 @@ class GenSLMConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def architecture_changes(self, other: "GenSLMConfig") -> dict:
+        """``{field: (self's, other's)}`` for the architecture fields that differ: weights of one
+        run on the other only if this is empty."""
+        return {name: (getattr(self, name), getattr(other, name)) for name in _ARCHITECTURE
+                if getattr(self, name) != getattr(other, name)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "GenSLMConfig":

@@ -12,25 +12,34 @@ from .config import GenSLMConfig
 from .model import GenSLM
 
 
-def load_model(path: str | Path) -> tuple[GenSLM, CodonTokenizer]:
-    """A model from a run directory (its latest checkpoint), a checkpoint directory, or a saved
-    HF GPT-NeoX directory; with the tokenizer it was trained with (GenSLM's 69 otherwise)."""
+def load_weights(path: str | Path) -> tuple[dict, GenSLMConfig, str | None]:
+    """``(state_dict, config, vocab)`` from a run directory (its latest checkpoint), a checkpoint
+    directory, or a saved HF GPT-NeoX directory; ``vocab`` is the tokenizer the run trained with
+    (``data.vocab``), None for HF models (GenSLM's 69 tokens)."""
     from ...train.checkpoint import latest_checkpoint, load_checkpoint
 
     path = Path(path)
     if (path / "config.json").is_file():
         from .interop import from_hf
 
-        return from_hf(path).float().eval(), CodonTokenizer()  # GenSLM ships fp16 weights
+        model = from_hf(path).float()  # GenSLM ships fp16 weights
+        return model.state_dict(), model.config, None
     ckpt = latest_checkpoint(path) if (path / "checkpoints").is_dir() else path
     if ckpt is None:
         raise FileNotFoundError(f"{path}: no checkpoint found")
     model_state, state = load_checkpoint(ckpt)
-    with torch.device("meta"):  # no storage of its own: it takes the checkpoint's tensors
-        model = GenSLM(GenSLMConfig.from_dict(dict(state["config"]["model_config"])))
+    config = GenSLMConfig.from_dict(dict(state["config"]["model_config"]))
+    return model_state, config, state["config"]["train"]["data"]["vocab"]
+
+
+def load_model(path: str | Path) -> tuple[GenSLM, CodonTokenizer]:
+    """A model from a run directory (its latest checkpoint), a checkpoint directory, or a saved
+    HF GPT-NeoX directory; with the tokenizer it was trained with (GenSLM's 69 otherwise)."""
+    model_state, config, vocab = load_weights(path)
+    with torch.device("meta"):  # no storage of its own: it takes the loaded tensors
+        model = GenSLM(config)
     model.load_state_dict(model_state, assign=True)
-    vocab = state["config"]["train"]["data"]["vocab"]
-    return model.eval(), CodonTokenizer(vocab)
+    return model.eval(), CodonTokenizer(vocab) if vocab is not None else CodonTokenizer()
 
 
 @torch.no_grad()
