@@ -16,6 +16,7 @@ Legend: ``B`` batch, ``S`` sequence, ``E`` hidden size, ``H`` heads, ``D`` head 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -368,6 +369,12 @@ class GenSLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+# Every rank holds the same whole weight, so each may slice its shard itself (torch >= 2.7);
+# older torch scatters rank 0's copy instead: the same values, one collective per weight.
+_SLICE_LOCALLY = ({"src_data_rank": None}
+                  if "src_data_rank" in inspect.signature(distribute_tensor).parameters else {})
+
+
 @torch.no_grad()
 def init_parameters(module: nn.Module, seed: int) -> None:
     """Set every parameter of ``module`` to its initial value: linear and embedding weights
@@ -400,6 +407,6 @@ def init_parameters(module: nn.Module, seed: int) -> None:
             digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
             generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
             full = torch.empty(p.shape, device="cpu").normal_(0.0, std, generator=generator).to(p.dtype)
-            if isinstance(p, DTensor):  # this rank's shard only (no communication)
-                full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+            if isinstance(p, DTensor):  # this rank's shard only
+                full = distribute_tensor(full, p.device_mesh, p.placements, **_SLICE_LOCALLY).to_local()
             local.copy_(full)
