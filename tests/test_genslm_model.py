@@ -232,8 +232,11 @@ def test_initial_weights_are_a_function_of_seed_and_name():
     with torch.device("meta"):
         late = GenSLM(config)
     assert late.embed_in.weight.is_meta
-    assert _materialised(late, 3).keys() == whole.keys()
-    for name, value in _materialised(late, 3).items():
+    with pytest.raises(ValueError, match="seed=3 with no values to set"), torch.device("meta"):
+        GenSLM(config, seed=3)
+    late_params = _materialised(late, 3)
+    assert late_params.keys() == whole.keys()
+    for name, value in late_params.items():
         assert torch.equal(value, whole[name]), name
     with torch.device("meta"):
         stage = GenSLMStage(GenSLM(config), range(1, 3), is_first=False, is_last=True)

@@ -65,6 +65,7 @@ def test_init_from_a_run_or_an_hf_directory_starts_from_its_weights(tmp_path):
     assert tuned.step == 0 and not tuned.optimizer.state
     for name, value in tuned.model.state_dict().items():
         assert torch.equal(value, trained[name]), name
+    tuned.fit()
     fresh = Trainer(_cfg(tmp_path / "fresh", "optim.max_steps=2"))
     assert not torch.equal(fresh.model.embed_in.weight, trained["embed_in.weight"])
 
@@ -81,11 +82,16 @@ def test_init_from_a_run_or_an_hf_directory_starts_from_its_weights(tmp_path):
         Trainer(_cfg(tmp_path / "wide", "model.hidden_size=64", f"init_from={tmp_path / 'base'}"))
     v71 = ["data.vocab=genslm-71", "model.vocab_size=71"]
     Trainer(_cfg(tmp_path / "v71", "optim.max_steps=1", *v71)).fit()
-    with pytest.raises(ValueError, match="trained with data.vocab='genslm-71', this run uses 'genslm-69'"):
+    with pytest.raises(ValueError, match="trained with the tokenizer 'genslm-71', this run uses data.vocab='genslm-69'"):
         Trainer(_cfg(tmp_path / "v69", "model.vocab_size=71",
                      f"init_from={latest_checkpoint(tmp_path / 'v71')}"))  # a checkpoint directory
     with pytest.raises(FileNotFoundError, match="init_from='/nonexistent/run': no such file"):
         Trainer(_cfg(tmp_path / "none", "init_from=/nonexistent/run"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=f"init_from='{tmp_path / 'empty'}': .*not a ds4sci checkpoint"):
+        Trainer(_cfg(tmp_path / "from_empty", f"init_from={tmp_path / 'empty'}"))
+    # A run started from weights resumes whatever init_from now says (the checkpoint decides).
+    Trainer(_cfg(tmp_path / "tuned", "optim.max_steps=3"), resume=True).fit()
 
 
 def test_fresh_run_refuses_to_clobber_checkpoints(tmp_path):

@@ -9,6 +9,7 @@ mismatch across ranks, and a failing rank ending a ``torchrun`` job with an erro
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -149,18 +150,27 @@ def _initial_state(rank, world_size, out, extra):
     return held, {k: v.clone() for k, v in full.items()}
 
 
-@pytest.mark.parametrize("world_size, layout", [
-    pytest.param(2, ["parallel.dp=2"], id="fsdp2"),
-    pytest.param(2, ["parallel.pp=2"], id="pp2"),
-    pytest.param(4, ["parallel.tp=2", "parallel.dp=2"], id="tp2-fsdp2", marks=pytest.mark.slow),
+def _initial_state_scattered(rank, world_size, out, extra):
+    """As on torch < 2.7: shards scattered from rank 0's copy, not sliced by each rank."""
+    from ds4sci.models.genslm import model
+
+    model._SLICE_LOCALLY = {}
+    return _initial_state(rank, world_size, out, extra)
+
+
+@pytest.mark.parametrize("world_size, layout, fn", [
+    pytest.param(2, ["parallel.dp=2"], _initial_state, id="fsdp2"),
+    pytest.param(2, ["parallel.dp=2"], _initial_state_scattered, id="fsdp2-scattered"),
+    pytest.param(2, ["parallel.pp=2"], _initial_state, id="pp2"),
+    pytest.param(4, ["parallel.tp=2", "parallel.dp=2"], _initial_state, id="tp2-fsdp2", marks=pytest.mark.slow),
 ])
-def test_ranks_hold_only_their_shards_of_the_one_process_weights(tmp_path, world_size, layout):
+def test_ranks_hold_only_their_shards_of_the_one_process_weights(tmp_path, world_size, layout, fn):
     """The model is built on the meta device and each rank fills its own shards: the weights,
     gathered, are exactly those one process starts from, and no rank holds much more than
     its share (whole-model copies would be world_size times that)."""
     single = Trainer(_cfg(tmp_path / "single"))
     ref = {k: v.detach().clone() for k, v in single.model.state_dict().items()}
-    results = run_distributed(_initial_state, world_size, str(tmp_path / "dist"), layout)
+    results = run_distributed(fn, world_size, str(tmp_path / "dist"), layout)
     weights = {}
     for held, full in results:
         assert held < 0.6 * single.num_parameters * 2 / world_size, (held, single.num_parameters)
@@ -179,7 +189,13 @@ def test_init_from_a_run_loads_its_weights_into_every_layout(tmp_path, layout):
     base = Trainer(_cfg(tmp_path / "base", "optim.max_steps=1"))
     base.fit()
     trained = {k: v.detach().clone() for k, v in base.model.state_dict().items()}
-    results = run_distributed(_initial_state, 2, str(tmp_path / "dist"), [*layout, f"init_from={tmp_path / 'base'}"])
+    source = tmp_path / "base"
+    if layout == ["parallel.tp=2"] and importlib.util.find_spec("transformers"):
+        from ds4sci.models.genslm import to_hf
+
+        source = tmp_path / "hf"  # a saved HF model: read without building a whole GenSLM
+        to_hf(base.model).save_pretrained(source)
+    results = run_distributed(_initial_state, 2, str(tmp_path / "dist"), [*layout, f"init_from={source}"])
     weights = {}
     for _, full in results:
         weights.update(full)
@@ -263,6 +279,8 @@ def _layout_error(rank, world_size, out, extra):
     (["parallel.tp=4"], "tp=4 does not divide world size 2"),
     (["parallel.tp=2", "model.num_attention_heads=1"], "num_attention_heads=1 is not divisible by tp=2"),
     (["parallel.dp=2", "optim.batch_size=3"], "optim.batch_size=3 is not divisible by dp=2"),
+    (["parallel.tp=2", "parallel.fsdp_cpu_offload=true"],
+     "parallel.fsdp_cpu_offload=true needs FSDP, i.e. dp x sp > 1; layout .* shards nothing"),
 ])
 def test_unsupported_layouts_are_refused_up_front(tmp_path, extra, message):
     with pytest.raises(Exception, match=message):

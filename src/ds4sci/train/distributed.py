@@ -25,8 +25,9 @@ at the start of that step (used by the tests of this behaviour).
 
 Memory at start: the model is built on the meta device (no storage), sharded, and only then
 made real, each rank filling its own shards (``models.genslm.init_parameters``: every weight is
-a function of the seed and its name, so the values equal one process's). A rank never holds the
-whole model, only its shards plus one whole weight at a time.
+a function of the seed and its name, so the values equal one process's). Initialising, a rank
+never holds the whole model, only its shards plus one whole weight at a time. (Loading whole
+weights, ``init_from`` or a single-process checkpoint, every rank reads all of them.)
 
 Limits: ``out_dir`` must be one filesystem all ranks see (rank 0 writes the token files and
 publishes checkpoints the others wrote shards into).
@@ -140,6 +141,10 @@ class DistributedTrainer(Trainer):
         if self.dims.pp_enabled and (o.batch_size // self.dims.dp) % p.pp_microbatches:
             raise ValueError(f"parallel.pp_microbatches={p.pp_microbatches} does not divide the "
                              f"per-rank batch of {o.batch_size // self.dims.dp} records")
+        if p.fsdp_cpu_offload and self.dims.dp_sp == 1:
+            raise ValueError(f"parallel.fsdp_cpu_offload=true needs FSDP, i.e. dp x sp > 1; layout "
+                             f"{self.dims.describe()} shards nothing (offload the shards of a layout with "
+                             f"dp or sp > 1, or drop the flag)")
         self.mesh = self.dims.build_mesh(self._dist_device.type)
         self.pipeline = None
         super().__init__(cfg, resume)

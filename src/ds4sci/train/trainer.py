@@ -129,7 +129,7 @@ def load_plain_state(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.
 # Settings a resumed run may change without changing its numbers (max_steps extends the run,
 # which moves the cosine schedule from then on).
 _RESUMABLE_CHANGES = {"optim.max_steps", "progress", "eval_every", "checkpoint_every",
-                      "keep_checkpoints", "out_dir", "overwrite", "device"}
+                      "keep_checkpoints", "out_dir", "overwrite", "device", "init_from"}
 
 
 def _changed_settings(saved: dict, now: dict) -> dict:
@@ -294,17 +294,22 @@ class Trainer:
         """The weights of ``cfg.init_from``, after checking they fit this model and tokenizer."""
         from ..models.genslm.inference import load_weights
 
+        expected = "expected a ds4sci run or checkpoint directory or a saved HF GPT-NeoX directory"
         if not Path(path).exists():
-            raise FileNotFoundError(f"init_from={path!r}: no such file or directory; expected a ds4sci "
-                                    f"run or checkpoint directory or a saved HF GPT-NeoX directory")
-        model_state, config, vocab = load_weights(path)
+            raise FileNotFoundError(f"init_from={path!r}: no such file or directory; {expected}")
+        try:
+            model_state, config, vocab = load_weights(path)
+        except (FileNotFoundError, CheckpointError) as err:
+            raise type(err)(f"init_from={path!r}: {err}; {expected}") from err
         changes = config.architecture_changes(self.model.config)
         if changes:
             raise ValueError(f"init_from={path!r}: its model differs from this run's in {changes} (theirs, "
                              f"ours); choose the matching preset (model=...) or --model.<field>=... overrides")
-        if vocab is not None and vocab != self.cfg.data.vocab:
-            raise ValueError(f"init_from={path!r} was trained with data.vocab={vocab!r}, this run uses "
-                             f"{self.cfg.data.vocab!r}: token ids would not mean the same codons")
+        theirs = CodonTokenizer(vocab or "genslm-69")  # HF (GenSLM) models: GenSLM's 69 tokens
+        if theirs.vocab != self.tokenizer.vocab:
+            raise ValueError(f"init_from={path!r} was trained with the tokenizer {vocab or 'genslm-69'!r}, "
+                             f"this run uses data.vocab={self.cfg.data.vocab!r}, which maps tokens to other "
+                             f"ids: the embeddings would mean other codons")
         self._load_weights(model_state)
 
     def _check_resumable(self, ckpt: Path, state: dict) -> None:

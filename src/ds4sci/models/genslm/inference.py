@@ -20,10 +20,14 @@ def load_weights(path: str | Path) -> tuple[dict, GenSLMConfig, str | None]:
 
     path = Path(path)
     if (path / "config.json").is_file():
-        from .interop import from_hf
+        from transformers import GPTNeoXForCausalLM
 
-        model = from_hf(path).float()  # GenSLM ships fp16 weights
-        return model.state_dict(), model.config, None
+        from .interop import config_from_hf, state_dict_from_hf
+
+        hf = GPTNeoXForCausalLM.from_pretrained(path)
+        # GenSLM ships fp16 weights; ours train and run in fp32.
+        state = {k: v.float() for k, v in state_dict_from_hf(hf.state_dict()).items()}
+        return state, config_from_hf(hf.config), None
     ckpt = latest_checkpoint(path) if (path / "checkpoints").is_dir() else path
     if ckpt is None:
         raise FileNotFoundError(f"{path}: no checkpoint found")

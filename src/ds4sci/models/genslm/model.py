@@ -280,6 +280,9 @@ class GenSLM(nn.Module):
         self.rotary = RotaryEmbedding(config.rotary_dims, config.rotary_emb_base)
         if not self.embed_in.weight.is_meta:
             self.reset_parameters(seed)
+        elif seed is not None:
+            raise ValueError(f"GenSLM: seed={seed} with no values to set (built on the meta device); "
+                             f"call init_parameters(model, seed) once the model is made real (to_empty)")
 
     def reset_parameters(self, seed: int | None = None) -> None:
         """GPT-NeoX's initialisation, each parameter's value a function of ``seed`` and its name
