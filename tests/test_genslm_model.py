@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ds4sci.models.genslm import GenSLM, GenSLMConfig, from_hf, init_parameters, preset, to_hf
+from ds4sci.models.genslm import GenSLM, GenSLMConfig, from_hf, init_parameters, load_parameters, preset, to_hf
 from ds4sci.models.genslm.interop import state_dict_from_hf
 
 TINY = preset("genslm-tiny")
@@ -267,3 +267,60 @@ def test_init_parameters_names_a_parameter_it_has_no_rule_for():
     model.layers[0].attention.gate = torch.nn.Conv1d(2, 2, 1)
     with pytest.raises(TypeError, match=r"layers\.0\.attention\.gate\.weight \(a parameter of Conv1d\)"):
         init_parameters(model, 0)
+
+
+class _Counting(dict):
+    """Whole tensors by name that records which were asked for."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.asked = []
+
+    def __getitem__(self, name):
+        self.asked.append(name)
+        return super().__getitem__(name)
+
+
+def test_load_parameters_reads_what_the_module_holds_and_checks_shapes():
+    from ds4sci.parallel.pipeline import GenSLMStage
+
+    config = TINY.replace(num_hidden_layers=3)
+    source = GenSLM(config, seed=1)
+    weights = _Counting({k: v.detach().to(torch.float16) for k, v in source.state_dict().items()})
+    with torch.device("meta"):
+        stage = GenSLMStage(GenSLM(config), range(1, 2), is_first=False, is_last=False)
+    load_parameters(stage.to_empty(device="cpu"), weights)
+    assert weights.asked == [name for name, _ in stage.named_parameters()]  # each once, this stage's only
+    for name, value in stage.named_parameters():
+        assert value.dtype == torch.float32 and torch.equal(value, weights[name].float()), name
+    with pytest.raises(KeyError, match=r"the weights have no \['layers.1.input_layernorm.weight'\]"):
+        load_parameters(stage, {k: v for k, v in weights.items() if k != "layers.1.input_layernorm.weight"})
+    bad = dict(weights, **{"layers.1.mlp.dense_4h_to_h.bias": torch.zeros(3)})
+    with pytest.raises(ValueError, match=r"weights\['layers.1.mlp.dense_4h_to_h.bias'\] has shape \(3,\); "
+                                         r"expected the parameter's \(64,\)"):
+        load_parameters(stage, bad)
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "sharded safetensors", "pytorch bin"])
+def test_hf_weights_are_read_lazily_from_every_saved_layout(tmp_path, layout):
+    pytest.importorskip("transformers")
+    from ds4sci.models.genslm.interop import hf_weights
+    from ds4sci.train.checkpoint import LazyTensors
+
+    ours = GenSLM(TINY, seed=2)
+    hf = to_hf(ours)
+    hf.save_pretrained(tmp_path, **({"max_shard_size": "100KB"} if layout == "sharded safetensors" else {}))
+    if layout == "pytorch bin":  # older transformers' format (new ones write safetensors only)
+        (tmp_path / "model.safetensors").unlink()
+        torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    weights, config = hf_weights(tmp_path)
+    assert isinstance(weights, LazyTensors) and config.architecture_changes(TINY) == {}
+    if layout == "sharded safetensors":
+        assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert set(weights) == set(ours.state_dict())
+    for name, value in ours.state_dict().items():
+        assert torch.equal(weights[name], value), name
+    if layout == "safetensors":
+        (tmp_path / "model.safetensors").unlink()
+        with pytest.raises(FileNotFoundError, match="has config.json but no model.safetensors"):
+            hf_weights(tmp_path)

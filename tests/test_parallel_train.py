@@ -9,7 +9,6 @@ mismatch across ranks, and a failing rank ending a ``torchrun`` job with an erro
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -180,22 +179,32 @@ def test_ranks_hold_only_their_shards_of_the_one_process_weights(tmp_path, world
         assert torch.equal(weights[name], value), name
 
 
-@pytest.mark.parametrize("layout", [
-    pytest.param(["parallel.dp=2"], id="fsdp2"),
-    pytest.param(["parallel.tp=2"], id="tp2"),
-    pytest.param(["parallel.pp=2"], id="pp2"),
+@pytest.mark.parametrize("layout, source", [
+    pytest.param(["parallel.dp=2"], "distributed checkpoint", id="fsdp2-from-dcp"),
+    pytest.param(["parallel.tp=2"], "hf", id="tp2-from-hf"),
+    pytest.param(["parallel.pp=2"], "run", id="pp2-from-run"),
 ])
-def test_init_from_a_run_loads_its_weights_into_every_layout(tmp_path, layout):
-    base = Trainer(_cfg(tmp_path / "base", "optim.max_steps=1"))
-    base.fit()
-    trained = {k: v.detach().clone() for k, v in base.model.state_dict().items()}
-    source = tmp_path / "base"
-    if layout == ["parallel.tp=2"] and importlib.util.find_spec("transformers"):
-        from ds4sci.models.genslm import to_hf
+def test_init_from_loads_the_weights_into_every_layout(tmp_path, layout, source):
+    """Each source kind (a single-process run, a distributed checkpoint, a saved HF model)
+    under a layout: the gathered weights equal the source's exactly."""
+    base = tmp_path / "base"
+    if source == "distributed checkpoint":
+        _, summary = run_distributed(_train_until, 2, str(base), ["parallel.dp=2", "optim.max_steps=1"],
+                                     1, False)[0]
+        trained = summary["params"]
+        base = latest_checkpoint(base)
+        assert (base / "dcp").is_dir()
+    else:
+        trainer = Trainer(_cfg(base, "optim.max_steps=1"))
+        trainer.fit()
+        trained = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        if source == "hf":
+            pytest.importorskip("transformers")
+            from ds4sci.models.genslm import to_hf
 
-        source = tmp_path / "hf"  # a saved HF model: read without building a whole GenSLM
-        to_hf(base.model).save_pretrained(source)
-    results = run_distributed(_initial_state, 2, str(tmp_path / "dist"), [*layout, f"init_from={source}"])
+            base = tmp_path / "hf"  # read without building a model
+            to_hf(trainer.model).save_pretrained(base)
+    results = run_distributed(_initial_state, 2, str(tmp_path / "dist"), [*layout, f"init_from={base}"])
     weights = {}
     for _, full in results:
         weights.update(full)

@@ -16,14 +16,17 @@ every file.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 MANIFEST = "manifest.json"
 FILES = ("model.safetensors", "state.pt")
@@ -163,9 +166,9 @@ def read_distributed_state(path: str | Path) -> dict:
     return torch.load(path / FILES[1], map_location="cpu", weights_only=True)
 
 
-def load_distributed_app_state(path: str | Path, app_state: dict) -> None:
+def load_distributed_app_state(path: str | Path, app_state: dict, alone: bool = False) -> None:
     """Fill ``app_state`` (this rank's state dicts, any layout) from ``path/dcp``; collective
-    when a process group exists, else one process loads everything."""
+    when a process group exists, else (or ``alone``) this process reads everything it asks for."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
@@ -175,7 +178,7 @@ def load_distributed_app_state(path: str | Path, app_state: dict) -> None:
         with warnings.catch_warnings():
             # one process without a process group reads every shard itself (what we mean here)
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(app_state, checkpoint_id=str(Path(path) / "dcp"), no_dist=not dist.is_initialized())
+            dcp.load(app_state, checkpoint_id=str(Path(path) / "dcp"), no_dist=alone or not dist.is_initialized())
     except Exception as err:  # DCP wraps per-rank failures; say which checkpoint did not fit
         raise CheckpointError(f"checkpoint {path} does not fit this run: {err}") from err
 
@@ -190,22 +193,76 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
-    """``(model_state, state)`` of a verified checkpoint directory, or CheckpointError. For a
-    distributed checkpoint ``model_state`` is the full model (gathered from the shards) and
-    ``state`` has no optimizer state (resume restores that, see ``Trainer._resume``)."""
+class LazyTensors(Mapping):
+    """``name -> tensor``, each read from storage only when asked for, so that whole-model
+    weights can pass through memory one tensor at a time (``models.genslm.load_parameters``)."""
+
+    def __init__(self, readers: dict[str, Callable[[], torch.Tensor]]):
+        self._readers = readers
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._readers[name]()
+
+    def __iter__(self):
+        return iter(self._readers)
+
+    def __len__(self) -> int:
+        return len(self._readers)
+
+
+def safetensors_tensors(files: list[Path], rename: Callable[[str], str | None] = lambda k: k) -> LazyTensors:
+    """The tensors of safetensors ``files``, keyed by ``rename(key)`` (None: left out)."""
+    readers = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            keys = list(f.keys())
+        for key in keys:
+            if (name := rename(key)) is not None:
+                readers[name] = functools.partial(_read_safetensors, file, key)
+    return LazyTensors(readers)
+
+
+def _read_safetensors(file: Path, key: str) -> torch.Tensor:
+    with safe_open(file, framework="pt") as f:
+        return f.get_tensor(key)
+
+
+def _dcp_tensors(path: Path) -> LazyTensors:
+    """The model tensors of the distributed checkpoint ``path``, each read whole when asked for
+    (by this process alone: ranks may ask for different tensors)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(path / "dcp")).read_metadata().state_dict_metadata
+    readers = {}
+    for key, item in metadata.items():
+        if key.startswith("model.") and hasattr(item, "size"):  # tensors (not bytes) of the model
+            name = key[len("model."):]
+            readers[name] = functools.partial(_read_dcp, path, name, tuple(item.size), item.properties.dtype)
+    return LazyTensors(readers)
+
+
+def _read_dcp(path: Path, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    tensor = torch.empty(shape, dtype=dtype)
+    load_distributed_app_state(path, {"model": {name: tensor}}, alone=True)
+    return tensor
+
+
+def checkpoint_weights(path: str | Path) -> tuple[LazyTensors, dict]:
+    """``(weights, state)`` of a verified checkpoint directory, single-process or distributed:
+    its model tensors, read one at a time when asked for, and its ``state.pt`` (for a
+    distributed checkpoint without optimizer state: resume restores that, see
+    ``Trainer._resume``)."""
     path = Path(path)
     manifest = _verify(path)
-    if manifest.get("distributed"):  # full weights gathered from every rank's shards
-        from ..models.genslm import GenSLM, GenSLMConfig
-
-        state = torch.load(path / FILES[1], map_location="cpu", weights_only=True)
-        with torch.device("meta"):  # storage to load into; its values come from the shards
-            model = GenSLM(GenSLMConfig.from_dict(dict(state["config"]["model_config"])))
-        model_state = model.to_empty(device="cpu").state_dict()
-        load_distributed_app_state(path, {"model": model_state})
-        return model_state, state
-    model_state = load_file(path / FILES[0])
     # weights_only: a checkpoint is data, never code (no arbitrary unpickling).
     state = torch.load(path / FILES[1], map_location="cpu", weights_only=True)
-    return model_state, state
+    if manifest.get("distributed"):
+        return _dcp_tensors(path), state
+    return safetensors_tensors([path / FILES[0]]), state
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
+    """``(model_state, state)`` of a verified checkpoint directory, or CheckpointError: the whole
+    model's tensors in memory (gathered from the shards of a distributed checkpoint)."""
+    weights, state = checkpoint_weights(path)
+    return dict(weights.items()), state

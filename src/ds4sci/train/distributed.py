@@ -345,26 +345,11 @@ class DistributedTrainer(Trainer):
         load_plain_state(ckpt, plain, plain_optimizer, model_state, optim_state)
         full_model, full_optim = get_state_dict(plain, plain_optimizer)
         module = self._trained_module()
-        full_model = self._stage_share(full_model)
         if self.pipeline is not None:  # this stage's parameters only
-            names = set(full_model)
+            names = set(dict(module.named_parameters()))
+            full_model = {k: v for k, v in full_model.items() if k in names}
             full_optim = {"state": {k: v for k, v in full_optim["state"].items() if k in names},
                           "param_groups": [{**g, "params": [n for n in g["params"] if n in names]}
                                            for g in full_optim["param_groups"]]}
         set_state_dict(module, self.optimizer, model_state_dict=full_model, optim_state_dict=full_optim,
                        options=StateDictOptions(full_state_dict=True))
-
-    def _stage_share(self, model_state: dict) -> dict:
-        """The entries of a whole-model state dict that this rank's module holds (its pipeline
-        stage's under pp, all otherwise)."""
-        if self.pipeline is None:
-            return model_state
-        names = set(dict(self._trained_module().named_parameters()))
-        return {k: v for k, v in model_state.items() if k in names}
-
-    def _load_weights(self, model_state: dict) -> None:
-        """Whole-model weights, which every rank read, into this rank's shards."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        set_model_state_dict(self._trained_module(), self._stage_share(model_state),
-                             options=StateDictOptions(full_state_dict=True))

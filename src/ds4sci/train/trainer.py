@@ -22,7 +22,7 @@ from ..data.corpus import default_records
 from ..data.dataset import TokenDataset, build_token_dir, collate
 from ..data.fasta import read_fasta
 from ..data.tokenizer import CodonTokenizer
-from ..models.genslm import GenSLM, GenSLMConfig
+from ..models.genslm import GenSLM, GenSLMConfig, load_parameters
 from .checkpoint import (
     CheckpointError,
     is_distributed_checkpoint,
@@ -238,10 +238,6 @@ class Trainer:
         """The module whose parameters this process optimizes (a pipeline stage under pp)."""
         return self.model
 
-    def _load_weights(self, model_state: dict) -> None:
-        """Whole-model weights (our names) into the model."""
-        self.model.load_state_dict(model_state)
-
     def _micro_batches(self) -> tuple[list, int]:
         """The step's micro-batches ``[(ids, labels)]`` for this process and the step's number of
         predicted tokens over all of them (every process's)."""
@@ -298,7 +294,7 @@ class Trainer:
         if not Path(path).exists():
             raise FileNotFoundError(f"init_from={path!r}: no such file or directory; {expected}")
         try:
-            model_state, config, vocab = load_weights(path)
+            weights, config, vocab = load_weights(path)
         except (FileNotFoundError, CheckpointError) as err:
             raise type(err)(f"init_from={path!r}: {err}; {expected}") from err
         changes = config.architecture_changes(self.model.config)
@@ -310,7 +306,8 @@ class Trainer:
             raise ValueError(f"init_from={path!r} was trained with the tokenizer {vocab or 'genslm-69'!r}, "
                              f"this run uses data.vocab={self.cfg.data.vocab!r}, which maps tokens to other "
                              f"ids: the embeddings would mean other codons")
-        self._load_weights(model_state)
+        # Every rank reads the whole tensors, one at a time, and keeps what it holds of each.
+        load_parameters(self._trained_module(), weights)
 
     def _check_resumable(self, ckpt: Path, state: dict) -> None:
         saved, now = _flat(state["config"]["train"]), _flat(self.cfg.to_dict())

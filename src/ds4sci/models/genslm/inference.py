@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -9,40 +10,37 @@ import torch
 
 from ...data.tokenizer import CodonTokenizer
 from .config import GenSLMConfig
-from .model import GenSLM
+from .model import GenSLM, load_parameters
 
 
-def load_weights(path: str | Path) -> tuple[dict, GenSLMConfig, str | None]:
-    """``(state_dict, config, vocab)`` from a run directory (its latest checkpoint), a checkpoint
-    directory, or a saved HF GPT-NeoX directory; ``vocab`` is the tokenizer the run trained with
-    (``data.vocab``), None for HF models (GenSLM's 69 tokens)."""
-    from ...train.checkpoint import latest_checkpoint, load_checkpoint
+def load_weights(path: str | Path) -> tuple[Mapping[str, torch.Tensor], GenSLMConfig, str | None]:
+    """``(weights, config, vocab)`` of a run directory (its latest checkpoint), a checkpoint
+    directory, or a saved HF GPT-NeoX directory. ``weights``: the whole model's tensors under our
+    names, each read from storage when asked for (see ``load_parameters``); ``vocab``: the
+    tokenizer the run trained with (``data.vocab``), None for HF models (GenSLM's 69 tokens)."""
+    from ...train.checkpoint import checkpoint_weights, latest_checkpoint
 
     path = Path(path)
     if (path / "config.json").is_file():
-        from transformers import GPTNeoXForCausalLM
+        from .interop import hf_weights
 
-        from .interop import config_from_hf, state_dict_from_hf
-
-        hf = GPTNeoXForCausalLM.from_pretrained(path)
-        # GenSLM ships fp16 weights; ours train and run in fp32.
-        state = {k: v.float() for k, v in state_dict_from_hf(hf.state_dict()).items()}
-        return state, config_from_hf(hf.config), None
+        weights, config = hf_weights(path)
+        return weights, config, None
     ckpt = latest_checkpoint(path) if (path / "checkpoints").is_dir() else path
     if ckpt is None:
         raise FileNotFoundError(f"{path}: no checkpoint found")
-    model_state, state = load_checkpoint(ckpt)
+    weights, state = checkpoint_weights(ckpt)
     config = GenSLMConfig.from_dict(dict(state["config"]["model_config"]))
-    return model_state, config, state["config"]["train"]["data"]["vocab"]
+    return weights, config, state["config"]["train"]["data"]["vocab"]
 
 
 def load_model(path: str | Path) -> tuple[GenSLM, CodonTokenizer]:
-    """A model from a run directory (its latest checkpoint), a checkpoint directory, or a saved
-    HF GPT-NeoX directory; with the tokenizer it was trained with (GenSLM's 69 otherwise)."""
-    model_state, config, vocab = load_weights(path)
-    with torch.device("meta"):  # no storage of its own: it takes the loaded tensors
+    """A model (fp32) from a run directory (its latest checkpoint), a checkpoint directory, or a
+    saved HF GPT-NeoX directory; with the tokenizer it was trained with (GenSLM's 69 otherwise)."""
+    weights, config, vocab = load_weights(path)
+    with torch.device("meta"):
         model = GenSLM(config)
-    model.load_state_dict(model_state, assign=True)
+    load_parameters(model.to_empty(device="cpu"), weights)
     return model.eval(), CodonTokenizer(vocab) if vocab is not None else CodonTokenizer()
 
 

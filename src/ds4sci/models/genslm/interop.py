@@ -59,17 +59,49 @@ def config_to_hf(config: GenSLMConfig):
     )
 
 
+def name_from_hf(key: str) -> str | None:
+    """Our name for an HF / GenSLM checkpoint key (prefixes stripped), None for stale buffers."""
+    key = key.removeprefix("model.")
+    if key.endswith(_DROPPED_SUFFIXES) or key.startswith("gpt_neox.rotary_emb"):
+        return None
+    if key == "lm_head.weight":  # transformers >= 5 name
+        return "embed_out.weight"
+    return key.removeprefix("gpt_neox.")
+
+
 def state_dict_from_hf(hf_state: dict) -> dict:
     """HF / GenSLM checkpoint keys -> ours (prefixes stripped, stale buffers dropped)."""
-    out = {}
-    for key, value in hf_state.items():
-        if key.startswith("model."):
-            key = key[len("model."):]
-        if key.endswith(_DROPPED_SUFFIXES) or key.startswith("gpt_neox.rotary_emb"):
-            continue
-        key = "embed_out.weight" if key == "lm_head.weight" else key  # transformers >= 5 name
-        out[key.removeprefix("gpt_neox.")] = value
-    return out
+    return {name: value for key, value in hf_state.items() if (name := name_from_hf(key)) is not None}
+
+
+def hf_weights(path: str | Path):
+    """``(weights, config)`` of a saved HF GPT-NeoX directory without building a model: its
+    tensors under our names, each read when asked for (``train.checkpoint.LazyTensors``;
+    safetensors files, single or sharded, or memory-mapped ``pytorch_model*.bin``), and our
+    config. Needs ``transformers`` only to read ``config.json``."""
+    import json
+
+    from transformers import GPTNeoXConfig
+
+    from ...train.checkpoint import LazyTensors, safetensors_tensors
+
+    path = Path(path)
+    config = config_from_hf(GPTNeoXConfig.from_pretrained(path))
+    for stem in ("model.safetensors", "pytorch_model.bin"):
+        index = path / f"{stem}.index.json"
+        files = (sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+                 if index.is_file() else [path / stem] if (path / stem).is_file() else [])
+        if files and stem.endswith(".safetensors"):
+            return safetensors_tensors(files, name_from_hf), config
+        if files:
+            readers = {}
+            for file in files:  # memory-mapped: a tensor's bytes are read when it is used
+                tensors = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+                readers.update({name: (lambda t=tensor: t) for key, tensor in tensors.items()
+                                if (name := name_from_hf(key)) is not None})
+            return LazyTensors(readers), config
+    raise FileNotFoundError(f"hf_weights: {path} has config.json but no model.safetensors(.index.json) "
+                            f"or pytorch_model.bin(.index.json)")
 
 
 def state_dict_to_hf(state: dict, head_name: str = "embed_out") -> dict:

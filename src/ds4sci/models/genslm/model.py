@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -403,13 +404,38 @@ def init_parameters(module: nn.Module, seed: int) -> None:
             else:
                 raise TypeError(f"init_parameters: no initialisation rule for {name} "
                                 f"(a parameter of {type(sub).__name__})")
-            local = p.to_local() if isinstance(p, DTensor) else p
             if fill is not None:
-                local.fill_(fill)
+                (p.to_local() if isinstance(p, DTensor) else p).fill_(fill)
                 continue
             digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
             generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-            full = torch.empty(p.shape, device="cpu").normal_(0.0, std, generator=generator).to(p.dtype)
-            if isinstance(p, DTensor):  # this rank's shard only
-                full = distribute_tensor(full, p.device_mesh, p.placements, **_SLICE_LOCALLY).to_local()
-            local.copy_(full)
+            _set_whole(p, torch.empty(p.shape, device="cpu").normal_(0.0, std, generator=generator))
+
+
+@torch.no_grad()
+def load_parameters(module: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
+    """Set every parameter of ``module`` (as for :func:`init_parameters`: whole model or pipeline
+    stage, plain or sharded) to ``weights[its name]``, a whole tensor of any float dtype.
+
+    ``weights`` may read each tensor from storage when asked (``train.checkpoint.LazyTensors``):
+    they are asked for one at a time, so a rank holds its shards plus one whole weight. Entries
+    for parameters ``module`` does not hold (other pipeline stages') are not read.
+    """
+    missing = [name for name, _ in module.named_parameters() if name not in weights]
+    if missing:
+        raise KeyError(f"load_parameters: the weights have no {missing}")
+    for name, p in module.named_parameters():
+        whole = weights[name]
+        if tuple(whole.shape) != tuple(p.shape):
+            raise ValueError(f"load_parameters: weights[{name!r}] has shape {tuple(whole.shape)}; "
+                             f"expected the parameter's {tuple(p.shape)}")
+        _set_whole(p, whole)
+
+
+def _set_whole(p: torch.Tensor, whole: torch.Tensor) -> None:
+    """Write this rank's part of the whole value ``whole`` into ``p`` (plain or DTensor)."""
+    whole = whole.to(p.dtype)
+    if isinstance(p, DTensor):  # this rank's shard only
+        p.to_local().copy_(distribute_tensor(whole, p.device_mesh, p.placements, **_SLICE_LOCALLY).to_local())
+    else:
+        p.copy_(whole)
