@@ -1,11 +1,19 @@
-"""Benchmark: memory per rank to get a GenSLM sharded (FSDP2 over P ranks) and initialised.
+"""Benchmark: memory per rank to get a GenSLM sharded (FSDP2 over P ranks) and its weights set.
 
-Contenders, each a torchrun job of P gloo processes, the same model and layout:
+Contenders, each a torchrun job of P gloo processes, the same model and layout. Initialising:
 
 - ``whole-then-shard``: every rank builds and initialises the whole model, then ``fully_shard``
   keeps its shard (FSDP2's plain recipe, and ds4sci's before meta-device initialisation);
 - ``meta``: built on the meta device, sharded, then each rank makes its shards real and fills
   them (``models.genslm.init_parameters``), which is what ``ds4sci train`` does under torchrun.
+
+Loading saved weights (a safetensors file of the whole model, as for ``init_from``), both onto
+the meta-built, sharded model:
+
+- ``load-whole``: every rank reads the whole state dict, then torch's
+  ``set_model_state_dict(..., full_state_dict=True)`` keeps its shards;
+- ``load-lazy``: ``models.genslm.load_parameters`` over ``train.checkpoint.safetensors_tensors``,
+  one whole tensor read at a time (what ``init_from`` does).
 
 Recorded per job: the largest rank's peak resident memory above its state before the model
 (process group up, torch loaded), its memory when set up, and the slowest rank's set-up time,
@@ -20,7 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +39,8 @@ import torch
 from .common import current_rss_bytes, machine_info, peak_rss_bytes, reset_peak_rss, run_worker, write_rows
 from .genslm_memory import WORKER_ENV
 
-CONTENDERS = ("whole-then-shard", "meta")
+CONTENDERS = ("whole-then-shard", "meta", "load-whole", "load-lazy")
+BASELINE = {"meta": "whole-then-shard", "load-lazy": "load-whole"}  # ours -> what it replaces
 # (preset, processes, contenders)
 CASES = [("genslm-250m", p, CONTENDERS) for p in (1, 2, 4)] + [("genslm-2.5b", 4, ("meta",))]
 QUICK_CASES = [("genslm-25m", p, CONTENDERS) for p in (1, 2)]
@@ -37,7 +48,7 @@ STEM = "genslm_init_cpu"
 SEED = 0
 
 
-def worker(contender: str, preset_name: str) -> dict:
+def worker(contender: str, preset_name: str, weights_file: str) -> dict:
     import torch.distributed as dist
 
     from ..models.genslm import preset
@@ -45,12 +56,14 @@ def worker(contender: str, preset_name: str) -> dict:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", 1))))
     dist.init_process_group("gloo")
     mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (dist.get_world_size(),))
-    for name in CONTENDERS:  # first uses (meta tensors, FSDP) load code: not the model's memory
-        _set_up(name, preset("genslm-tiny"), mesh)
+    # First uses (meta tensors, FSDP, DTensor state dicts) load code: not the model's memory.
+    warm_up = Path(weights_file).with_name("genslm-tiny.safetensors")
+    for name in CONTENDERS:
+        _set_up(name, preset("genslm-tiny"), mesh, warm_up)
     dist.barrier()
     reset_peak_rss()
     base, start = current_rss_bytes(), time.perf_counter()
-    model = _set_up(contender, preset(preset_name), mesh)
+    model = _set_up(contender, preset(preset_name), mesh, Path(weights_file))
     seconds = time.perf_counter() - start
     mine = torch.tensor([peak_rss_bytes() - base, current_rss_bytes() - base, seconds], dtype=torch.float64)
     gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
@@ -64,31 +77,56 @@ def worker(contender: str, preset_name: str) -> dict:
             "time_s": float(table[:, 2].max()), "params": model.num_parameters()}
 
 
-def _set_up(contender: str, config, mesh):
-    from ..models.genslm import GenSLM, init_parameters
-    from ..parallel.fsdp import apply_fsdp
+def _set_up(contender: str, config, mesh, weights_file: Path):
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    if contender == "meta":
+    from ..models.genslm import GenSLM, init_parameters, load_parameters
+    from ..parallel.fsdp import apply_fsdp
+    from ..train.checkpoint import safetensors_tensors
+
+    if contender == "whole-then-shard":
+        model = GenSLM(config, seed=SEED)
+    else:
         with torch.device("meta"):
             model = GenSLM(config)
-    else:
-        model = GenSLM(config, seed=SEED)
     if mesh.size() > 1:
         apply_fsdp(model, mesh)
+    if contender == "whole-then-shard":
+        return model
+    model.to_empty(device="cpu")
     if contender == "meta":
-        model.to_empty(device="cpu")
         init_parameters(model, SEED)
+    elif contender == "load-lazy":
+        load_parameters(model, safetensors_tensors([weights_file]))
+    else:
+        set_model_state_dict(model, load_file(weights_file), options=StateDictOptions(full_state_dict=True))
     return model
+
+
+def _save_weights(preset_name: str, directory: Path) -> Path:
+    """The whole model's weights as one safetensors file (what the load contenders read)."""
+    from safetensors.torch import save_file
+
+    from ..models.genslm import GenSLM, preset
+
+    path = directory / f"{preset_name}.safetensors"
+    if not path.is_file():
+        save_file(GenSLM(preset(preset_name), seed=SEED).state_dict(), path)
+    return path
 
 
 def run(cases, out_dir: Path, stem: str, progress=print) -> list[dict]:
     meta = machine_info()
     rows = []
+    scratch = Path(tempfile.mkdtemp(prefix="ds4sci-genslm-init-"))
+    _save_weights("genslm-tiny", scratch)
     for preset_name, p, contenders in cases:
+        weights = _save_weights(preset_name, scratch) if any(c.startswith("load") for c in contenders) else ""
         for contender in contenders:
             result = run_worker("torch.distributed.run",
                                 ["--standalone", f"--nproc-per-node={p}", "-m", "ds4sci.bench.genslm_init",
-                                 "--worker", contender, preset_name],
+                                 "--worker", contender, preset_name, str(weights or scratch / "none")],
                                 timeout=1800, env={**WORKER_ENV, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // p))})
             row = {"preset": preset_name, "processes": p, "contender": contender, **result,
                    "git_commit": meta["git_commit"]}
@@ -98,6 +136,7 @@ def run(cases, out_dir: Path, stem: str, progress=print) -> list[dict]:
                 row["peak_over_shard"] = row["peak_bytes"] / row["shard_bytes"]
             rows.append(row)
             progress(_format(row))
+    shutil.rmtree(scratch)
     _add_ratios(rows)
     json_path, csv_path = write_rows(rows, meta, out_dir, stem)
     png = plot(rows, out_dir / f"{stem}.png", meta)
@@ -108,10 +147,10 @@ def run(cases, out_dir: Path, stem: str, progress=print) -> list[dict]:
 
 def _add_ratios(rows):
     for r in rows:
-        other = next((o for o in rows if o["contender"] == "whole-then-shard" and o["status"] == "ok"
+        other = next((o for o in rows if o["contender"] == BASELINE.get(r["contender"]) and o["status"] == "ok"
                       and (o["preset"], o["processes"]) == (r["preset"], r["processes"])), None)
-        if r["contender"] == "meta" and r["status"] == "ok" and other:
-            r["peak_ratio_vs_whole"] = other["peak_bytes"] / r["peak_bytes"]  # > 1: meta needs less
+        if r["status"] == "ok" and other:
+            r["peak_ratio_vs_baseline"] = other["peak_bytes"] / r["peak_bytes"]  # > 1: ours needs less
 
 
 def _gib(n) -> str:
@@ -127,25 +166,26 @@ def _format(r) -> str:
 
 
 def summary_markdown(rows) -> str:
-    lines = ["| model (fp32 size) | P | ideal shard | whole-then-shard peak | meta peak (ours) | "
-             "ours vs whole | set-up time whole / ours |", "|---|---|---|---|---|---|---|"]
-    keys = dict.fromkeys((r["preset"], r["processes"]) for r in rows)
-    for preset_name, p in keys:
+    """Peak memory per rank (and its multiple of the ideal shard) for each contender, and ours
+    against what it replaces."""
+    contenders = [c for c in CONTENDERS if any(r["contender"] == c for r in rows)]
+    lines = ["| model (fp32 size) | P | ideal shard | " + " | ".join(f"{c} peak" for c in contenders)
+             + " | meta vs whole-then-shard | load-lazy vs load-whole |",
+             "|---|---|---|" + "---|" * (len(contenders) + 2)]
+    for preset_name, p in dict.fromkeys((r["preset"], r["processes"]) for r in rows):
         case = {r["contender"]: r for r in rows if (r["preset"], r["processes"]) == (preset_name, p)}
-        ours, whole = case.get("meta", {}), case.get("whole-then-shard", {})
-        ref = ours if ours.get("status") == "ok" else whole
-        if ref.get("status") != "ok":
+        ref = next((r for r in case.values() if r["status"] == "ok"), None)
+        if ref is None:
             continue
-        def peak(r):
-            if not r:
-                return "not run (P whole copies exceed this machine)"
-            if r["status"] != "ok":
-                return r["status"]
-            return f"{_gib(r['peak_bytes'])} ({r['peak_over_shard']:.2f}x)"
-        ratio = f"{ours['peak_ratio_vs_whole']:.2f}x less" if "peak_ratio_vs_whole" in ours else "-"
-        times = " / ".join(f"{r['time_s']:.1f} s" if r.get("status") == "ok" else "-" for r in (whole, ours))
+        cells = []
+        for c in contenders:
+            r = case.get(c)
+            cells.append("not run" if r is None else r["status"] if r["status"] != "ok"
+                         else f"{_gib(r['peak_bytes'])} ({r['peak_over_shard']:.2f}x)")
+        ratios = [f"{case[c]['peak_ratio_vs_baseline']:.2f}x less" if "peak_ratio_vs_baseline" in case.get(c, {})
+                  else "-" for c in BASELINE]
         lines.append(f"| {preset_name} ({_gib(ref['model_bytes'])}) | {p} | {_gib(ref['shard_bytes'])} | "
-                     f"{peak(whole)} | {peak(ours)} | {ratio} | {times} |")
+                     + " | ".join(cells + ratios) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -158,7 +198,7 @@ def plot(rows, path: Path, meta: dict) -> Path:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     presets = list(dict.fromkeys(r["preset"] for r in rows))
     for preset_name, marker in zip(presets, "os^"):
-        for contender, style in zip(CONTENDERS, ("--", "-")):
+        for contender, style in zip(CONTENDERS, ("--", "-", "-.", "-")):
             pts = sorted((r["processes"], r["peak_bytes"] / 2**30) for r in rows if r["status"] == "ok"
                          and r["preset"] == preset_name and r["contender"] == contender)
             if pts:
@@ -181,7 +221,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ds4sci.bench.genslm_init", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--quick", action="store_true", help="genslm-25m on 1 and 2 processes (smoke test)")
-    parser.add_argument("--worker", nargs=2, metavar=("CONTENDER", "PRESET"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=3, metavar=("CONTENDER", "PRESET", "WEIGHTS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         result = worker(*args.worker)
