@@ -25,9 +25,10 @@ at the start of that step (used by the tests of this behaviour).
 
 Memory at start: the model is built on the meta device (no storage), sharded, and only then
 made real, each rank filling its own shards (``models.genslm.init_parameters``: every weight is
-a function of the seed and its name, so the values equal one process's). Initialising, a rank
-never holds the whole model, only its shards plus one whole weight at a time. (Loading whole
-weights, ``init_from`` or a single-process checkpoint, every rank reads all of them.)
+a function of the seed and its name, so the values equal one process's). Initialising, or
+loading ``init_from`` weights (``load_parameters``, one whole tensor read at a time), a rank
+never holds the whole model, only its shards plus one whole weight. (Resuming a single-process
+checkpoint, every rank reads its whole model and optimizer state.)
 
 Limits: ``out_dir`` must be one filesystem all ranks see (rank 0 writes the token files and
 publishes checkpoints the others wrote shards into).
