@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from ds4sci.models.genslm import GenSLM
 from ds4sci.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from ds4sci.train.config import load_config
 from ds4sci.train.trainer import Trainer
@@ -23,7 +24,11 @@ def _losses(path):
     return [json.loads(line)["loss"] for line in (path / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+def _no_init(model, seed=None):
+    raise AssertionError("weights initialised although a checkpoint or init_from sets them")
+
+
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     full = Trainer(_cfg(tmp_path / "full", "optim.max_steps=6", "optim.grad_accum=2"))
     full.fit()
     half = Trainer(_cfg(tmp_path / "half", "optim.max_steps=6", "optim.grad_accum=2"))
@@ -31,7 +36,9 @@ def test_resume_equals_uninterrupted(tmp_path):
     # A row logged after the last checkpoint, as if the run died there: resume drops it.
     with (tmp_path / "half" / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"step": 4, "loss": 0.0}) + "\n")
-    resumed = Trainer(_cfg(tmp_path / "half", "optim.max_steps=6", "optim.grad_accum=2"), resume=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(GenSLM, "reset_parameters", _no_init)
+        resumed = Trainer(_cfg(tmp_path / "half", "optim.max_steps=6", "optim.grad_accum=2"), resume=True)
     assert resumed.step == 3
     resumed.fit()
     assert _losses(tmp_path / "half") == _losses(tmp_path / "full")
@@ -55,13 +62,15 @@ def test_bf16_autocast_trains_like_fp32(tmp_path):
         assert abs(a["loss"] - b["loss"]) < 0.05
 
 
-def test_init_from_a_run_or_an_hf_directory_starts_from_its_weights(tmp_path):
+def test_init_from_a_run_or_an_hf_directory_starts_from_its_weights(tmp_path, monkeypatch):
     """Fine-tuning: a new run starts from another run's (or a saved HF model's) weights, with a
     fresh optimizer and schedule; mismatched models and tokenizers are refused up front."""
     base = Trainer(_cfg(tmp_path / "base", "optim.max_steps=2"))
     base.fit()
     trained = {k: v.clone() for k, v in base.model.state_dict().items()}
-    tuned = Trainer(_cfg(tmp_path / "tuned", "optim.max_steps=2", f"init_from={tmp_path / 'base'}"))
+    with monkeypatch.context() as patch:
+        patch.setattr(GenSLM, "reset_parameters", _no_init)
+        tuned = Trainer(_cfg(tmp_path / "tuned", "optim.max_steps=2", f"init_from={tmp_path / 'base'}"))
     assert tuned.step == 0 and not tuned.optimizer.state
     for name, value in tuned.model.state_dict().items():
         assert torch.equal(value, trained[name]), name

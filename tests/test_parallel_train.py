@@ -135,12 +135,18 @@ def _initial_state(rank, world_size, out, extra):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from ds4sci.models.genslm import GenSLM
+    from ds4sci.train import distributed
     from ds4sci.train.distributed import DistributedTrainer
 
     def whole_model_built(model, seed=None):  # what every rank did before meta-device init
         raise AssertionError("a rank built and initialised a whole GenSLM")
 
-    GenSLM.reset_parameters = whole_model_built  # this forked rank's copy of the class only
+    def initialised(module, seed):
+        raise AssertionError("weights initialised although init_from sets them")
+
+    GenSLM.reset_parameters = whole_model_built  # this forked rank's copies only
+    if any(x.startswith("init_from=") for x in extra):
+        distributed.init_parameters = initialised
     trainer = DistributedTrainer(_cfg(out, *extra))
     module = trainer._trained_module()
     held = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in module.parameters())

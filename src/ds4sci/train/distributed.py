@@ -176,7 +176,8 @@ class DistributedTrainer(Trainer):
         self._shard()
         # Offloaded shards live in host memory (FSDP2 copies them to the device per layer).
         self._trained_module().to_empty(device="cpu" if p.fsdp_cpu_offload else self.device)
-        init_parameters(self._trained_module(), self.cfg.seed)
+        if self._initialise:
+            init_parameters(self._trained_module(), self.cfg.seed)
 
     def _shard(self) -> None:
         p = self.cfg.parallel

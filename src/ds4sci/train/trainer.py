@@ -199,6 +199,8 @@ class Trainer:
         model_config = cfg.model_config()
         if model_config.vocab_size < len(self.tokenizer):
             raise ValueError(f"model vocab_size={model_config.vocab_size} < tokenizer's {len(self.tokenizer)}")
+        # Weights that a checkpoint (resume) or init_from will set are not initialised first.
+        self._initialise = not resume and cfg.init_from is None
         self.model = self._build_model(model_config)
         self.num_parameters = self.model.num_parameters()
         """Of the whole model (a pipeline stage holds only some)."""
@@ -227,9 +229,14 @@ class Trainer:
         """Wait for every rank (nothing to wait for in one process)."""
 
     def _build_model(self, config: GenSLMConfig) -> GenSLM:
-        """The whole model, initialised from ``cfg.seed`` (one process: on its device)."""
-        with torch.device(self.device):
-            return GenSLM(config, seed=self.cfg.seed)
+        """The whole model on this process's device, initialised from ``cfg.seed`` (or, when its
+        weights come from storage, with its storage allocated only)."""
+        if self._initialise:
+            with torch.device(self.device):
+                return GenSLM(config, seed=self.cfg.seed)
+        with torch.device("meta"):
+            model = GenSLM(config)
+        return model.to_empty(device=self.device)
 
     def _parallelize(self) -> None:
         """Spread ``self.model`` over ranks (nothing to do in one process)."""
