@@ -140,3 +140,23 @@ def write_rows(rows: list[dict], meta: dict, out_dir: Path, stem: str) -> tuple[
             writer.writerow({**row, "machine_date": meta["date"], "machine_cpu": meta["host_cpu"],
                              "torch": meta["torch"]})
     return json_path, csv_path
+
+
+def subplots(*args, **kwargs):
+    """``matplotlib.pyplot.subplots`` on the file-only Agg backend (benchmarks write PNGs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write ``fig`` to ``path`` (PNG, 110 dpi), free it, and return ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from .common import (
-    current_rss_bytes, limit_address_space, machine_info, merge_rows, peak_rss_bytes, reset_peak_rss,
-    run_worker, write_rows,
+    current_rss_bytes, limit_address_space, machine_info, merge_rows, peak_rss_bytes,
+    reset_peak_rss, run_worker, save_figure, subplots, write_rows,
 )
 
 # (B, N, L, H, D) with where it comes from.
@@ -237,15 +237,10 @@ def _format_row(r) -> str:
 
 
 def plot(rows, path: Path, meta: dict) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     dtypes = sorted({r["dtype"] for r in rows}, key=list(DTYPES).index)
     keys = list(dict.fromkeys(r["shape_key"] for r in rows))
     contenders = list(dict.fromkeys(r["contender"] for r in rows))
-    fig, axes = plt.subplots(2, len(dtypes), figsize=(6.5 * len(dtypes), 8), squeeze=False)
+    fig, axes = subplots(2, len(dtypes), figsize=(6.5 * len(dtypes), 8), squeeze=False)
     width = 0.8 / len(contenders)
     for col, dt in enumerate(dtypes):
         by = {(r["shape_key"], r["contender"]): r for r in rows if r["dtype"] == dt}
@@ -274,10 +269,7 @@ def plot(rows, path: Path, meta: dict) -> Path:
             ax.set_title(f"{dt}")
             ax.legend(fontsize=8)
     fig.suptitle(f"Evoformer attention fwd+bwd, {meta['host_cpu']}, {meta['torch_threads']} threads, torch {meta['torch']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -32,8 +32,10 @@ from pathlib import Path
 
 import torch
 
-from .common import (current_rss_bytes, limit_address_space, machine_info, merge_rows,
-                     peak_rss_bytes, reset_peak_rss, run_worker, write_rows)
+from .common import (
+    current_rss_bytes, limit_address_space, machine_info, merge_rows, peak_rss_bytes,
+    reset_peak_rss, run_worker, save_figure, subplots, write_rows,
+)
 
 CONFIGS = {
     # name: (preset, N_res, N_seq for the Evoformer block, N_extra for the extra-MSA block, steps)
@@ -238,13 +240,8 @@ def _format(r: dict) -> str:
 
 
 def plot(rows, path: Path, meta: dict) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cases = list(dict.fromkeys((r["block"], r["config"], r["dtype"]) for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, axes = subplots(1, 2, figsize=(13, 4.8))
     width = 0.8 / len(CONTENDERS)
     for ax, metric, label in ((axes[0], "peak_bytes", "peak memory (GiB)"), (axes[1], "time_s", "step time (s)")):
         for ci, contender in enumerate(CONTENDERS):
@@ -269,10 +266,7 @@ def plot(rows, path: Path, meta: dict) -> Path:
         ax.legend(fontsize=8)
     fig.suptitle(f"One Evoformer / extra-MSA block training step (checkpointed), {meta['host_cpu']}, "
                  f"torch {meta['torch']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> int:

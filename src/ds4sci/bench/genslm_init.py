@@ -36,7 +36,10 @@ from pathlib import Path
 
 import torch
 
-from .common import current_rss_bytes, machine_info, peak_rss_bytes, reset_peak_rss, run_worker, write_rows
+from .common import (
+    current_rss_bytes, machine_info, peak_rss_bytes, reset_peak_rss, run_worker, save_figure,
+    subplots, write_rows,
+)
 from .genslm_memory import WORKER_ENV
 
 CONTENDERS = ("whole-then-shard", "meta", "load-whole", "load-lazy")
@@ -190,12 +193,7 @@ def summary_markdown(rows) -> str:
 
 
 def plot(rows, path: Path, meta: dict) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = subplots(figsize=(6.5, 4.2))
     presets = list(dict.fromkeys(r["preset"] for r in rows))
     for preset_name, marker in zip(presets, "os^"):
         for contender, style in zip(CONTENDERS, ("--", "-", "-.", "-")):
@@ -211,10 +209,7 @@ def plot(rows, path: Path, meta: dict) -> Path:
     ax.set_xticks(sorted({r["processes"] for r in rows}))
     ax.set_title(f"GenSLM set-up memory per rank ({meta['date'][:10]}, torch {meta['torch']})", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> int:

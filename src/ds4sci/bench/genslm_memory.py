@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from .common import (
-    current_rss_bytes, limit_address_space, machine_info, merge_rows, peak_rss_bytes, reset_peak_rss,
-    run_worker, write_rows,
+    current_rss_bytes, limit_address_space, machine_info, merge_rows, peak_rss_bytes,
+    reset_peak_rss, run_worker, save_figure, subplots, write_rows,
 )
 
 CONTENDERS = ("ds4sci", "ds4sci-ckpt", "hf-eager", "hf-sdpa", "hf-sdpa-ckpt")
@@ -156,12 +156,7 @@ def run(lengths: dict, preset_name: str, out_dir: Path, stem: str, rate_length: 
 
 
 def plot(rows, fits, path: Path, meta) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = subplots(figsize=(8, 5))
     for i, contender in enumerate(dict.fromkeys(r["contender"] for r in rows)):
         ok = [(r["length"], r["peak_bytes"] / 2**30) for r in rows if r["contender"] == contender and r["status"] == "ok"]
         color = f"C{i}"
@@ -179,10 +174,7 @@ def plot(rows, fits, path: Path, meta) -> Path:
     ax.set_ylabel("peak memory of one training step (GiB)")
     ax.set_title(f"genslm-25m, one AdamW step, {meta['host_cpu']}, torch {meta['torch']}")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> int:

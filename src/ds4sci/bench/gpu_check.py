@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .common import machine_info, write_rows
+from .common import machine_info, save_figure, subplots, write_rows
 from .evoformer_attention import QUICK_SHAPES, SHAPES, floor_bytes
 
 CONTENDERS = ("triton", "torch", "naive", "sdpa", "flex")
@@ -333,16 +333,11 @@ def summary_markdown(rows, meta) -> str:
 
 
 def plot(rows, path: Path, meta: dict) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
     keys = list(dict.fromkeys(r["shape_key"] for r in rows))
     metrics = (("time_s", "fwd+bwd time (ms)", 1e3), ("tflops", "TFLOP/s", 1.0),
                ("peak_over_floor", "peak memory / floor", 1.0))
-    fig, axes = plt.subplots(len(metrics), len(dtypes), figsize=(7 * len(dtypes), 10), squeeze=False)
+    fig, axes = subplots(len(metrics), len(dtypes), figsize=(7 * len(dtypes), 10), squeeze=False)
     width = 0.8 / len(CONTENDERS)
     for col, dt in enumerate(dtypes):
         by = {(r["shape_key"], r["contender"]): r for r in rows if r["dtype"] == dt}
@@ -364,10 +359,7 @@ def plot(rows, path: Path, meta: dict) -> Path:
             ax.legend(fontsize=7)
     fig.suptitle(f"Evoformer attention fwd+bwd on {meta.get('cuda_device') or meta['host_cpu']}, "
                  f"torch {meta['torch']}, triton {meta.get('triton')}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -54,8 +54,8 @@ from typing import NamedTuple
 import torch
 
 from .common import (
-    current_rss_bytes, limit_address_space, machine_info, merge_rows, peak_rss_bytes, reset_peak_rss,
-    run_worker, write_rows,
+    current_rss_bytes, limit_address_space, machine_info, merge_rows, peak_rss_bytes,
+    reset_peak_rss, run_worker, save_figure, subplots, write_rows,
 )
 from .genslm_memory import BUDGET, WORKER_ENV, fit_and_predict
 
@@ -457,12 +457,7 @@ def write_markdown(rows, meta, path: Path) -> Path:
 
 
 def plot(rows, path: Path, meta) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_m, ax_t) = plt.subplots(1, 2, figsize=(12, 5))
+    fig, (ax_m, ax_t) = subplots(1, 2, figsize=(12, 5))
     keys = list(dict.fromkeys((r["contender"], r["processes"]) for r in rows if r["status"] == "ok"))
     for i, (contender, p) in enumerate(keys):
         ok = [r for r in rows if r["status"] == "ok" and r["contender"] == contender and r["processes"] == p]
@@ -477,10 +472,7 @@ def plot(rows, path: Path, meta) -> Path:
         ax.legend(fontsize=7)
     preset_name = rows[0]["preset"] if rows else ""
     fig.suptitle(f"sequence-parallel {preset_name} training step, gloo, {meta['host_cpu']}, torch {meta['torch']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> int:
