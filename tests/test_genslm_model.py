@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ds4sci.models.genslm import GenSLM, GenSLMConfig, from_hf, init_parameters, load_parameters, preset, to_hf
+from ds4sci.models.genslm.inference import load_model
 from ds4sci.models.genslm.interop import state_dict_from_hf
 
 TINY = preset("genslm-tiny")
@@ -269,16 +270,17 @@ def test_init_parameters_names_a_parameter_it_has_no_rule_for():
         init_parameters(model, 0)
 
 
-class _Counting(dict):
-    """Whole tensors by name that records which were asked for."""
+def _counting(tensors: dict):
+    """A LazyTensors over ``tensors`` and the list of names it has read."""
+    from ds4sci.train.checkpoint import LazyTensors
 
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.asked = []
+    asked = []
 
-    def __getitem__(self, name):
-        self.asked.append(name)
-        return super().__getitem__(name)
+    def reader(name):
+        asked.append(name)
+        return tensors[name]
+
+    return LazyTensors({name: (lambda n=name: reader(n)) for name in tensors}), asked
 
 
 def test_load_parameters_reads_what_the_module_holds_and_checks_shapes():
@@ -286,22 +288,23 @@ def test_load_parameters_reads_what_the_module_holds_and_checks_shapes():
 
     config = TINY.replace(num_hidden_layers=3)
     source = GenSLM(config, seed=1)
-    weights = _Counting({k: v.detach().to(torch.float16) for k, v in source.state_dict().items()})
+    tensors = {k: v.detach().to(torch.float16) for k, v in source.state_dict().items()}
+    weights, asked = _counting(tensors)
     with torch.device("meta"):
         stage = GenSLMStage(GenSLM(config), range(1, 2), is_first=False, is_last=False)
     load_parameters(stage.to_empty(device="cpu"), weights)
-    assert weights.asked == [name for name, _ in stage.named_parameters()]  # each once, this stage's only
+    assert asked == [name for name, _ in stage.named_parameters()]  # each once, this stage's only
     for name, value in stage.named_parameters():
-        assert value.dtype == torch.float32 and torch.equal(value, weights[name].float()), name
-    with pytest.raises(KeyError, match=r"the weights have no \['layers.1.input_layernorm.weight'\]"):
-        load_parameters(stage, {k: v for k, v in weights.items() if k != "layers.1.input_layernorm.weight"})
-    bad = dict(weights, **{"layers.1.mlp.dense_4h_to_h.bias": torch.zeros(3)})
+        assert value.dtype == torch.float32 and torch.equal(value, tensors[name].float()), name
+    with pytest.raises(KeyError, match=r"lack 1 of the module's parameters, e.g. \['layers.1.input_layernorm.weight'\]"):
+        load_parameters(stage, {k: v for k, v in tensors.items() if k != "layers.1.input_layernorm.weight"})
+    bad = dict(tensors, **{"layers.1.mlp.dense_4h_to_h.bias": torch.zeros(3)})
     with pytest.raises(ValueError, match=r"weights\['layers.1.mlp.dense_4h_to_h.bias'\] has shape \(3,\); "
                                          r"expected the parameter's \(64,\)"):
         load_parameters(stage, bad)
 
 
-@pytest.mark.parametrize("layout", ["safetensors", "sharded safetensors", "pytorch bin"])
+@pytest.mark.parametrize("layout", ["safetensors", "sharded safetensors", "pytorch bin", "legacy pytorch bin"])
 def test_hf_weights_are_read_lazily_from_every_saved_layout(tmp_path, layout):
     pytest.importorskip("transformers")
     from ds4sci.models.genslm.interop import hf_weights
@@ -310,9 +313,10 @@ def test_hf_weights_are_read_lazily_from_every_saved_layout(tmp_path, layout):
     ours = GenSLM(TINY, seed=2)
     hf = to_hf(ours)
     hf.save_pretrained(tmp_path, **({"max_shard_size": "100KB"} if layout == "sharded safetensors" else {}))
-    if layout == "pytorch bin":  # older transformers' format (new ones write safetensors only)
+    if "pytorch bin" in layout:  # older transformers' format (new ones write safetensors only)
         (tmp_path / "model.safetensors").unlink()
-        torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+        torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin",
+                   _use_new_zipfile_serialization=layout == "pytorch bin")  # legacy: not mmap-able
     weights, config = hf_weights(tmp_path)
     assert isinstance(weights, LazyTensors) and config.architecture_changes(TINY) == {}
     if layout == "sharded safetensors":
@@ -320,7 +324,16 @@ def test_hf_weights_are_read_lazily_from_every_saved_layout(tmp_path, layout):
     assert set(weights) == set(ours.state_dict())
     for name, value in ours.state_dict().items():
         assert torch.equal(weights[name], value), name
+    model, _ = load_model(tmp_path)  # each tensor read once, into a model of the saved config
+    assert all(torch.equal(v, ours.state_dict()[k]) for k, v in model.state_dict().items())
     if layout == "safetensors":
+        from safetensors.torch import load_file, save_file
+
+        extra = dict(load_file(tmp_path / "model.safetensors"), **{"gpt_neox.layers.9.mlp.x": torch.zeros(1)})
+        save_file(extra, tmp_path / "model.safetensors")
+        with pytest.raises(ValueError, match=r"do not fit its own model config: 0 missing .*, 1 unexpected "
+                                             r"\(e.g. \['layers.9.mlp.x'\]\)"):
+            load_model(tmp_path)
         (tmp_path / "model.safetensors").unlink()
         with pytest.raises(FileNotFoundError, match="has config.json but no model.safetensors"):
             hf_weights(tmp_path)

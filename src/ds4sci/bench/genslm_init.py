@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -122,24 +121,25 @@ def _save_weights(preset_name: str, directory: Path) -> Path:
 def run(cases, out_dir: Path, stem: str, progress=print) -> list[dict]:
     meta = machine_info()
     rows = []
-    scratch = Path(tempfile.mkdtemp(prefix="ds4sci-genslm-init-"))
-    _save_weights("genslm-tiny", scratch)
-    for preset_name, p, contenders in cases:
-        weights = _save_weights(preset_name, scratch) if any(c.startswith("load") for c in contenders) else ""
-        for contender in contenders:
-            result = run_worker("torch.distributed.run",
-                                ["--standalone", f"--nproc-per-node={p}", "-m", "ds4sci.bench.genslm_init",
-                                 "--worker", contender, preset_name, str(weights or scratch / "none")],
-                                timeout=1800, env={**WORKER_ENV, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // p))})
-            row = {"preset": preset_name, "processes": p, "contender": contender, **result,
-                   "git_commit": meta["git_commit"]}
-            if row["status"] == "ok":
-                row["model_bytes"] = 4 * row["params"]
-                row["shard_bytes"] = row["model_bytes"] / p
-                row["peak_over_shard"] = row["peak_bytes"] / row["shard_bytes"]
-            rows.append(row)
-            progress(_format(row))
-    shutil.rmtree(scratch)
+    with tempfile.TemporaryDirectory(prefix="ds4sci-genslm-init-") as tmp:  # saved weights (GBs)
+        scratch = Path(tmp)
+        _save_weights("genslm-tiny", scratch)
+        for preset_name, p, contenders in cases:
+            weights = _save_weights(preset_name, scratch) if any(c.startswith("load") for c in contenders) else ""
+            for contender in contenders:
+                result = run_worker("torch.distributed.run",
+                                    ["--standalone", f"--nproc-per-node={p}", "-m", "ds4sci.bench.genslm_init",
+                                     "--worker", contender, preset_name, str(weights or scratch / "none")],
+                                    timeout=1800,
+                                    env={**WORKER_ENV, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // p))})
+                row = {"preset": preset_name, "processes": p, "contender": contender, **result,
+                       "git_commit": meta["git_commit"]}
+                if row["status"] == "ok":
+                    row["model_bytes"] = 4 * row["params"]
+                    row["shard_bytes"] = row["model_bytes"] / p
+                    row["peak_over_shard"] = row["peak_bytes"] / row["shard_bytes"]
+                rows.append(row)
+                progress(_format(row))
     _add_ratios(rows)
     json_path, csv_path = write_rows(rows, meta, out_dir, stem)
     png = plot(rows, out_dir / f"{stem}.png", meta)

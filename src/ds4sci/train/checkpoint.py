@@ -203,6 +203,9 @@ class LazyTensors(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._readers[name]()
 
+    def __contains__(self, name: object) -> bool:  # without reading (Mapping's would read)
+        return name in self._readers
+
     def __iter__(self):
         return iter(self._readers)
 

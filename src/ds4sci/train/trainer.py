@@ -304,6 +304,8 @@ class Trainer:
             weights, config, vocab = load_weights(path)
         except (FileNotFoundError, CheckpointError) as err:
             raise type(err)(f"init_from={path!r}: {err}; {expected}") from err
+        except (ValueError, KeyError, RuntimeError) as err:  # unreadable or inconsistent weights
+            raise ValueError(f"init_from={path!r}: {err}") from err
         changes = config.architecture_changes(self.model.config)
         if changes:
             raise ValueError(f"init_from={path!r}: its model differs from this run's in {changes} (theirs, "
@@ -314,7 +316,10 @@ class Trainer:
                              f"this run uses data.vocab={self.cfg.data.vocab!r}, which maps tokens to other "
                              f"ids: the embeddings would mean other codons")
         # Every rank reads the whole tensors, one at a time, and keeps what it holds of each.
-        load_parameters(self._trained_module(), weights)
+        try:
+            load_parameters(self._trained_module(), weights)
+        except (ValueError, KeyError, RuntimeError, CheckpointError) as err:  # a file that fails mid-read
+            raise ValueError(f"init_from={path!r}: {err}") from err
 
     def _check_resumable(self, ckpt: Path, state: dict) -> None:
         saved, now = _flat(state["config"]["train"]), _flat(self.cfg.to_dict())

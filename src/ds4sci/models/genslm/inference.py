@@ -25,13 +25,21 @@ def load_weights(path: str | Path) -> tuple[Mapping[str, torch.Tensor], GenSLMCo
         from .interop import hf_weights
 
         weights, config = hf_weights(path)
-        return weights, config, None
-    ckpt = latest_checkpoint(path) if (path / "checkpoints").is_dir() else path
-    if ckpt is None:
-        raise FileNotFoundError(f"{path}: no checkpoint found")
-    weights, state = checkpoint_weights(ckpt)
-    config = GenSLMConfig.from_dict(dict(state["config"]["model_config"]))
-    return weights, config, state["config"]["train"]["data"]["vocab"]
+        vocab = None
+    else:
+        ckpt = latest_checkpoint(path) if (path / "checkpoints").is_dir() else path
+        if ckpt is None:
+            raise FileNotFoundError(f"{path}: no checkpoint found")
+        weights, state = checkpoint_weights(ckpt)
+        config = GenSLMConfig.from_dict(dict(state["config"]["model_config"]))
+        vocab = state["config"]["train"]["data"]["vocab"]
+    with torch.device("meta"):  # the names the config's model has (no storage)
+        expected = {name for name, _ in GenSLM(config).named_parameters()}
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{path}: its weights do not fit its own model config: {len(missing)} missing "
+                         f"(e.g. {missing[:4]}), {len(unexpected)} unexpected (e.g. {unexpected[:4]})")
+    return weights, config, vocab
 
 
 def load_model(path: str | Path) -> tuple[GenSLM, CodonTokenizer]:

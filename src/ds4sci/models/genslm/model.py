@@ -423,7 +423,8 @@ def load_parameters(module: nn.Module, weights: Mapping[str, torch.Tensor]) -> N
     """
     missing = [name for name, _ in module.named_parameters() if name not in weights]
     if missing:
-        raise KeyError(f"load_parameters: the weights have no {missing}")
+        raise KeyError(f"load_parameters: the weights lack {len(missing)} of the module's parameters, "
+                       f"e.g. {missing[:4]}; they have e.g. {list(weights)[:4]}")
     for name, p in module.named_parameters():
         whole = weights[name]
         if tuple(whole.shape) != tuple(p.shape):
