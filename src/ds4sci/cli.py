@@ -133,14 +133,29 @@ BENCHMARKS = {
 """``ds4sci bench NAME`` -> module in ``ds4sci.bench`` (its ``main(argv)`` takes the rest)."""
 
 
+def _config_keys() -> str:
+    """The training config's keys for ``--key=value``: fields, and ``<section>.<field>``."""
+    import dataclasses
+
+    from .train.config import TrainConfig
+
+    keys = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "model_changes":
+            continue
+        section = dataclasses.is_dataclass(f.default_factory()) if callable(f.default_factory) else False
+        keys.append(f"{f.name}.<field>" if section else f.name)
+        if f.name == "model":
+            keys.append("model.<field>")
+    return ", ".join(keys)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="ds4sci", description="DeepSpeed4Science technologies on plain PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="train a model (genslm); extra --key=value override the config",
-                        description="Config keys: model, model.<field>, data.<field>, optim.<field>, "
-                                    "precision, seed, out_dir, eval_every, checkpoint_every, parallel.<field> "
-                                    "(see ds4sci.train.config).")
+                        description=f"Config keys: {_config_keys()} (see ds4sci.train.config).")
     tr.add_argument("model_family", choices=["genslm"])
     tr.add_argument("--config", help="YAML config file")
     tr.add_argument("--resume", action="store_true", help="continue from out_dir's latest checkpoint")
