@@ -83,3 +83,12 @@ def test_bench_evoformer_block_extrapolates_a_contender_that_ran_out(monkeypatch
     assert naive["fit"]["max_relative_residual"] < 1e-9
     assert ours["naive_peak_over_ours"] == pytest.approx((5000 + 1000 * 240) / (5000 + 100 * 240))
     assert ours["naive_peak_extrapolated"] is True
+
+
+def test_bench_help_reaches_the_benchmarks_own_options(capsys):
+    from ds4sci.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "genslm-init", "--help"])
+    assert exit_info.value.code == 0 and "--quick" in capsys.readouterr().out
+    assert main(["bench"]) == 0 and "genslm-init" in capsys.readouterr().out

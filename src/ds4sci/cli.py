@@ -185,8 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     ge.add_argument("--out", default="generated.fasta")
     sub.add_parser("info", help="versions, devices and which op backends run here")
     sub.add_parser("demo", help="Evoformer attention demo: exactness and memory vs naive PyTorch")
-    bench = sub.add_parser("bench", help="run a benchmark (see benchmarks/)")
-    bench.add_argument("name", choices=sorted(BENCHMARKS))
+    # No -h of its own: `ds4sci bench NAME --help` reaches the benchmark's parser (its options).
+    bench = sub.add_parser("bench", help="run a benchmark (see benchmarks/); NAME --help for its options",
+                           add_help=False)
+    bench.add_argument("name", nargs="?", choices=sorted(BENCHMARKS))
     args, rest = parser.parse_known_args(argv)
     if args.command not in ("bench", "train") and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -213,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo_main
 
         return demo_main()
+    if args.name is None:
+        bench.print_help()
+        return 0 if rest in ([], ["-h"], ["--help"]) else 2
     import importlib
 
     return importlib.import_module(f"ds4sci.bench.{BENCHMARKS[args.name]}").main(rest)

@@ -153,7 +153,7 @@ class TrainConfig:
     """Seed of initialisation and data order."""
     init_from: str | None = None
     """Start from these weights instead of random ones (fine-tuning): a ds4sci run or checkpoint
-    directory, or a saved HF GPT-NeoX directory (GenSLM's released models). Its architecture and
+    directory, or a saved HF GPT-NeoX directory (``save_pretrained`` output). Its architecture and
     tokenizer must be the model's; optimizer, schedule and data position start fresh (unlike
     ``--resume``, which continues a run and ignores this)."""
     out_dir: str = "runs/genslm"
