@@ -94,6 +94,44 @@ def limit_address_space(budget_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (budget_bytes, budget_bytes))
 
 
+# Environment of every memory-measuring worker. glibc keeps freed heap blocks below its mmap
+# threshold (up to 32 MiB) resident, so without this the RSS of a long-sequence step measures
+# allocator fragmentation more than what the step needs (several times the per-token slope,
+# seen while developing). Every contender of a benchmark runs with the same setting.
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def init_gloo() -> None:
+    """In a torchrun worker: this rank's share of the cores (the job's processes share the
+    machine) and its gloo process group."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", 1))))
+    dist.init_process_group("gloo")
+
+
+def run_torchrun(module: str, processes: int, args: list[str], timeout: float, env: dict) -> dict:
+    """``python -m module args...`` as a torchrun job of ``processes`` local processes sharing
+    the cores; rank 0 prints one JSON line last (see :func:`run_worker`, :func:`finish_worker`)."""
+    threads = str(max(1, (os.cpu_count() or 1) // processes))
+    return run_worker("torch.distributed.run",
+                      ["--standalone", f"--nproc-per-node={processes}", "-m", module, *args],
+                      timeout=timeout, env={**env, "OMP_NUM_THREADS": threads})
+
+
+def finish_worker(result: dict | None) -> None:
+    """End a torchrun worker: print its result (rank 0's) as the JSON line and leave at once.
+
+    The process group is destroyed and the result written. About one exit in twenty then aborts
+    in gloo's C++ teardown ("terminate called without an active exception"), which would turn a
+    finished case into a failed one: leave without interpreter finalization.
+    """
+    if result:
+        print(json.dumps(result))
+    sys.stdout.flush()
+    os._exit(0)
+
+
 def run_worker(module: str, args: list[str], timeout: float, env: dict | None = None) -> dict:
     """Run ``python -m module args...`` in a fresh process; it prints one JSON line last.
 

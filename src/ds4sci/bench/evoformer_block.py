@@ -34,7 +34,7 @@ import torch
 
 from .common import (
     current_rss_bytes, limit_address_space, machine_info, merge_rows, peak_rss_bytes,
-    reset_peak_rss, run_worker, save_figure, subplots, write_rows,
+    reset_peak_rss, run_worker, save_figure, subplots, write_rows, WORKER_ENV,
 )
 
 CONFIGS = {
@@ -52,7 +52,6 @@ part 128 rows at a time, recomputing each chunk in backward (a ds4sci switch sto
 does not use); the other two differ only in the attention."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MEMORY_BUDGET = 20 * 2**30
-WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 EXTRAPOLATION_FRACTIONS = (20, 10, 5)
 """A contender that runs out of memory is measured at depth // 20, // 10 and // 5 and extrapolated."""
 

@@ -26,9 +26,6 @@ Usage: ``python -m ds4sci.bench.genslm_init [--quick]`` or ``ds4sci bench genslm
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,10 +33,9 @@ from pathlib import Path
 import torch
 
 from .common import (
-    current_rss_bytes, machine_info, peak_rss_bytes, reset_peak_rss, run_worker, save_figure,
-    subplots, write_rows,
+    current_rss_bytes, finish_worker, init_gloo, machine_info, peak_rss_bytes, reset_peak_rss,
+    run_torchrun, save_figure, subplots, write_rows, WORKER_ENV,
 )
-from .genslm_memory import WORKER_ENV
 
 CONTENDERS = ("whole-then-shard", "meta", "load-whole", "load-lazy")
 BASELINE = {"meta": "whole-then-shard", "load-lazy": "load-whole"}  # ours -> what it replaces
@@ -55,8 +51,7 @@ def worker(contender: str, preset_name: str, weights_file: str) -> dict:
 
     from ..models.genslm import preset
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", 1))))
-    dist.init_process_group("gloo")
+    init_gloo()
     mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (dist.get_world_size(),))
     # First uses (meta tensors, FSDP, DTensor state dicts) load code: not the model's memory.
     warm_up = Path(weights_file).with_name("genslm-tiny.safetensors")
@@ -127,11 +122,9 @@ def run(cases, out_dir: Path, stem: str, progress=print) -> list[dict]:
         for preset_name, p, contenders in cases:
             weights = _save_weights(preset_name, scratch) if any(c.startswith("load") for c in contenders) else ""
             for contender in contenders:
-                result = run_worker("torch.distributed.run",
-                                    ["--standalone", f"--nproc-per-node={p}", "-m", "ds4sci.bench.genslm_init",
-                                     "--worker", contender, preset_name, str(weights or scratch / "none")],
-                                    timeout=1800,
-                                    env={**WORKER_ENV, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // p))})
+                result = run_torchrun("ds4sci.bench.genslm_init", p,
+                                      ["--worker", contender, preset_name, str(weights or scratch / "none")],
+                                      timeout=1800, env=WORKER_ENV)
                 row = {"preset": preset_name, "processes": p, "contender": contender, **result,
                        "git_commit": meta["git_commit"]}
                 if row["status"] == "ok":
@@ -219,11 +212,7 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", nargs=3, metavar=("CONTENDER", "PRESET", "WEIGHTS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        result = worker(*args.worker)
-        if result:
-            print(json.dumps(result))
-        sys.stdout.flush()
-        os._exit(0)  # see bench.parallel: gloo's teardown sometimes aborts a finished worker
+        finish_worker(worker(*args.worker))
     run(QUICK_CASES if args.quick else CASES, args.out, "genslm_init_quick" if args.quick else STEM)
     return 0
 

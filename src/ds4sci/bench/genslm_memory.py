@@ -25,7 +25,7 @@ import torch
 
 from .common import (
     current_rss_bytes, limit_address_space, machine_info, merge_rows, peak_rss_bytes,
-    reset_peak_rss, run_worker, save_figure, subplots, write_rows,
+    reset_peak_rss, run_worker, save_figure, subplots, write_rows, WORKER_ENV,
 )
 
 CONTENDERS = ("ds4sci", "ds4sci-ckpt", "hf-eager", "hf-sdpa", "hf-sdpa-ckpt")
@@ -49,10 +49,6 @@ OUR_SETTINGS = {
 }
 QUICK_LENGTHS = {c: (256, 512, 1024) for c in CONTENDERS}
 BUDGET = 20 * 2**30
-# glibc keeps freed heap blocks below its mmap threshold (up to 32 MiB) resident, so without this
-# the RSS of a long-sequence step measures allocator fragmentation more than what the step needs
-# (several times the per-token slope, seen while developing). Every contender runs with the same setting.
-WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def _model(contender: str, preset_name: str):

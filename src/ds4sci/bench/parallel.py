@@ -45,8 +45,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -54,10 +52,10 @@ from typing import NamedTuple
 import torch
 
 from .common import (
-    current_rss_bytes, limit_address_space, machine_info, merge_rows, peak_rss_bytes,
-    reset_peak_rss, run_worker, save_figure, subplots, write_rows,
+    current_rss_bytes, finish_worker, init_gloo, limit_address_space, machine_info, merge_rows,
+    peak_rss_bytes, reset_peak_rss, run_torchrun, save_figure, subplots, write_rows, WORKER_ENV,
 )
-from .genslm_memory import BUDGET, WORKER_ENV, fit_and_predict
+from .genslm_memory import BUDGET, fit_and_predict
 
 CONTENDERS = ("ulysses", "ring", "deepspeed-ulysses")
 PROCESSES = (1, 2, 4)
@@ -116,14 +114,6 @@ def _deepspeed_core(group, local_core=None):
     return core
 
 
-def _init_gloo():
-    """This rank's share of the cores (torchrun's processes share the machine) and its gloo group."""
-    import torch.distributed as dist
-
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", 1))))
-    dist.init_process_group("gloo")
-
-
 def _setup(contender: str, preset_name: str):
     """Process group, model (parallelized for ``contender``), optimizer and a step function."""
     import torch.distributed as dist
@@ -133,7 +123,7 @@ def _setup(contender: str, preset_name: str):
     from ..parallel import ParallelDims
     from ..parallel.sequence import shard_batch
 
-    _init_gloo()
+    init_gloo()
     p, rank = dist.get_world_size(), dist.get_rank()
     torch.manual_seed(0)
     config = preset(preset_name).replace(activation_checkpointing="full", loss_chunk_size=CHUNK,
@@ -227,7 +217,7 @@ def exchange_worker(local_len: int, preset_name: str, rounds: int) -> dict:
     from ..models.genslm import preset
     from ..parallel.ulysses import ulysses_attention
 
-    _init_gloo()
+    init_gloo()
     config = preset(preset_name)
     group = dist.group.WORLD
     layers = {"ulysses": lambda q, k, v: ulysses_attention(q, k, v, group, core=_no_attention),
@@ -291,9 +281,7 @@ def worker(contender: str, length: int, preset_name: str) -> dict:
 
 def _torchrun(p: int, args: list[str], timeout: float) -> dict:
     """This module with ``args`` as a torchrun job of ``p`` local processes sharing the cores."""
-    return run_worker("torch.distributed.run",
-                      ["--standalone", f"--nproc-per-node={p}", "-m", "ds4sci.bench.parallel", *args],
-                      timeout=timeout, env={**WORKER_ENV, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // p))})
+    return run_torchrun("ds4sci.bench.parallel", p, args, timeout, WORKER_ENV)
 
 
 def _deepspeed_available() -> str | None:
@@ -503,13 +491,7 @@ def main(argv=None) -> int:
         else:
             length, preset_name, rounds = args.paired_worker
             result = paired_worker(int(length), preset_name, int(rounds))
-        if result:
-            print(json.dumps(result))
-        # The process group is destroyed and the result written. About one exit in twenty then
-        # aborts in gloo's C++ teardown ("terminate called without an active exception"), which
-        # would turn a finished case into a failed one: leave without interpreter finalization.
-        sys.stdout.flush()
-        os._exit(0)
+        finish_worker(result)
     preset_name = "genslm-tiny" if args.quick else "genslm-25m"
     stem = "parallel_scaling_quick" if args.quick else STEM
     if kind := "exchange" if args.exchange else "paired" if args.paired else None:
