@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ds4sci.models.genslm import GenSLM, GenSLMConfig, from_hf, init_parameters, load_parameters, preset, to_hf
-from ds4sci.models.genslm.inference import load_model
+from ds4sci.train.tasks.genslm import load_model
 from ds4sci.models.genslm.interop import state_dict_from_hf
 
 TINY = preset("genslm-tiny")
@@ -226,7 +226,7 @@ def _materialised(module, seed):
 def test_initial_weights_are_a_function_of_seed_and_name():
     """A model built on the meta device and filled later, or a pipeline stage of it alone, gets
     exactly the weights of a model built whole: what sharded ranks rely on."""
-    from ds4sci.parallel.pipeline import GenSLMStage
+    from ds4sci.models.genslm.model import GenSLMStage
 
     config = TINY.replace(num_hidden_layers=3)
     whole = dict(GenSLM(config, seed=3).named_parameters())
@@ -272,7 +272,7 @@ def test_init_parameters_names_a_parameter_it_has_no_rule_for():
 
 def _counting(tensors: dict):
     """A LazyTensors over ``tensors`` and the list of names it has read."""
-    from ds4sci.train.checkpoint import LazyTensors
+    from ds4sci.data.weights import LazyTensors
 
     asked = []
 
@@ -284,7 +284,7 @@ def _counting(tensors: dict):
 
 
 def test_load_parameters_reads_what_the_module_holds_and_checks_shapes():
-    from ds4sci.parallel.pipeline import GenSLMStage
+    from ds4sci.models.genslm.model import GenSLMStage
 
     config = TINY.replace(num_hidden_layers=3)
     source = GenSLM(config, seed=1)
@@ -308,7 +308,7 @@ def test_load_parameters_reads_what_the_module_holds_and_checks_shapes():
 def test_hf_weights_are_read_lazily_from_every_saved_layout(tmp_path, layout):
     pytest.importorskip("transformers")
     from ds4sci.models.genslm.interop import hf_weights
-    from ds4sci.train.checkpoint import LazyTensors
+    from ds4sci.data.weights import LazyTensors
 
     ours = GenSLM(TINY, seed=2)
     hf = to_hf(ours)

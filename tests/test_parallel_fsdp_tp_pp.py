@@ -21,7 +21,7 @@ from ds4sci.models.genslm.config import preset
 from ds4sci.models.genslm.model import IGNORE_INDEX
 from ds4sci.parallel.fsdp import apply_fsdp
 from ds4sci.parallel.pipeline import build_pipeline, stage_layer_ranges
-from ds4sci.parallel.tensor import apply_tensor_parallel, check_tensor_parallel
+from ds4sci.models.genslm.parallelize import check_tensor_parallel, tensor_parallel_genslm
 
 pytestmark = pytest.mark.distributed
 
@@ -125,7 +125,7 @@ def _train_sharded(rank, world_size, dp, tp, fsdp_kwargs, tp_embeddings=True, cf
     mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
     model = _model(cfg)
     if tp > 1:
-        apply_tensor_parallel(model, mesh["tp"], embeddings=tp_embeddings)
+        tensor_parallel_genslm(model, mesh["tp"], embeddings=tp_embeddings)
     if fsdp_kwargs is not None:
         apply_fsdp(model, mesh["dp"], **fsdp_kwargs)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS)
@@ -257,7 +257,7 @@ def _tp_heads(rank, world_size):
     """The column split of the fused per-head [q|k|v] projection gives each rank whole heads:
     its local rows are exactly heads [rank*H/tp, (rank+1)*H/tp) of the full weight."""
     full = _model()
-    model = apply_tensor_parallel(_model(), init_device_mesh("cpu", (world_size,)))
+    model = tensor_parallel_genslm(_model(), init_device_mesh("cpu", (world_size,)))
     h, d = CFG.num_attention_heads, CFG.head_dim
     local = model.layers[0].attention.query_key_value.weight.to_local()
     per_head = full.layers[0].attention.query_key_value.weight.view(h, 3 * d, -1)
@@ -278,13 +278,14 @@ def test_tensor_parallel_column_split_keeps_heads_whole():
 
 def _train_with_sp(rank, world_size, dp, sp, tp, sp_mode, layout):
     from ds4sci.parallel.dims import ParallelDims
-    from ds4sci.parallel.sequence import apply_sequence_parallel, shard_batch
+    from ds4sci.models.genslm.parallelize import shard_batch
+    from ds4sci.parallel.sequence import apply_sequence_parallel
 
     dims = ParallelDims(dp=dp, sp=sp, tp=tp, world_size=world_size, sp_mode=sp_mode)
     mesh = dims.build_mesh("cpu")
     model = apply_sequence_parallel(_model(), sp_mode, sp_group=mesh.group("sp"), layout=layout)
     if tp > 1:
-        apply_tensor_parallel(model, mesh.tp)
+        tensor_parallel_genslm(model, mesh.tp)
     apply_fsdp(model, mesh.dp_sp)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS)
     rows = slice(mesh.dp_rank * BATCH // dp, (mesh.dp_rank + 1) * BATCH // dp)
@@ -331,7 +332,7 @@ def _train_pipeline(rank, world_size, cfg, schedule, n_microbatches, seq_len, pp
     else:
         mesh = init_device_mesh("cpu", (pp, world_size // pp), mesh_dim_names=("pp", other))
         par = ((lambda m: apply_fsdp(m, mesh["dp"])) if other == "dp"
-               else (lambda m: apply_tensor_parallel(m, mesh["tp"])))
+               else (lambda m: tensor_parallel_genslm(m, mesh["tp"])))
         dp = mesh["dp"].size() if other == "dp" else 1
     dp_rank = mesh["dp"].get_local_rank() if dp > 1 else 0
     share = BATCH // dp // accum
@@ -441,7 +442,7 @@ def test_pipeline_autocast_bf16_matches_single_process_autocast():
 def test_stage_layer_ranges():
     assert stage_layer_ranges(5, 4) == [range(0, 2), range(2, 3), range(3, 4), range(4, 5)]
     assert stage_layer_ranges(8, 2) == [range(0, 4), range(4, 8)]
-    with pytest.raises(ValueError, match="num_hidden_layers=2 is less than pp=3"):
+    with pytest.raises(ValueError, match="the model has 2 blocks, fewer than pp=3"):
         stage_layer_ranges(2, 3)
 
 
@@ -462,7 +463,7 @@ def _bad_inputs(rank, world_size):
     for call in (
         lambda: apply_fsdp(_model(), mesh),
         lambda: apply_fsdp(_model(), mesh["a"], param_dtype=torch.int8),
-        lambda: apply_tensor_parallel(_model(), mesh),
+        lambda: tensor_parallel_genslm(_model(), mesh),
         lambda: build_pipeline(_model(), mesh["a"], batch_size=4, seq_len=8, n_microbatches=3),
         lambda: build_pipeline(_model(), mesh["a"], batch_size=4, seq_len=8, n_microbatches=2,
                                schedule="zb"),
@@ -495,7 +496,7 @@ def test_bad_inputs_raise_clear_errors():
         "apply_tensor_parallel: tp_mesh has 2 dims",
         "n_microbatches=3 does not divide batch_size=4",
         "schedule='zb'; expected one of ['1f1b', 'gpipe']",
-        "apply_fsdp: model is a Linear; expected a GenSLM or a GenSLMStage",
+        "apply_fsdp: Linear has no repeated blocks",
         "batch size 5 exceeds batch_size=4",
         "sequence length 9 exceeds seq_len=8",
     ]

@@ -17,6 +17,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from ds4sci.models.genslm import GenSLM, preset
 from ds4sci.models.genslm.model import IGNORE_INDEX
+from ds4sci.models.genslm.parallelize import shard_batch
 from ds4sci.parallel import ring
 from ds4sci.parallel.ring import ring_attention
 from ds4sci.parallel.sequence import (
@@ -25,7 +26,6 @@ from ds4sci.parallel.sequence import (
     count_sent_bytes,
     global_mean_loss,
     sequence_parallel_core,
-    shard_batch,
     shard_positions,
 )
 from ds4sci.parallel.ulysses import head_splits, ulysses_attention
@@ -109,7 +109,7 @@ def test_bad_inputs_name_the_argument():
         sequence_parallel_core("hybrid", ring_group=object())
     with pytest.raises(ValueError, match="needs sp_group"):
         sequence_parallel_core("ring")
-    with pytest.raises(TypeError, match="model is a Linear; expected a GenSLM"):
+    with pytest.raises(TypeError, match="Linear has no attention module with a .core. attribute"):
         apply_sequence_parallel(torch.nn.Linear(2, 2), "ring", sp_group=object())
 
 
@@ -478,14 +478,14 @@ def test_genslm_loss_and_grads_match_single_process(case):
 def _composed_rank(rank, world_size, config, state, ids, labels, dims_kwargs, layout):
     from ds4sci.parallel import ParallelDims
     from ds4sci.parallel.fsdp import apply_fsdp
-    from ds4sci.parallel.tensor import apply_tensor_parallel
+    from ds4sci.models.genslm.parallelize import tensor_parallel_genslm
 
     dims = ParallelDims(world_size=world_size, **dims_kwargs)
     mesh = dims.build_mesh("cpu")
     model = GenSLM(config)
     model.load_state_dict(state)
     if dims.tp_enabled:
-        apply_tensor_parallel(model, mesh.tp)
+        tensor_parallel_genslm(model, mesh.tp)
     hybrid = dims.sp_mode == "hybrid"
     apply_sequence_parallel(model, dims.sp_mode, sp_group=mesh.group("sp"),
                             ulysses_group=mesh.group("ulysses") if hybrid else None,

@@ -157,9 +157,9 @@ def _initial_state(rank, world_size, out, extra):
 
 def _initial_state_scattered(rank, world_size, out, extra):
     """As on torch < 2.7: shards scattered from rank 0's copy, not sliced by each rank."""
-    from ds4sci.models.genslm import model
+    from ds4sci.parallel import init
 
-    model._SLICE_LOCALLY = {}
+    init._SLICE_LOCALLY = {}
     return _initial_state(rank, world_size, out, extra)
 
 
@@ -259,7 +259,7 @@ def test_resume_under_another_layout(tmp_path):
     last = Trainer(_cfg(out, *steps), resume=True)  # one process resumes a distributed checkpoint
     assert last.step == 5
     # embed/generate load the full weights of a distributed checkpoint too
-    from ds4sci.models.genslm.inference import load_model
+    from ds4sci.train.tasks.genslm import load_model
 
     loaded, _ = load_model(out)
     for name, value in last.model.state_dict().items():

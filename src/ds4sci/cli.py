@@ -53,13 +53,14 @@ def train(args, overrides: list[str]) -> int:
     # --dp/--sp/... are shorthands for parallel.* keys (a YAML file may set those too).
     layout = [f"parallel.{name}={getattr(args, name)}" for name in _LAYOUT_FLAGS
               if getattr(args, name) is not None]
-    cfg = load_config(args.config, [*overrides, *layout])
+    cfg = load_config(args.config, [*overrides, *layout], task=args.task)
+    task = cfg.task_spec
     distributed = launched_distributed()
     p = cfg.parallel
     n = max(p.dp, 1) * p.sp * p.tp * p.pp  # processes the layout needs (dp=-1: at least 1)
     if not distributed and n > 1:
         raise ValueError(f"the layout dp={p.dp} sp={p.sp} tp={p.tp} pp={p.pp} needs {n} processes; "
-                         f"launch with torchrun --nproc-per-node={n} -m ds4sci.cli train genslm ...")
+                         f"launch with torchrun --nproc-per-node={n} -m ds4sci.cli train {task.name} ...")
     if distributed:
         trainer = DistributedTrainer(cfg, resume=args.resume)
         main_rank, layout_note = trainer.is_main, f", layout {trainer.dims.describe()} on {trainer.world_size} ranks"
@@ -67,19 +68,13 @@ def train(args, overrides: list[str]) -> int:
         trainer = Trainer(cfg, resume=args.resume)
         main_rank, layout_note = True, ""
     if main_rank:
-        print(f"ds4sci train genslm: {cfg.model} ({trainer.num_parameters / 1e6:.2f} M parameters), "
-              f"{len(trainer.train_data)} train / {len(trainer.val_data)} val records, "
-              f"{int(trainer.train_data.offsets[-1]):,} train tokens, precision {cfg.precision}"
+        print(f"ds4sci train {task.name}: {cfg.model} ({trainer.num_parameters / 1e6:.2f} M parameters), "
+              f"{task.describe_data(cfg, trainer.train_data, trainer.val_data)}, precision {cfg.precision}"
               + layout_note + (f", resuming at step {trainer.step}" if args.resume else ""), flush=True)
     result = trainer.fit()
     rows = result["rows"]
     if rows and main_rank:
-        first, last = rows[0], rows[-1]
-        val = last.get("val_perplexity")
-        print(f"loss {first['loss']:.3f} -> {last['loss']:.3f} nats/token over {last['step']} steps; "
-              f"validation perplexity {float('nan') if val is None else val:.2f}; "
-              f"{last['tokens_per_s']:.0f} tokens/s; peak memory {last['peak_memory_bytes'] / 2**30:.2f} GiB"
-              + (" (largest rank)" if distributed else ""))
+        print(task.summary(rows) + (" (largest rank)" if distributed else ""))
     if main_rank:
         print(f"run directory {cfg.out_dir}: metrics.jsonl, loss_curve.png, checkpoints/")
     if distributed:
@@ -94,7 +89,7 @@ def embed(args) -> int:
 
     from .data.fasta import read_fasta
     from .models.genslm.inference import embed as embed_sequences
-    from .models.genslm.inference import load_model
+    from .train.tasks.genslm import load_model
 
     model, tokenizer = load_model(args.model)
     records = list(read_fasta(args.fasta, on_bad="error"))
@@ -109,7 +104,7 @@ def embed(args) -> int:
 
 def generate(args) -> int:
     from .models.genslm.inference import generate as generate_sequence
-    from .models.genslm.inference import load_model
+    from .train.tasks.genslm import load_model
 
     model, tokenizer = load_model(args.model)
     lines = []
@@ -133,30 +128,54 @@ BENCHMARKS = {
 """``ds4sci bench NAME`` -> module in ``ds4sci.bench`` (its ``main(argv)`` takes the rest)."""
 
 
-def _config_keys() -> str:
-    """The training config's keys for ``--key=value``: fields, and ``<section>.<field>``."""
+def _config_keys(task_name: str) -> str:
+    """The training config's keys for ``--key=value``: fields, ``<section>.<field>`` and the
+    task's ``data.*`` and ``model.*`` keys."""
     import dataclasses
 
     from .train.config import TrainConfig
+    from .train.task import get_task
 
+    task = get_task(task_name)
     keys = []
     for f in dataclasses.fields(TrainConfig):
-        if f.name == "model_changes":
+        if f.name in ("model_changes", "task"):
+            continue
+        if f.name == "data":
+            keys += [f"data.{d.name}" for d in dataclasses.fields(task.data_config)]
             continue
         section = dataclasses.is_dataclass(f.default_factory()) if callable(f.default_factory) else False
         keys.append(f"{f.name}.<field>" if section else f.name)
         if f.name == "model":
-            keys.append("model.<field>")
+            keys.append(f"model.<field of {task.model_config.__name__}>")
     return ", ".join(keys)
+
+
+class _TaskHelp(argparse.Action):
+    """``ds4sci train <task> --help``: the task's own config keys."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .train.task import get_task
+
+        if namespace.task is not None:
+            task = get_task(namespace.task)
+            parser.description = (f"{task.description}. Config keys (--key=value, or a YAML file): "
+                                  f"{_config_keys(task.name)} (see ds4sci.train.config).")
+        parser.print_help()
+        parser.exit()
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="ds4sci", description="DeepSpeed4Science technologies on plain PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
-    tr = sub.add_parser("train", help="train a model (genslm); extra --key=value override the config",
-                        description=f"Config keys: {_config_keys()} (see ds4sci.train.config).")
-    tr.add_argument("model_family", choices=["genslm"])
+    from .train.task import task_names
+
+    tr = sub.add_parser("train", help=f"train a model ({', '.join(task_names())}); extra --key=value "
+                        "override the config", add_help=False,
+                        description="`ds4sci train TASK --help` lists that task's config keys.")
+    tr.add_argument("-h", "--help", action=_TaskHelp, nargs=0, help="show this help (with TASK: its config keys)")
+    tr.add_argument("task", nargs="?", choices=task_names(), help="what to train")
     tr.add_argument("--config", help="YAML config file")
     tr.add_argument("--resume", action="store_true", help="continue from out_dir's latest checkpoint")
     par = tr.add_argument_group("parallel layout (launch with torchrun; dp x sp x tp x pp = processes)")
@@ -192,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.command not in ("bench", "train") and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "train" and args.task is None:
+        tr.error(f"the task is required: ds4sci train TASK, TASK one of {', '.join(task_names())}")
     if args.command in ("train", "embed", "generate"):
         from .train.checkpoint import CheckpointError
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from ..train.metrics import peak_rss_bytes  # noqa: F401  (re-exported for the benchmarks)
+
 
 def machine_info() -> dict:
     """Machine, versions and date, written beside every result."""
@@ -74,19 +76,6 @@ def reset_peak_rss() -> None:
         pass
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-
-
-def peak_rss_bytes() -> int:
-    """High-water resident set size of this process image (``VmHWM``).
-
-    Not ``ru_maxrss``: Linux carries the parent's RSS at fork into the child's ``ru_maxrss``
-    across exec, so a small child of a large parent would report the parent's size.
-    """
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("VmHWM not found in /proc/self/status")
 
 
 def limit_address_space(budget_bytes: int) -> None:

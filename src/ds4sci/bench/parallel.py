@@ -121,7 +121,7 @@ def _setup(contender: str, preset_name: str):
     from ..models.genslm import GenSLM, preset
     from ..models.genslm.parallelize import parallelize_genslm, sequence_layout
     from ..parallel import ParallelDims
-    from ..parallel.sequence import shard_batch
+    from ..models.genslm.parallelize import shard_batch
 
     init_gloo()
     p, rank = dist.get_world_size(), dist.get_rank()

@@ -1,5 +1,8 @@
-"""Distributed training on ``torch.distributed``: the parallel layout (``ParallelDims``), sequence
-parallelism (Ulysses, ring, hybrid), FSDP2 sharding, tensor and pipeline parallelism.
+"""Distributed training on ``torch.distributed``, for any model: the parallel layout
+(``ParallelDims``), sequence parallelism (Ulysses, ring, hybrid; causal or bidirectional), FSDP2
+sharding, tensor and pipeline parallelism, and meta-device initialisation. Nothing here imports a
+model: models take part through small protocols (see each module) and keep their plans in
+``models/<name>/parallelize.py``.
 
 Only the layout is imported eagerly; the rest load on first use, so ``import ds4sci`` stays
 cheap and one missing piece does not break the others.
@@ -16,13 +19,17 @@ _LAZY = {
     "ulysses_attention": "ulysses",
     "ring_attention": "ring",
     "hybrid_attention": "ring",
-    "shard_batch": "sequence",
+    "shard_sequence": "sequence",
+    "gather_sequence": "sequence",
+    "set_valid_length": "sequence",
     "apply_sequence_parallel": "sequence",
     "global_mean_loss": "sequence",
     "comm_bytes_per_layer": "sequence",
     "apply_fsdp": "fsdp",
     "apply_tensor_parallel": "tensor",
     "build_pipeline": "pipeline",
+    "init_parameters": "init",
+    "load_parameters": "init",
 }
 
 __all__ = ["SP_MODES", "ParallelDims", "ParallelMesh", *_LAZY]

@@ -1,4 +1,4 @@
-"""ZeRO-3-style sharding of GenSLM with FSDP2 (``torch.distributed.fsdp.fully_shard``).
+"""ZeRO-3-style sharding of any transformer with FSDP2 (``torch.distributed.fsdp.fully_shard``).
 
 Follows Rajbhandari et al. 2020 ("ZeRO", stage 3): parameters, gradients and optimizer state are
 sharded over the data-parallel ranks; each layer's parameters are all-gathered just before the
@@ -6,11 +6,11 @@ layer runs and freed after it, gradients are reduce-scattered. With sequence par
 is the flattened dp x sp mesh: SP ranks hold different tokens of the same samples, so for the
 weights they are data-parallel ranks too (ZeRO over dp x sp, as DeepSpeed-Ulysses does).
 
-One FSDP unit per transformer layer plus the root (embeddings, final norm, output head), so at
-most one layer's full parameters exist at a time besides the root's. Because training code may
-call ``GenSLM.hidden_states`` and ``GenSLM.loss_sum`` instead of ``forward`` (sequence-parallel
-loss), both are registered as FSDP forward methods so the root's parameters are gathered for
-them too.
+One FSDP unit per transformer block plus the root (embeddings, final norm, output head), so at
+most one block's full parameters exist at a time besides the root's. Because training code may
+call other methods than ``forward`` (GenSLM's ``hidden_states`` and ``loss_sum`` for the
+sequence-parallel loss), a model lists them in ``fsdp_forward_methods`` and they are registered
+as FSDP forward methods so the root's parameters are gathered for them too.
 
 CPU offload (ZeRO-Offload / ZeRO-Infinity's host side) is FSDP2's ``CPUOffloadPolicy``: sharded
 parameters, gradients and hence the optimizer step live in host memory and are copied to the
@@ -33,6 +33,8 @@ from torch.distributed.fsdp import (
     register_fsdp_forward_method,
 )
 
+from .tensor import model_blocks
+
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -44,8 +46,10 @@ def _check_dtype(name: str, dtype) -> None:
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype | None = None,
                reduce_dtype: torch.dtype | None = torch.float32, cpu_offload: bool = False,
                reshard_after_forward: bool = True) -> nn.Module:
-    """Shard ``model`` (a ``GenSLM`` or a pipeline ``GenSLMStage``) in place over the 1-D
-    data-parallel ``mesh``; returns it.
+    """Shard ``model`` (or a pipeline stage of it) in place over the 1-D data-parallel ``mesh``;
+    returns it. Each repeated block (``tensor.model_blocks``: ``.layers`` or ``.blocks``) is one
+    FSDP unit, the rest of the model the root unit; methods named in the model's
+    ``fsdp_forward_methods`` (besides ``forward``) gather the root's parameters too.
 
     ``param_dtype``: dtype the gathered parameters compute in (mixed precision; None = their own
     dtype); the sharded master copy and the optimizer state keep the parameters' own dtype (fp32
@@ -70,24 +74,23 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype |
                          f"mesh['dp', 'sp']._flatten())")
     _check_dtype("param_dtype", param_dtype)
     _check_dtype("reduce_dtype", reduce_dtype)
-    if not hasattr(model, "layers"):
-        raise TypeError(f"apply_fsdp: model is a {type(model).__name__}; expected a GenSLM or a "
-                        f"GenSLMStage (with .layers)")
+    try:
+        blocks = model_blocks(model)
+    except TypeError as err:
+        raise TypeError(f"apply_fsdp: {err}") from None
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     if cpu_offload:
         offload_policy = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu")
     else:
         offload_policy = OffloadPolicy()
     kwargs = dict(mesh=mesh, mp_policy=mp_policy, offload_policy=offload_policy)
-    # A pipeline stage keys its layers by whole-model index (a ModuleDict); GenSLM has a list.
-    layers = model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers
-    for layer in layers:
-        fully_shard(layer, reshard_after_forward=reshard_after_forward, **kwargs)
+    for block in blocks:
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
     # The root (embeddings, final norm, output head) stays gathered from forward to backward: the
-    # output head is needed again first thing in backward, and sequence-parallel training calls
-    # the root twice (hidden_states, then loss_sum) per step (FSDP2's own default for a root).
+    # output head is needed again first thing in backward, and sequence-parallel training may call
+    # the root twice (hidden states, then the loss) per step (FSDP2's own default for a root).
     fully_shard(model, reshard_after_forward=False, **kwargs)
-    for method in ("hidden_states", "loss_sum"):
+    for method in getattr(model, "fsdp_forward_methods", ()):
         if hasattr(model, method):
             register_fsdp_forward_method(model, method)
     return model

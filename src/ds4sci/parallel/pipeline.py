@@ -1,4 +1,5 @@
-"""Pipeline parallelism for GenSLM with ``torch.distributed.pipelining`` (GPipe and 1F1B).
+"""Pipeline parallelism for any model that follows a small protocol, with
+``torch.distributed.pipelining`` (GPipe and 1F1B).
 
 Follows Huang et al. 2019 ("GPipe": all microbatch forwards, then all backwards) and Narayanan
 et al. 2019 ("PipeDream" 1F1B: after warm-up each stage alternates one forward and one backward,
@@ -6,22 +7,29 @@ so at most ``pp`` microbatches' activations are alive per stage instead of all o
 schedules are PyTorch's ``ScheduleGPipe`` / ``Schedule1F1B``; this module only cuts the model
 into stages and supplies an exact loss.
 
-The model is cut by layers: stage 0 holds the token embedding and the first layers, the last
-stage the remaining layers, the final norm and the output head (the loss). Stage modules keep
-the whole model's parameter names (``layers.5.mlp...``), so a distributed checkpoint written
-under one pipeline layout loads under another.
+The protocol (embed -> ordered blocks -> head/loss), what a model provides:
 
-Exactness: each microbatch's loss is its *summed* cross-entropy divided by the token count of the
-whole batch, and the schedule's own gradient scaling (by ``1 / n_microbatches``) is off, so the
-accumulated gradients are those of the whole batch's mean loss even when microbatches hold
-different numbers of non-ignored labels.
+* ``model.pipeline_blocks() -> int``: how many blocks it has (stages are cut between blocks);
+* ``model.pipeline_stage(block_ids: range, is_first, is_last) -> nn.Module``: a module holding
+  (sharing, not copying) the embedding if first, those blocks, the head if last, under the whole
+  model's parameter names (so a distributed checkpoint written under one pipeline layout loads
+  under another). The stage module has:
+
+  * ``forward(x)``: the model's inputs (first stage) or the previous stage's activations ->
+    activations (the last stage's go to the loss);
+  * ``loss_sum(out, targets) -> (sum, count, ...)``: summed loss of the last stage's output;
+  * ``fixed_batch(inputs, targets, batch_size, seq_len) -> (inputs, targets)``: the batch put
+    in the fixed shape every step must have (padding that adds nothing to the loss; a language
+    model also shifts its labels here), and ``count(targets)``: how many targets it counts.
+
+Exactness: each microbatch's loss is its *summed* loss divided by the count of the whole batch,
+and the schedule's own gradient scaling (by ``1 / n_microbatches``) is off, so the accumulated
+gradients are those of the whole batch's mean loss even when microbatches hold different numbers
+of counted targets.
 
 Shapes: a pipeline stage allocates its receive buffers from the first step's shapes, so every
-step must have the same ``[B, S]``. ``pipeline_step`` right-pads shorter batches to the
-``seq_len`` given at build time (padding labels are ignored and causal attention never looks
-right, so the loss is unchanged).
-
-Legend: ``B`` batch, ``S`` sequence, ``E`` hidden size.
+step must have the same shape: ``fixed_batch`` pads to the ``batch_size`` and ``seq_len`` given
+at build time.
 """
 
 from __future__ import annotations
@@ -33,18 +41,17 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from ..models.genslm.model import IGNORE_INDEX, GenSLM, run_layers
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
 
 def stage_layer_ranges(num_layers: int, pp: int) -> list[range]:
-    """Layers of each stage: contiguous, as even as possible, earlier stages one more if uneven
+    """Blocks of each stage: contiguous, as even as possible, earlier stages one more if uneven
     (the last stage also runs the output head and the loss)."""
     if pp < 1:
         raise ValueError(f"pipeline: pp={pp}; expected >= 1")
     if num_layers < pp:
-        raise ValueError(f"pipeline: num_hidden_layers={num_layers} is less than pp={pp}; "
+        raise ValueError(f"pipeline: the model has {num_layers} blocks, fewer than pp={pp}; "
                          f"every pipeline stage needs at least one layer")
     base, extra = divmod(num_layers, pp)
     ranges, start = [], 0
@@ -55,50 +62,17 @@ def stage_layer_ranges(num_layers: int, pp: int) -> list[range]:
     return ranges
 
 
-class GenSLMStage(nn.Module):
-    """Layers ``layer_ids`` of a GenSLM; the first stage also embeds the tokens, the last also
-    applies the final norm and owns the output head used by ``loss_sum``.
-
-    ``forward``: first stage ``input_ids [B, S]``, later stages ``hidden [B, S, E]`` ->
-    ``hidden [B, S, E]`` (final-normed on the last stage).
-    """
-
-    # The output head's chunked cross-entropy is GenSLM's own, not a copy.
-    loss_sum = GenSLM.loss_sum
-    _chunk_loss = GenSLM._chunk_loss
-
-    def __init__(self, model: GenSLM, layer_ids: range, is_first: bool, is_last: bool):
-        super().__init__()
-        self.config = model.config
-        self.is_first, self.is_last = is_first, is_last
-        self.rotary = model.rotary
-        if is_first:
-            self.embed_in = model.embed_in
-        # Keyed by the whole model's layer index so parameter names match the unsplit model.
-        self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layer_ids})
-        if is_last:
-            self.final_layer_norm = model.final_layer_norm
-            self.embed_out = model.embed_out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Every stage sees the full (unsharded) sequence, so positions are 0..S-1.
-        cos, sin = self.rotary(torch.arange(x.shape[1], device=x.device))
-        x = run_layers(self.layers.values(), x, cos, sin, self.config,
-                       embed=self.embed_in if self.is_first else None)
-        return self.final_layer_norm(x) if self.is_last else x
-
-
 class Pipeline:
-    """One pipeline stage of a GenSLM on this rank and the schedule that drives it.
+    """One pipeline stage of a model on this rank and the schedule that drives it.
 
-    Build with ``build_pipeline``; call ``step(input_ids, labels)`` on every rank of the pipeline
+    Build with ``build_pipeline``; call ``step(inputs, targets)`` on every rank of the pipeline
     (each rank passes the same whole batch), then the optimizer on ``module.parameters()``;
     ``evaluate`` runs forward only. The schedule runs the stages and the loss in the calling
     thread, so mixed precision is ``with torch.autocast(...): pipeline.step(...)``, as without
     pipelining.
     """
 
-    def __init__(self, module: GenSLMStage, stage: PipelineStage, schedule, seq_len: int,
+    def __init__(self, module: nn.Module, stage: PipelineStage, schedule, seq_len: int,
                  batch_size: int, n_microbatches: int):
         self.module, self.stage, self.schedule = module, stage, schedule
         self.seq_len, self.batch_size, self.n_microbatches = seq_len, batch_size, n_microbatches
@@ -107,26 +81,19 @@ class Pipeline:
     def is_last(self) -> bool:
         return self.module.is_last
 
-    def _inputs(self, what: str, input_ids: torch.Tensor, labels: torch.Tensor):
-        """``(ids, targets)`` shifted and padded to the fixed ``[batch_size, seq_len]``."""
-        if input_ids.dim() != 2 or labels.shape != input_ids.shape:
-            raise ValueError(f"pipeline {what}: input_ids {tuple(input_ids.shape)} and labels "
-                             f"{tuple(labels.shape)}; expected both [B, S]")
-        b, s = input_ids.shape
+    def _inputs(self, what: str, inputs: torch.Tensor, targets: torch.Tensor):
+        """``(inputs, targets)`` in the fixed ``[batch_size, seq_len, ...]`` shape (the stage's
+        ``fixed_batch``), on the stage's device."""
+        b = inputs.shape[0]
         if b > self.batch_size:
             raise ValueError(f"pipeline {what}: batch size {b} exceeds batch_size="
                              f"{self.batch_size} given to build_pipeline (stages' buffers are "
                              f"fixed)")
-        if s > self.seq_len:
-            raise ValueError(f"pipeline {what}: sequence length {s} exceeds seq_len={self.seq_len} "
-                             f"given to build_pipeline (stages' buffers are fixed)")
-        # Shift before padding: token t predicts label t+1, the last real token nothing.
-        targets = torch.cat([labels[:, 1:], labels.new_full((b, 1), IGNORE_INDEX)], dim=1)
-        # Padding rows and columns have every target ignored: they add nothing to loss or grads.
-        ids = input_ids.new_zeros((self.batch_size, self.seq_len))
-        padded = targets.new_full((self.batch_size, self.seq_len), IGNORE_INDEX)
-        ids[:b, :s], padded[:b, :s] = input_ids, targets
-        return ids.to(self.stage.device), padded.to(self.stage.device)
+        if inputs.dim() > 1 and inputs.shape[1] > self.seq_len:
+            raise ValueError(f"pipeline {what}: sequence length {inputs.shape[1]} exceeds seq_len="
+                             f"{self.seq_len} given to build_pipeline (stages' buffers are fixed)")
+        inputs, targets = self.module.fixed_batch(inputs, targets, self.batch_size, self.seq_len)
+        return inputs.to(self.stage.device), targets.to(self.stage.device)
 
     def _run(self, run, ids, targets, num_tokens) -> list[torch.Tensor]:
         losses: list[torch.Tensor] = []
@@ -134,21 +101,21 @@ class Pipeline:
             losses=losses, return_outputs=False, loss_kwargs={"num_tokens": num_tokens})
         return losses
 
-    def step(self, input_ids: torch.Tensor, labels: torch.Tensor,
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor,
              num_tokens: torch.Tensor | float | None = None) -> torch.Tensor | None:
         """Forward and backward of one batch through the pipeline; gradients accumulate in
-        ``module``'s parameters. Returns the batch's loss (summed cross-entropy / ``num_tokens``)
-        on the last stage and None on the others.
+        ``module``'s parameters. Returns the batch's loss (summed loss / ``num_tokens``) on the
+        last stage and None on the others.
 
-        ``input_ids``, ``labels``: ``[B, S]`` with ``B <= batch_size`` and ``S <= seq_len``
-        (``-100`` = ignored label). ``num_tokens``: the count the summed loss is divided by
-        (default: this batch's non-ignored targets, giving the mean loss); pass a global count,
-        scaled as the data parallelism in use requires, when batches are split over
-        data-parallel ranks.
+        ``inputs``, ``targets``: the model's batch (``B <= batch_size``, ``S <= seq_len``; for a
+        language model ``[B, S]`` token ids and labels, ``-100`` = ignored). ``num_tokens``: the
+        count the summed loss is divided by (default: this batch's counted targets, giving the
+        mean loss); pass a global count, scaled as the data parallelism in use requires, when
+        batches are split over data-parallel ranks.
         """
-        ids, targets = self._inputs("step", input_ids, labels)
+        ids, targets = self._inputs("step", inputs, targets)
         if num_tokens is None:
-            num_tokens = (targets != IGNORE_INDEX).sum()
+            num_tokens = self.module.count(targets)
         num_tokens = torch.as_tensor(num_tokens).clamp_min(1)  # all ignored: loss 0, not 0/0
         losses = self._run(self.schedule.step, ids, targets, num_tokens)
         if not self.is_last:
@@ -156,20 +123,20 @@ class Pipeline:
         return torch.stack([loss.detach() for loss in losses]).sum()
 
     @torch.no_grad()
-    def evaluate(self, input_ids: torch.Tensor, labels: torch.Tensor):
-        """Forward only: ``(summed cross-entropy, count of non-ignored targets)`` of the batch on
-        the last stage, None on the others (same shapes as ``step``)."""
-        ids, targets = self._inputs("evaluate", input_ids, labels)
+    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor):
+        """Forward only: ``(summed loss, count of counted targets)`` of the batch on the last
+        stage, None on the others (same shapes as ``step``)."""
+        ids, targets = self._inputs("evaluate", inputs, targets)
         losses = self._run(self.schedule.eval, ids, targets, torch.ones(()))
         if not self.is_last:
             return None
-        return torch.stack(losses).sum(), (targets != IGNORE_INDEX).sum()
+        return torch.stack(losses).sum(), self.module.count(targets)
 
 
-def build_pipeline(model: GenSLM, pp_mesh: DeviceMesh, *, batch_size: int, seq_len: int,
+def build_pipeline(model: nn.Module, pp_mesh: DeviceMesh, *, batch_size: int, seq_len: int,
                    n_microbatches: int, schedule: str = "1f1b",
                    device: torch.device | str | None = None,
-                   parallelize_stage: Callable[[GenSLMStage], object] | None = None) -> Pipeline:
+                   parallelize_stage: Callable[[nn.Module], object] | None = None) -> Pipeline:
     """Cut ``model`` into ``pp_mesh.size()`` stages and return this rank's stage and schedule.
 
     ``pp_mesh``: 1-D pipeline mesh; the rank's position in it is its stage index.
@@ -198,12 +165,16 @@ def build_pipeline(model: GenSLM, pp_mesh: DeviceMesh, *, batch_size: int, seq_l
                          f"batch_size={batch_size}; microbatches must be equal (fixed stage "
                          f"buffers)")
     pp, stage_index = pp_mesh.size(), pp_mesh.get_local_rank()
-    ranges = stage_layer_ranges(model.config.num_hidden_layers, pp)
+    for name in ("pipeline_blocks", "pipeline_stage"):
+        if not callable(getattr(model, name, None)):
+            raise TypeError(f"build_pipeline: {type(model).__name__} has no {name}(); a model is "
+                            "pipelined through the protocol in ds4sci.parallel.pipeline")
+    ranges = stage_layer_ranges(model.pipeline_blocks(), pp)
     if device is None:
         device = (torch.device(pp_mesh.device_type, torch.cuda.current_device())
                   if pp_mesh.device_type == "cuda" else torch.device(pp_mesh.device_type))
-    module = GenSLMStage(model, ranges[stage_index], is_first=stage_index == 0,
-                         is_last=stage_index == pp - 1)
+    module = model.pipeline_stage(ranges[stage_index], is_first=stage_index == 0,
+                                  is_last=stage_index == pp - 1)
     if not any(p.is_meta for p in module.parameters()):
         module = module.to(device)
     if parallelize_stage is not None:

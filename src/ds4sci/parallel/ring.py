@@ -1,5 +1,5 @@
-"""Ring attention (Liu et al., 2023, "Ring Attention with Blockwise Transformers") for causal
-language models, with zigzag load balancing, and the hybrid Ulysses x ring layout.
+"""Ring attention (Liu et al., 2023, "Ring Attention with Blockwise Transformers"), causal (with
+zigzag load balancing) or bidirectional, and the hybrid Ulysses x ring layout.
 
 Each rank of the ring holds a shard of the sequence (all heads). K/V shards travel around the
 ring, one hop per step, while every rank attends its queries to the shard it holds; the partial
@@ -16,6 +16,13 @@ Layouts (``sequence.shard_positions`` produces the matching token order):
   ``r`` and ``2P-1-r``. Then at every step other than the first, each rank does exactly half a
   block: against an earlier rank's shard all its queries see the shard's first chunk; against a
   later rank's shard only its second chunk sees it, whole. Every rank does the same work.
+
+Bidirectional attention (``causal=False``, e.g. ViT patch tokens) needs no zigzag: every query
+sees every key, so the contiguous layout already gives every rank the same work. A sequence
+padded at its end to a length the ranks divide is attended exactly by passing ``valid_length``
+(the real token count): each block is cut to the keys before it (a key-padding mask that is a
+slice, so no mask tensor exists). Padded queries get finite outputs that a loss must ignore.
+No other additive bias is supported by the ring.
 
 The hybrid layout (:func:`hybrid_attention`) runs Ulysses inside groups and the ring across them,
 so the sequence-parallel degree can exceed the number of heads.
@@ -145,10 +152,23 @@ def auto_backend(device_type: str, dtype: torch.dtype) -> str:
 
 # ----- the ring schedule --------------------------------------------------------------------
 
-def _blocks(rank, src, layout, s):
+def _blocks(rank, src, layout, s, causal=True, valid_length=None):
     """Which part of this rank's queries meets which part of ``src``'s K/V, and whether the block
-    is causal: ``(q_slice, kv_slice, causal)`` or None when no query sees any of those keys."""
+    is causal: ``(q_slice, kv_slice, causal)`` or None when no query sees any of those keys.
+
+    Bidirectional (``causal=False``, contiguous layout): every block is whole, cut to the keys
+    before ``valid_length`` (global positions ``src * s ...``). A rank's own block always has at
+    least one key (if its shard is all padding, the padded keys themselves), so step 0 gives every
+    row finite statistics.
+    """
     full, half = slice(0, s), slice(0, s // 2)
+    if not causal:
+        if valid_length is None:
+            return full, full, False
+        keys = min(max(valid_length - src * s, 0), s)
+        if keys == 0:
+            return (full, full, False) if src == rank else None
+        return full, slice(0, keys), False
     if src == rank:
         # Own shard: plain causal attention, also for zigzag (its chunks are in order).
         return full, full, True
@@ -181,7 +201,7 @@ def _wait(reqs):
         req.wait()
 
 
-def _ring_steps(kv, group, layout, s):
+def _ring_steps(kv, group, layout, s, causal=True, valid_length=None):
     """The ring schedule, shared by forward and backward: per step ``(block, held)``, the K/V shard
     this rank holds and which of its queries meet which of those keys (``_blocks``; None for
     none). The next shard's transfer starts before each step and is waited for after it, so it
@@ -193,7 +213,7 @@ def _ring_steps(kv, group, layout, s):
     for step in range(size):
         if step + 1 < size:
             next_kv, reqs = _exchange(held, group, send_to, recv_from, tag=0)
-        yield _blocks(rank, (rank - step) % size, layout, s), held
+        yield _blocks(rank, (rank - step) % size, layout, s, causal, valid_length), held
         if step + 1 < size:
             _wait(reqs)
             held, next_kv, reqs = next_kv, None, None
@@ -211,15 +231,15 @@ def _merge(out, lse, rows, block_out, block_lse):
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, kv, group, layout, backend, head_chunk):
+    def forward(ctx, q, kv, group, layout, backend, head_chunk, causal, valid_length):
         """``kv``: k and v stacked ``[2, B, H, S, D]``, one message per hop (saved as is)."""
         fwd, bwd = _pick_backend(q, backend)
         out = lse = None
-        for block, held in _ring_steps(kv, group, layout, q.shape[-2]):
+        for block, held in _ring_steps(kv, group, layout, q.shape[-2], causal, valid_length):
             if block is not None:
-                rows, cols, causal = block
+                rows, cols, block_causal = block
                 block_out, block_lse = fwd(q[..., rows, :], held[0][..., cols, :],
-                                           held[1][..., cols, :], causal)
+                                           held[1][..., cols, :], block_causal)
                 if out is None:  # step 0 is the own (diagonal) block: every row has a key
                     out, lse = block_out.to(_acc(q.dtype)), block_lse.to(_acc(q.dtype)).contiguous()
                 else:
@@ -229,6 +249,7 @@ class _RingAttention(torch.autograd.Function):
         out = out.to(q.dtype)
         ctx.save_for_backward(q, kv, out, lse)
         ctx.group, ctx.layout, ctx.bwd, ctx.head_chunk = group, layout, bwd, head_chunk
+        ctx.causal, ctx.valid_length = causal, valid_length
         return out
 
     @staticmethod
@@ -239,10 +260,12 @@ class _RingAttention(torch.autograd.Function):
         if dout.stride(-1) != 1:
             dout = dout.contiguous()
         h, chunk = q.shape[1], ctx.head_chunk
-        run = functools.partial(_ring_backward, group=ctx.group, layout=ctx.layout, bwd=ctx.bwd)
+        run = functools.partial(_ring_backward, group=ctx.group, layout=ctx.layout, bwd=ctx.bwd,
+                                causal=ctx.causal, valid_length=ctx.valid_length)
+        none = (None,) * 6
         if not chunk or chunk >= h:
             dq, dkv = run(dout, q, kv, out, lse)
-            return dq.to(q.dtype), dkv.to(kv.dtype), None, None, None, None
+            return dq.to(q.dtype), dkv.to(kv.dtype), *none
         # Head groups one ring pass at a time: K/V in flight, the travelling dK/dV and the block
         # gradients are a group's, not all heads'; the results go straight into the gradients.
         dq, dkv = torch.empty_like(q), torch.empty_like(kv)
@@ -252,10 +275,10 @@ class _RingAttention(torch.autograd.Function):
                               lse[:, heads])
             dq[:, heads], dkv[:, :, heads] = dq_g, dkv_g
             del dq_g, dkv_g
-        return dq, dkv, None, None, None, None
+        return dq, dkv, *none
 
 
-def _ring_backward(dout, q, kv, out, lse, *, group, layout, bwd):
+def _ring_backward(dout, q, kv, out, lse, *, group, layout, bwd, causal=True, valid_length=None):
     """One ring pass of backward over the heads given: ``(dq, dkv)`` in the accumulation dtype,
     ``dkv`` stacked ``[2, B, H, S, D]`` like ``kv``."""
     size, _, send_to, recv_from = _ring_peers(group)
@@ -264,11 +287,12 @@ def _ring_backward(dout, q, kv, out, lse, *, group, layout, bwd):
     # transfer overlaps the next step's block kernel: it is only waited for when that step's
     # contribution is added.
     dkv, dkv_reqs = None, []
-    for block, held in _ring_steps(kv, group, layout, q.shape[-2]):
+    for block, held in _ring_steps(kv, group, layout, q.shape[-2], causal, valid_length):
         if block is not None:
-            rows, cols, causal = block
+            rows, cols, block_causal = block
             bdq, bdk, bdv = bwd(dout[..., rows, :], q[..., rows, :], held[0][..., cols, :],
-                                held[1][..., cols, :], out[..., rows, :], lse[..., rows].contiguous(), causal)
+                                held[1][..., cols, :], out[..., rows, :], lse[..., rows].contiguous(),
+                                block_causal)
             if dq is None:  # step 0: the own block, every row
                 dq = bdq.to(_acc(q.dtype))
             else:
@@ -294,8 +318,10 @@ def _ring_backward(dout, q, kv, out, lse, *, group, layout, bwd):
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group,
-                   layout: str = "zigzag", backend: str = "auto", head_chunk: int | None = None) -> torch.Tensor:
-    """Causal attention of a sequence sharded over the ranks of ``group``.
+                   layout: str = "zigzag", backend: str = "auto", head_chunk: int | None = None,
+                   causal: bool = True, valid_length: int | None = None) -> torch.Tensor:
+    """Causal (or, ``causal=False``, bidirectional) attention of a sequence sharded over the ranks
+    of ``group``.
 
     q, k, v: this rank's shard ``[B, H, S_local, D]`` (all heads, positions already applied) in
     the token order of ``layout`` (``contiguous`` or ``zigzag``, see the module docstring; for
@@ -304,13 +330,16 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group,
     elsewhere), ``cpu_flash`` or ``math``. ``head_chunk``: backward runs one ring pass per group of
     this many heads, so the K/V blocks in flight, the travelling dK/dV and the block gradients
     are one group's (about half the ring's peak per local token at one head per group; more
-    messages, same bytes). Differentiable with respect to q, k, v.
+    messages, same bytes). ``causal=False`` needs ``layout="contiguous"``; ``valid_length``: the
+    sequence's real length when its end is padding (bidirectional only: causal attention never
+    lets a real token see later padding). Differentiable with respect to q, k, v.
     """
-    return ring_attention_releasing([q, k, v], group, layout, backend, head_chunk)
+    return ring_attention_releasing([q, k, v], group, layout, backend, head_chunk, causal, valid_length)
 
 
 def ring_attention_releasing(qkv: list[torch.Tensor], group, layout: str = "zigzag", backend: str = "auto",
-                             head_chunk: int | None = None) -> torch.Tensor:
+                             head_chunk: int | None = None, causal: bool = True,
+                             valid_length: int | None = None) -> torch.Tensor:
     """:func:`ring_attention` of ``qkv = [q, k, v]``, emptying the list once k and v are stacked
     into the one tensor that travels (``model.run_core`` hands over its only references, so k and
     v are freed before the ring starts: two fewer ``[B, H, S, D]`` tensors alive)."""
@@ -323,29 +352,38 @@ def ring_attention_releasing(qkv: list[torch.Tensor], group, layout: str = "zigz
                          f"chunks); q has S_local={q.shape[-2]}")
     if head_chunk is not None and (not isinstance(head_chunk, int) or head_chunk < 1):
         raise ValueError(f"ring_attention: head_chunk={head_chunk!r}; expected None or a positive int")
+    if not causal and layout != "contiguous":
+        raise ValueError(f"ring_attention: causal=False with layout={layout!r}; bidirectional "
+                         "attention is balanced as it is: use layout='contiguous'")
+    if valid_length is not None and (causal or not 1 <= valid_length <= q.shape[-2] * dist.get_world_size(group)):
+        raise ValueError(f"ring_attention: valid_length={valid_length!r}; expected None, or with "
+                         f"causal=False an int in [1, S_local * ring size]")
     kv = torch.stack((k, v))  # its backward only splits the gradient: saves neither input
     del k, v
     qkv.clear()
-    return _RingAttention.apply(q, kv, group, layout, backend, head_chunk)
+    return _RingAttention.apply(q, kv, group, layout, backend, head_chunk, causal, valid_length)
 
 
 def hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ulysses_group, ring_group,
-                     layout: str = "zigzag", backend: str = "auto", head_chunk: int | None = None) -> torch.Tensor:
-    """Causal attention over a ring of Ulysses groups: an all-to-all inside ``ulysses_group``
+                     layout: str = "zigzag", backend: str = "auto", head_chunk: int | None = None,
+                     causal: bool = True, valid_length: int | None = None) -> torch.Tensor:
+    """Causal (or bidirectional) attention over a ring of Ulysses groups: an all-to-all inside ``ulysses_group``
     gathers the ring shard for a subset of heads, ring attention over ``ring_group`` attends it,
     and the inverse all-to-all returns the output shard.
 
     q, k, v: ``[B, H, S_local, D]``, this rank's slice of its ring shard (token order from
     ``sequence.shard_positions`` with the same ``layout`` and Ulysses degree).
     """
-    return hybrid_attention_releasing([q, k, v], ulysses_group, ring_group, layout, backend, head_chunk)
+    return hybrid_attention_releasing([q, k, v], ulysses_group, ring_group, layout, backend, head_chunk,
+                                      causal, valid_length)
 
 
 def hybrid_attention_releasing(qkv: list[torch.Tensor], ulysses_group, ring_group,
                                layout: str = "zigzag", backend: str = "auto",
-                               head_chunk: int | None = None) -> torch.Tensor:
+                               head_chunk: int | None = None, causal: bool = True,
+                               valid_length: int | None = None) -> torch.Tensor:
     """:func:`hybrid_attention` of ``qkv = [q, k, v]``, emptying the list once they are sent
     (see ``ulysses.ulysses_attention_releasing``)."""
     core = functools.partial(ring_attention, group=ring_group, layout=layout, backend=backend,
-                             head_chunk=head_chunk)
+                             head_chunk=head_chunk, causal=causal, valid_length=valid_length)
     return ulysses_attention_releasing(qkv, ulysses_group, core=core)

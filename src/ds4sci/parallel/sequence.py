@@ -1,21 +1,38 @@
-"""Sequence parallelism for GenSLM: which tokens each rank holds, its attention core, and the
-loss over the whole sequence.
+"""Sequence parallelism for any transformer: which tokens each rank holds, the attention core
+that attends over the whole sharded sequence, and the exact global loss.
 
-A batch is split along the sequence over the ``sp`` ranks. Labels are shifted to next-token
-targets on the whole sequence *before* it is split, so the target of a shard's last token (the
-first token of the next shard) is not lost; a length that does not divide is right-padded with
-``pad_id`` and target ``-100`` (causal attention never lets a real token see the padding, and the
-padding carries no loss). Each token keeps its global position for rotary embedding, also in the
-zigzag layout where a shard is two separate chunks. The loss is the sum of per-token losses over
-every rank divided by the global count of counted tokens, exactly the single-process mean.
+A batch ``[B, S, ...]`` is split along dim 1 over the ``sp`` ranks (:func:`shard_sequence`); a
+length that does not divide is right-padded, and the real length (``valid_length``) is kept so
+that bidirectional attention ignores the padded keys and losses ignore the padded positions.
+Each token keeps its global position (:func:`shard_positions`), also in the zigzag layout where a
+shard is two separate chunks. The loss is the sum of per-token losses over every rank divided by
+the global count, exactly the single-process mean (:func:`global_mean_loss`). Language models
+shift their labels on the whole sequence before it is split (``models.genslm.parallelize``).
 
-Usage (what ``parallelize.py`` and the trainer do)::
+Attention modules take part through a small protocol: a module with a ``core`` attribute
+(``(q, k, v) [B, H, S, D] -> [B, H, S, D]``) and a ``causal`` attribute (default True) gets its
+core swapped by :func:`apply_sequence_parallel`; the model code never knows.
+
+What each mode supports (besides q, k, v):
+
+=========  =======================  =========================================================
+mode       causal / bidirectional   additive biases
+=========  =======================  =========================================================
+ulysses    both                     key padding at the sequence end (``valid_length``)
+ring       both (bidirectional:     key padding at the sequence end (``valid_length``)
+           contiguous layout)
+hybrid     both (as ring)           key padding at the sequence end (``valid_length``)
+=========  =======================  =========================================================
+
+No other additive attention bias (relative-position or pair biases) is supported by sequence
+parallelism; causal attention needs no key padding (a real token never sees later padding).
+
+Usage (what a model's ``parallelize.py`` and its training task do)::
 
     apply_sequence_parallel(model, "ulysses", sp_group=group)
-    ids, targets, positions = shard_batch(input_ids, labels, sp_rank, sp_size, "contiguous")
-    hidden = model.hidden_states(ids, positions=positions)
-    loss_sum, count, _ = model.loss_sum(hidden, targets)
-    # FSDP over dp x sp averages gradients over its ranks, hence grads_averaged_over:
+    x_local, positions, valid = shard_sequence(x_BS, sp_rank, sp_size, "contiguous")
+    set_valid_length(model, valid)          # bidirectional models with padding
+    loss_sum, count = ...                   # the model's own summed loss on x_local
     loss, mean = global_mean_loss(loss_sum, count, dp_sp_group, grads_averaged_over=dp_sp)
     loss.backward()
 """
@@ -23,14 +40,13 @@ Usage (what ``parallelize.py`` and the trainer do)::
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.distributed as dist
 
-from ds4sci.models.genslm.model import IGNORE_INDEX, causal_attention
-
 from .ring import LAYOUTS, hybrid_attention, hybrid_attention_releasing, ring_attention, ring_attention_releasing
-from .ulysses import head_splits, ulysses_attention, ulysses_attention_releasing
+from .ulysses import head_splits, local_attention, ulysses_attention, ulysses_attention_releasing
 
 MODES = ("ulysses", "ring", "hybrid")
 
@@ -76,56 +92,91 @@ def shard_positions(seq_len: int, sp_rank: int, sp_size: int, layout: str,
     return ring_positions[ulysses_rank * piece : (ulysses_rank + 1) * piece]
 
 
-def shard_batch(input_ids_BS: torch.Tensor, labels_BS: torch.Tensor, sp_rank: int, sp_size: int,
-                layout: str = "contiguous", ulysses_size: int = 1, pad_id: int = 0):
-    """This rank's part of a batch: ``(ids [B, S_local], targets [B, S_local], positions
-    [S_local])``.
-
-    ``labels`` are the usual causal-LM labels (``-100`` = ignore), aligned with ``input_ids``;
-    ``targets`` are already shifted (the label of the next token, ``-100`` at the sequence end and
-    on padding), for ``GenSLM.loss_sum``. ``positions`` are global token positions, for
-    ``GenSLM.hidden_states(positions=...)``. See :func:`shard_positions` for the layouts.
-    """
-    if input_ids_BS.dim() != 2 or labels_BS.shape != input_ids_BS.shape:
-        raise ValueError(f"shard_batch: input_ids has shape {tuple(input_ids_BS.shape)} and labels "
-                         f"{tuple(labels_BS.shape)}; expected the same [B, S]")
-    b, s = input_ids_BS.shape
-    targets = torch.cat([labels_BS[:, 1:], labels_BS.new_full((b, 1), IGNORE_INDEX)], dim=1)
+def padded_length(seq_len: int, sp_size: int, layout: str = "contiguous") -> int:
+    """The smallest length ``>= seq_len`` that ``sp_size`` ranks can share in ``layout``."""
     multiple = shard_multiple(sp_size, layout)
-    pad = -s % multiple
+    return seq_len + (-seq_len % multiple)
+
+
+def shard_sequence(x: torch.Tensor, sp_rank: int, sp_size: int, layout: str = "contiguous",
+                   ulysses_size: int = 1, pad_value=0, dim: int = 1):
+    """This rank's part of a sequence: ``(x_local, positions [S_local], valid_length)``.
+
+    ``x``: any tensor whose dim ``dim`` is the sequence (``[B, S, ...]``); it is right-padded with
+    ``pad_value`` to :func:`padded_length` first. ``positions``: the global positions of the rows
+    kept, in order (see :func:`shard_positions` for the layouts); ``valid_length``: ``S``, the
+    real length (positions ``>= valid_length`` are padding: :func:`valid_mask`).
+    """
+    s = x.shape[dim]
+    pad = padded_length(s, sp_size, layout) - s
     if pad:
-        input_ids_BS = torch.cat([input_ids_BS, input_ids_BS.new_full((b, pad), pad_id)], dim=1)
-        targets = torch.cat([targets, targets.new_full((b, pad), IGNORE_INDEX)], dim=1)
-    positions = shard_positions(s + pad, sp_rank, sp_size, layout, ulysses_size)
-    positions = positions.to(input_ids_BS.device)
-    return input_ids_BS[:, positions], targets[:, positions], positions
+        shape = list(x.shape)
+        shape[dim] = pad
+        x = torch.cat([x, x.new_full(shape, pad_value)], dim=dim)
+    positions = shard_positions(s + pad, sp_rank, sp_size, layout, ulysses_size).to(x.device)
+    return x.index_select(dim, positions), positions, s
+
+
+def valid_mask(positions: torch.Tensor, valid_length: int) -> torch.Tensor:
+    """``[S_local]`` bool: which of a shard's rows are real tokens (not end padding)."""
+    return positions < valid_length
+
+
+def gather_sequence(x_local: torch.Tensor, group, positions: torch.Tensor, valid_length: int,
+                    dim: int = 1) -> torch.Tensor:
+    """The whole sequence from every rank's shard (forward only; e.g. predictions to write out):
+    shards are all-gathered over ``group``, put back in global order and the padding cut off.
+    ``positions``: this rank's (every rank passes its own, from :func:`shard_sequence`)."""
+    size = dist.get_world_size(group)
+    parts = [torch.empty_like(x_local) for _ in range(size)]
+    dist.all_gather(parts, x_local.contiguous(), group=group)
+    pos = [torch.empty_like(positions) for _ in range(size)]
+    dist.all_gather(pos, positions.contiguous(), group=group)
+    whole = torch.cat(parts, dim=dim)
+    order = torch.argsort(torch.cat(pos))
+    return whole.index_select(dim, order[:valid_length].to(whole.device))
 
 
 def sequence_parallel_core(mode: str, *, sp_group=None, ulysses_group=None, ring_group=None,
-                           layout: str = "zigzag", head_chunk: int | None = None):
+                           layout: str = "zigzag", head_chunk: int | None = None, causal: bool = True):
     """The attention core ``(q, k, v) -> out`` of one mode (:func:`apply_sequence_parallel`)."""
     if mode not in MODES:
         raise ValueError(f"sequence parallelism: mode={mode!r}; expected one of {MODES}")
+    if not causal and mode != "ulysses" and layout != "contiguous":
+        raise ValueError(f"sequence parallelism: bidirectional attention in mode={mode!r} needs "
+                         f"layout='contiguous' (it is balanced as it is); got layout={layout!r}")
     if mode == "hybrid":
         if ulysses_group is None or ring_group is None:
             raise ValueError("sequence parallelism: mode='hybrid' needs ulysses_group and "
                              "ring_group")
         return SequenceParallelCore(hybrid_attention, releasing=hybrid_attention_releasing,
-                                    ulysses_group=ulysses_group,
-                                    ring_group=ring_group, layout=layout, head_chunk=head_chunk)
+                                    ulysses_group=ulysses_group, ring_group=ring_group, layout=layout,
+                                    head_chunk=head_chunk, causal=causal)
     group = sp_group
     if group is None:
         group = ulysses_group if mode == "ulysses" else ring_group
     if group is None:
         raise ValueError(f"sequence parallelism: mode={mode!r} needs sp_group")
     if mode == "ulysses":
-        return SequenceParallelCore(ulysses_attention, releasing=ulysses_attention_releasing, group=group)
+        return SequenceParallelCore(_ulysses, releasing=_ulysses_releasing, group=group, causal=causal)
     return SequenceParallelCore(ring_attention, releasing=ring_attention_releasing, group=group, layout=layout,
-                                head_chunk=head_chunk)
+                                head_chunk=head_chunk, causal=causal)
+
+
+def _ulysses(q, k, v, group, causal=True, valid_length=None):
+    return _ulysses_releasing([q, k, v], group, causal, valid_length)
+
+
+def _ulysses_releasing(qkv, group, causal=True, valid_length=None):
+    core = functools.partial(local_attention, causal=causal, valid_length=valid_length)
+    return ulysses_attention_releasing(qkv, group, core=core)
 
 
 class SequenceParallelCore:
     """``Attention.core`` over a sharded sequence: ``fn(q, k, v, **settings)``.
+
+    ``valid_length``: the real length of the sequences now being attended when their end is
+    padding (bidirectional attention; set per batch through :func:`set_valid_length`).
 
     A class rather than a ``functools.partial`` so that ``copy.deepcopy(model)`` works: process
     groups cannot be copied, and a copy of the model must talk over the same groups anyway.
@@ -133,18 +184,28 @@ class SequenceParallelCore:
 
     def __init__(self, fn, releasing=None, **settings):
         self.fn, self.releasing, self.settings = fn, releasing, settings
+        self.valid_length: int | None = None
+
+    @property
+    def causal(self) -> bool:
+        return self.settings.get("causal", True)
 
     @property
     def releases_inputs(self) -> bool:
         """Whether ``model.run_core`` may hand over ``[q, k, v]`` to ``call_releasing``."""
         return self.releasing is not None
 
+    def _settings(self) -> dict:
+        if self.valid_length is None or self.causal:
+            return self.settings
+        return {**self.settings, "valid_length": self.valid_length}
+
     def __call__(self, q, k, v):
-        return self.fn(q, k, v, **self.settings)
+        return self.fn(q, k, v, **self._settings())
 
     def call_releasing(self, qkv: list):
         """``fn`` on ``qkv = [q, k, v]``, emptying the list once they are no longer needed."""
-        return self.releasing(qkv, **self.settings)
+        return self.releasing(qkv, **self._settings())
 
     def __deepcopy__(self, memo):
         return self
@@ -154,38 +215,54 @@ class SequenceParallelCore:
         return f"SequenceParallelCore({self.fn.__name__}, {shown})"
 
 
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of ``model`` that take part in sequence parallelism: those with a ``core``."""
+    found = [m for m in model.modules() if "core" in vars(m)]
+    if not found:
+        raise TypeError(f"sequence parallelism: {type(model).__name__} has no attention module with a "
+                        "'core' attribute ((q, k, v) [B, H, S, D] -> [B, H, S, D]) to replace")
+    return found
+
+
 def apply_sequence_parallel(model, mode: str, *, sp_group=None, ulysses_group=None,
                             ring_group=None, layout: str = "zigzag", head_chunk: int | None = None):
-    """Make every layer of ``model`` (a GenSLM) attend over a sequence sharded across ranks.
+    """Make every attention module of ``model`` attend over a sequence sharded across ranks.
 
     ``mode``: ``ulysses`` (``sp_group``; token layout must be ``contiguous``), ``ring``
     (``sp_group``, ``layout`` contiguous or zigzag) or ``hybrid`` (``ulysses_group`` inside
-    ``ring_group``, ``layout`` for the ring level). Inputs must then be sharded with
-    :func:`shard_batch` using the same layout. ``head_chunk``: heads per ring pass of the ring's
-    backward (ring and hybrid; ``ring.ring_attention``). Returns the model.
+    ``ring_group``, ``layout`` for the ring level). A module whose ``causal`` attribute is False
+    attends bidirectionally (ring and hybrid need ``layout='contiguous'`` then). Inputs must be
+    sharded with :func:`shard_sequence` using the same layout. ``head_chunk``: heads per ring pass
+    of the ring's backward (ring and hybrid; ``ring.ring_attention``). Returns the model.
     """
     if mode == "ulysses":
         layout = "contiguous"
-    core = sequence_parallel_core(mode, sp_group=sp_group, ulysses_group=ulysses_group,
-                                  ring_group=ring_group, layout=layout, head_chunk=head_chunk)
-    for layer in _layers(model):
-        layer.attention.core = core
+    cores = {}
+    for module in attention_modules(model):
+        causal = bool(getattr(module, "causal", True))
+        if causal not in cores:
+            cores[causal] = sequence_parallel_core(
+                mode, sp_group=sp_group, ulysses_group=ulysses_group, ring_group=ring_group,
+                layout=layout, head_chunk=head_chunk, causal=causal)
+        if not isinstance(module.core, SequenceParallelCore):
+            module.local_core = module.core
+        module.core = cores[causal]
     return model
 
 
-def _layers(model):
-    layers = getattr(model, "layers", None)
-    if layers is None:
-        raise TypeError(f"sequence parallelism: model is a {type(model).__name__}; expected a "
-                        "GenSLM (or a pipeline stage) with .layers")
-    # A pipeline stage keys its layers by whole-model index (a ModuleDict).
-    return layers.values() if isinstance(layers, torch.nn.ModuleDict) else layers
+def set_valid_length(model, valid_length: int | None) -> None:
+    """Tell the sequence-parallel cores of ``model`` the real length of the next batch's
+    sequences (None: no padding). Bidirectional attention then ignores the padded keys."""
+    for module in attention_modules(model):
+        if isinstance(module.core, SequenceParallelCore):
+            module.core.valid_length = valid_length
 
 
 def remove_sequence_parallel(model):
     """Back to plain single-process attention (e.g. for generation after SP training)."""
-    for layer in _layers(model):
-        layer.attention.core = causal_attention
+    for module in attention_modules(model):
+        if isinstance(module.core, SequenceParallelCore):
+            module.core = module.local_core
     return model
 
 

@@ -1,24 +1,18 @@
-"""Megatron-style tensor parallelism for GenSLM through DTensor's ``parallelize_module``.
+"""Megatron-style tensor parallelism through DTensor's ``parallelize_module``, for any model
+whose repeated blocks are a list (``layers`` or ``blocks``).
 
-Follows Shoeybi et al. 2019 ("Megatron-LM", section 3): in each layer the first linear of the
+Follows Shoeybi et al. 2019 ("Megatron-LM", section 3): in each block the first linear of the
 attention and of the MLP is split by output columns and the second by input rows, so each of
-the two blocks needs one all-reduce in forward (after its row-parallel linear) and one in
-backward (at its column-parallel input). PyTorch's ``ColwiseParallel`` / ``RowwiseParallel`` insert exactly those
-collectives; the model code is unchanged (STYLE habit 2).
+the two needs one all-reduce in forward (after its row-parallel linear) and one in backward (at
+its column-parallel input). PyTorch's ``ColwiseParallel`` / ``RowwiseParallel`` insert exactly
+those collectives; the model code is unchanged (STYLE habit 2). Which linear is which is the
+model's plan (``models/<name>/parallelize.py``): :func:`megatron_block_plan` builds the usual
+one from the four module names.
 
-GPT-NeoX's fused ``query_key_value`` output is laid out per head as ``[q | k | v]`` (``[H, 3, D]``
-flattened), so a column split into ``tp`` equal contiguous pieces hands each rank
-``H / tp`` whole heads with their own q, k and v: ``Attention`` reads its head count from the
-projection output and runs on its subset unchanged. ``dense`` (row-parallel) then sums the heads'
-contributions across ranks.
-
-Optionally the embeddings are split over the vocabulary too: ``embed_in`` row-wise (each rank
-looks up its vocabulary slice, the partial embeddings are summed), ``embed_out`` column-wise
-with the logits gathered (replicated), so the chunked cross-entropy runs unchanged. Uneven
-vocabularies (69 codons on 2 ranks) are fine: DTensor shards unevenly.
-
-LayerNorms stay replicated plain parameters: every TP rank sees the same replicated activations
-there, so their gradients are already identical across the TP group.
+A column split of a fused qkv projection hands each rank whole heads only if its output is laid
+out per head (``[H, 3, D]``); the attention must read its head count from the projection output
+so a shard of heads runs unchanged. Norms stay replicated plain parameters: every TP rank sees the
+same replicated activations there, so their gradients are already identical across the group.
 """
 
 from __future__ import annotations
@@ -29,53 +23,53 @@ from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 
-def check_tensor_parallel(config, tp: int) -> None:
-    """Raise a ValueError naming the field when ``config`` cannot be split over ``tp`` ranks."""
+def megatron_block_plan(attn_in: str, attn_out: str, mlp_in: str, mlp_out: str) -> dict:
+    """The plan of one transformer block: attention and MLP input projections column-wise,
+    their output projections row-wise (one all-reduce each way per pair)."""
+    return {attn_in: ColwiseParallel(), attn_out: RowwiseParallel(),
+            mlp_in: ColwiseParallel(), mlp_out: RowwiseParallel()}
+
+
+def check_divisible(what: str, sizes: dict[str, int], tp: int) -> None:
+    """Raise a ValueError naming the field when a size cannot be split over ``tp`` ranks."""
     if tp < 1:
-        raise ValueError(f"apply_tensor_parallel: tp={tp}; expected >= 1")
-    if config.num_attention_heads % tp:
-        raise ValueError(
-            f"apply_tensor_parallel: num_attention_heads={config.num_attention_heads} is not "
-            f"divisible by tp={tp}; each tensor-parallel rank must hold whole heads"
-        )
-    if config.intermediate_size % tp:
-        raise ValueError(
-            f"apply_tensor_parallel: intermediate_size={config.intermediate_size} is not "
-            f"divisible by tp={tp}; the MLP is split by columns of equal width"
-        )
+        raise ValueError(f"{what}: tp={tp}; expected >= 1")
+    for name, size in sizes.items():
+        if size % tp:
+            raise ValueError(f"{what}: {name}={size} is not divisible by tp={tp}; each tensor-"
+                             f"parallel rank must hold an equal share")
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *,
-                          embeddings: bool = True) -> nn.Module:
-    """Shard ``model`` (a ``GenSLM`` or a pipeline ``GenSLMStage``) in place over the 1-D
-    ``tp_mesh``; returns it.
+def model_blocks(model: nn.Module) -> list[nn.Module]:
+    """A model's repeated blocks: ``model.layers`` or ``model.blocks`` (a list, or a pipeline
+    stage's dict keyed by whole-model index)."""
+    for name in ("layers", "blocks"):
+        blocks = getattr(model, name, None)
+        if isinstance(blocks, nn.ModuleDict):
+            return list(blocks.values())
+        if isinstance(blocks, nn.ModuleList):
+            return list(blocks)
+    raise TypeError(f"{type(model).__name__} has no repeated blocks: expected a .layers or .blocks "
+                    "ModuleList (or a pipeline stage's ModuleDict)")
 
-    Per layer: ``query_key_value`` and ``dense_h_to_4h`` column-wise, ``dense`` and
-    ``dense_4h_to_h`` row-wise. ``embeddings``: also split ``embed_in`` (row-wise, by vocabulary)
-    and ``embed_out`` (column-wise, logits gathered). Inputs and outputs of the model stay plain
-    replicated tensors, so the caller feeds every TP rank the same batch.
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, block_plan: dict,
+                          root_plan: dict | None = None) -> nn.Module:
+    """Shard ``model`` (or a pipeline stage of it) in place over the 1-D ``tp_mesh``; returns it.
+
+    ``block_plan``: ``{submodule name in a block: ParallelStyle}`` applied to every block
+    (:func:`model_blocks`); ``root_plan``: the same for modules of ``model`` itself (embeddings,
+    output head); entries naming modules this stage lacks are skipped. Inputs and outputs of the
+    model stay plain replicated tensors, so the caller feeds every TP rank the same batch.
     """
     if tp_mesh.ndim != 1:
         raise ValueError(f"apply_tensor_parallel: tp_mesh has {tp_mesh.ndim} dims "
                          f"{tp_mesh.mesh_dim_names}; expected a 1-D tensor-parallel mesh")
-    check_tensor_parallel(model.config, tp_mesh.size())
     if tp_mesh.size() == 1:
         return model
-    layer_plan = {
-        "attention.query_key_value": ColwiseParallel(),
-        "attention.dense": RowwiseParallel(),
-        "mlp.dense_h_to_4h": ColwiseParallel(),
-        "mlp.dense_4h_to_h": RowwiseParallel(),
-    }
-    # A pipeline stage keys its layers by whole-model index (a ModuleDict); GenSLM has a list.
-    layers = model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers
-    for layer in layers:
-        parallelize_module(layer, tp_mesh, layer_plan)
-    if embeddings:
-        # A pipeline stage holds at most one of them.
-        plan = {"embed_in": RowwiseParallel(input_layouts=Replicate()),
-                "embed_out": ColwiseParallel(output_layouts=Replicate())}
-        plan = {name: style for name, style in plan.items() if hasattr(model, name)}
-        if plan:
-            parallelize_module(model, tp_mesh, plan)
+    for block in model_blocks(model):
+        parallelize_module(block, tp_mesh, block_plan)
+    plan = {name: style for name, style in (root_plan or {}).items() if getattr(model, name, None) is not None}
+    if plan:
+        parallelize_module(model, tp_mesh, plan)
     return model

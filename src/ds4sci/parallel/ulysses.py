@@ -13,6 +13,10 @@ with no head (``P > H``) sends all its heads away and attends over nothing; use 
 Ulysses x ring layout (``ring.hybrid_attention``) to go beyond ``H``. All ranks must hold shards
 of the same length (``sequence.shard_batch`` pads to make them so).
 
+Any attention runs on the gathered sequence (``core``): causal or bidirectional
+(:func:`local_attention`), with the end-of-sequence key padding of a sharded bidirectional
+sequence cut off by ``valid_length``.
+
 Legend: ``B`` batch, ``H`` heads, ``S`` sequence, ``D`` head dim, ``P`` group size.
 """
 
@@ -23,7 +27,24 @@ import math
 import torch
 import torch.distributed as dist
 
-from ds4sci.models.genslm.model import causal_attention
+import torch.nn.functional as F
+
+
+def local_attention(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, causal: bool = True,
+                    valid_length: int | None = None) -> torch.Tensor:
+    """Attention of a whole (gathered) sequence through SDPA's flash/memory-efficient kernels.
+
+    ``causal``: causal (top-left aligned) or bidirectional. ``valid_length``: keys at positions
+    ``>= valid_length`` are padding and are not attended (bidirectional only; they are cut off,
+    so no mask tensor exists and their gradients are zero).
+    """
+    if valid_length is not None and not causal:
+        k_BHSD, v_BHSD = k_BHSD[..., :valid_length, :], v_BHSD[..., :valid_length, :]
+    return F.scaled_dot_product_attention(q_BHSD, k_BHSD, v_BHSD, is_causal=causal)
+
+
+def causal_attention(q_BHSD: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor) -> torch.Tensor:
+    return local_attention(q_BHSD, k_BHSD, v_BHSD, causal=True)
 
 
 def head_splits(num_heads: int, size: int) -> list[int]:
@@ -177,7 +198,7 @@ def _check_qkv(name, q, k, v):
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group,
                       core=causal_attention) -> torch.Tensor:
-    """Causal attention of a sequence sharded contiguously over ``group``.
+    """Attention (``core``, causal by default) of a sequence sharded contiguously over ``group``.
 
     q, k, v: this rank's shard ``[B, H, S/P, D]`` (all heads, positions already applied);
     returns the attention output for the same shard, ``[B, H, S/P, D]``. ``core`` attends the

@@ -21,12 +21,12 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
+
+from ..data.weights import LazyTensors, safetensors_tensors
 
 MANIFEST = "manifest.json"
 FILES = ("model.safetensors", "state.pt")
@@ -191,43 +191,6 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     if not path.is_dir():
         raise CheckpointError(f"{pointer} names {path.name}, which does not exist")
     return path
-
-
-class LazyTensors(Mapping):
-    """``name -> tensor``, each read from storage only when asked for, so that whole-model
-    weights can pass through memory one tensor at a time (``models.genslm.load_parameters``)."""
-
-    def __init__(self, readers: dict[str, Callable[[], torch.Tensor]]):
-        self._readers = readers
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self._readers[name]()
-
-    def __contains__(self, name: object) -> bool:  # without reading (Mapping's would read)
-        return name in self._readers
-
-    def __iter__(self):
-        return iter(self._readers)
-
-    def __len__(self) -> int:
-        return len(self._readers)
-
-
-def safetensors_tensors(files: list[Path], rename: Callable[[str], str | None] = lambda k: k) -> LazyTensors:
-    """The tensors of safetensors ``files``, keyed by ``rename(key)`` (None: left out)."""
-    readers = {}
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            keys = list(f.keys())
-        for key in keys:
-            if (name := rename(key)) is not None:
-                readers[name] = functools.partial(_read_safetensors, file, key)
-    return LazyTensors(readers)
-
-
-def _read_safetensors(file: Path, key: str) -> torch.Tensor:
-    with safe_open(file, framework="pt") as f:
-        return f.get_tensor(key)
 
 
 def _dcp_tensors(path: Path) -> LazyTensors:

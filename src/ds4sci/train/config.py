@@ -1,8 +1,10 @@
 """Typed training configuration: dataclasses, YAML files and ``--key=value`` overrides.
 
-Keys are dotted paths into :class:`TrainConfig` (``optim.lr``, ``data.n_simulated``); keys under
-``model.`` change fields of the chosen GenSLM preset (``model.activation_checkpointing=full``).
-Values are parsed as YAML scalars (``1e-3``, ``true``, ``null``, ``[a.fa, b.fa]``).
+Keys are dotted paths into :class:`TrainConfig` (``optim.lr``, ``data.n_simulated``). The
+``data`` section is the task's own dataclass (``train.task.Task.data_config``); keys under
+``model.`` change fields of the chosen preset of the task's model
+(``model.activation_checkpointing=full``). Values are parsed as YAML scalars (``1e-3``,
+``true``, ``null``, ``[a.fa, b.fa]``).
 """
 
 from __future__ import annotations
@@ -10,44 +12,13 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from ..models.genslm.config import GenSLMConfig, preset
-
-
-@dataclass
-class DataConfig:
-    fasta: list[str] = field(default_factory=list)
-    """FASTA / FASTA.gz files to train on; empty = the embedded SARS-CoV-2 corpus."""
-    n_simulated: int = 47
-    """Embedded corpus only: simulated variant genomes added to the reference."""
-    simulate_seed: int = 0
-    """Embedded corpus only: seed of the variant simulator."""
-    val_fraction: float = 0.1
-    """Fraction of records (every 1/val_fraction-th) held out for validation."""
-    frame: int = 0
-    """Reading frame offset (0, 1 or 2 nucleotides skipped)."""
-    vocab: str = "genslm-69"
-    """Tokenizer vocabulary: genslm-69, genslm-71 or an HF tokenizers JSON path."""
-    max_tokens: int | None = None
-    """Crop each record to this many tokens; None = whole records (whole genomes)."""
-    on_bad: str = "skip"
-    """Bad FASTA records: skip (warn with their name) or error."""
-
-    def __post_init__(self):
-        if self.on_bad not in ("skip", "error"):
-            raise ValueError(f"data.on_bad={self.on_bad!r}; expected 'skip' or 'error'")
-        if self.frame not in (0, 1, 2):
-            raise ValueError(f"data.frame={self.frame}; expected 0, 1 or 2")
-        if not 0.0 <= self.val_fraction <= 0.5:
-            raise ValueError(f"data.val_fraction={self.val_fraction}; expected in [0, 0.5]")
-        if self.max_tokens is not None and self.max_tokens < 2:
-            raise ValueError(f"data.max_tokens={self.max_tokens}; expected >= 2 or null")
-        if self.n_simulated < 0:
-            raise ValueError(f"data.n_simulated={self.n_simulated}; expected >= 0")
+from .task import get_task
 
 
 @dataclass
@@ -139,12 +110,14 @@ class ParallelConfig:
 
 @dataclass
 class TrainConfig:
-    model: str = "genslm-tiny"
-    """GenSLM preset name."""
+    task: str = "genslm"
+    """What to train: a registered training task (``ds4sci train --help`` lists them)."""
+    model: str = ""
+    """Preset name of the task's model; empty = the task's default."""
     model_changes: dict = field(default_factory=dict)
     """Fields of the preset to change (``--model.<field>=value``)."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """What to train on."""
+    data: Any = None
+    """What to train on: the task's data config (None = its defaults)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and schedule."""
     precision: str = "fp32"
@@ -153,13 +126,14 @@ class TrainConfig:
     """Seed of initialisation and data order."""
     init_from: str | None = None
     """Start from these weights instead of random ones (fine-tuning): a ds4sci run or checkpoint
-    directory, or a saved HF GPT-NeoX directory (``save_pretrained`` output). Its architecture and
-    tokenizer must be the model's; optimizer, schedule and data position start fresh (unlike
-    ``--resume``, which continues a run and ignores this)."""
-    out_dir: str = "runs/genslm"
-    """Run directory: checkpoints, metrics.jsonl, loss_curve.png, token files."""
+    directory, or a format the task reads (GenSLM: a saved HF GPT-NeoX directory,
+    ``save_pretrained`` output). Its architecture (and tokenizer) must be the model's; optimizer,
+    schedule and data position start fresh (unlike ``--resume``, which continues a run and
+    ignores this)."""
+    out_dir: str = ""
+    """Run directory: checkpoints, metrics.jsonl, plots, data caches; empty = runs/<task>."""
     eval_every: int = 20
-    """Validation perplexity every N steps (and at the end); 0 = only at the end."""
+    """Validation every N steps (and at the end); 0 = only at the end."""
     checkpoint_every: int = 20
     """Checkpoint every N steps (and at the end); 0 = only at the end."""
     keep_checkpoints: int = 2
@@ -174,14 +148,29 @@ class TrainConfig:
     """Distributed layout (used when launched with torchrun; see ds4sci.train.distributed)."""
 
     def __post_init__(self):
+        task = get_task(self.task)  # validates the name
+        if not self.model:
+            self.model = task.default_model
+        if not self.out_dir:
+            self.out_dir = f"runs/{self.task}"
+        if self.data is None:
+            self.data = task.data_config()
+        elif isinstance(self.data, dict):
+            self.data = task.data_config(**self.data)
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision={self.precision!r}; expected 'fp32' or 'bf16'")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints={self.keep_checkpoints}; expected >= 1")
         self.model_config()  # validates the preset name and changes now, not mid-run
 
-    def model_config(self) -> GenSLMConfig:
-        return preset(self.model).replace(**self.model_changes) if self.model_changes else preset(self.model)
+    @property
+    def task_spec(self):
+        """The ``train.task.Task`` this config trains."""
+        return get_task(self.task)
+
+    def model_config(self):
+        config = self.task_spec.preset(self.model)
+        return config.replace(**self.model_changes) if self.model_changes else config
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -215,7 +204,7 @@ def _coerce(dotted: str, value, hint):
 def _set(cfg: TrainConfig, dotted: str, value) -> None:
     if dotted.startswith("model."):
         name = dotted[len("model."):]
-        hints = typing.get_type_hints(GenSLMConfig)
+        hints = typing.get_type_hints(cfg.task_spec.model_config)
         if name not in hints:
             raise ValueError(f"unknown config key {dotted!r}; model fields: {sorted(hints)}")
         cfg.model_changes[name] = _coerce(dotted, value, hints[name])
@@ -250,27 +239,43 @@ def _flatten(data: dict, prefix: str = ""):
             yield dotted, value
 
 
-def load_config(yaml_path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """Defaults, then the YAML file, then ``key=value`` overrides; validated at the end."""
-    cfg = TrainConfig()
+def load_config(yaml_path: str | Path | None = None, overrides: list[str] = (),
+                task: str | None = None) -> TrainConfig:
+    """Defaults (the task's, then its own defaults of common keys), then the YAML file, then
+    ``key=value`` overrides; validated at the end. ``task``: which task (default: the YAML file's
+    ``task`` key, else genslm)."""
+    data = {}
     if yaml_path is not None:
-        path = Path(yaml_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {path}: expected a mapping at the top level")
-        for key, value in _flatten(data):
+        data = _read_yaml(Path(yaml_path))
+    name = task or data.get("task") or "genslm"
+    if task and data.get("task") not in (None, task):
+        raise ValueError(f"config file {yaml_path} is for task {data['task']!r}, not {task!r}")
+    cfg = TrainConfig(task=name)
+    for key, value in get_task(name).defaults.items():
+        _set(cfg, key, value)
+    for key, value in _flatten(data):
+        if key != "task":
             _set(cfg, key, value)
     for item in overrides:
         key, sep, raw = item.removeprefix("--").partition("=")
         if not sep:
             raise ValueError(f"override {item!r}: expected --key=value")
+        if key == "task":
+            raise ValueError(f"override {item!r}: the task is chosen by `ds4sci train <task>`")
         _set(cfg, key, yaml.safe_load(raw))
     # Rebuild so every __post_init__ check runs on the final values.
     return TrainConfig(
         **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
            if f.name not in ("data", "optim", "parallel")},
-        data=DataConfig(**dataclasses.asdict(cfg.data)), optim=OptimConfig(**dataclasses.asdict(cfg.optim)),
+        data=type(cfg.data)(**dataclasses.asdict(cfg.data)), optim=OptimConfig(**dataclasses.asdict(cfg.optim)),
         parallel=ParallelConfig(**dataclasses.asdict(cfg.parallel)),
     )
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path}: expected a mapping at the top level")
+    return data

@@ -1,5 +1,6 @@
-"""Distributed GenSLM training under ``torchrun``: the single-process trainer's computation spread
-over a ``ParallelDims`` layout (FSDP over dp x sp, sequence, tensor and pipeline parallelism).
+"""Distributed training of any task under ``torchrun``: the single-process trainer's computation
+spread over a ``ParallelDims`` layout (FSDP over dp x sp, sequence, tensor and pipeline
+parallelism), each task applying its model's own plans (``Task.parallelize`` / ``pipeline``).
 
 Launch (one process per rank; gloo on CPU, NCCL on GPUs)::
 
@@ -7,9 +8,9 @@ Launch (one process per rank; gloo on CPU, NCCL on GPUs)::
 
 Same numbers as one process. ``optim.batch_size`` is the *global* number of records per
 micro-batch: every rank draws the same record indices (the sampler is a pure function of the
-seed) and keeps its data-parallel share, so the step's token count is known everywhere without
-communication and each rank's loss is ``local sum * dp_sp / global count`` (FSDP averages
-gradients over dp x sp). Gradient clipping uses the global norm (over shards and pipeline
+seed) and keeps its data-parallel share, so the step's count of loss targets is known everywhere
+without communication and each rank's loss is ``local sum * dp_sp / global count`` (FSDP
+averages gradients over dp x sp). Gradient clipping uses the global norm (over shards and pipeline
 stages). A layout therefore changes only how the work is split, which is also why a checkpoint
 resumes under any other layout.
 
@@ -24,9 +25,9 @@ the differing keys). ``DS4SCI_FAULT=<rank>:<step>:raise|exit`` makes one rank fa
 at the start of that step (used by the tests of this behaviour).
 
 Memory at start: the model is built on the meta device (no storage), sharded, and only then
-made real, each rank filling its own shards (``models.genslm.init_parameters``: every weight is
-a function of the seed and its name, so the values equal one process's). Initialising, or
-loading ``init_from`` weights (``load_parameters``, one whole tensor read at a time), a rank
+made real, each rank filling its own shards (``Task.init_parameters`` through
+``parallel.init``: every weight is a function of the seed and its name, so the values equal one
+process's). Initialising, or loading ``init_from`` weights (one whole tensor read at a time), a rank
 never holds the whole model, only its shards plus one whole weight. (Resuming a single-process
 checkpoint, every rank reads its whole model and optimizer state.)
 
@@ -45,19 +46,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..data.dataset import collate
-from ..models.genslm import GenSLM, GenSLMConfig, init_parameters
-from ..models.genslm.model import IGNORE_INDEX
-from ..models.genslm.parallelize import (
-    check_layout,
-    make_dims,
-    parallelize_genslm,
-    pipeline_genslm,
-    sequence_layout,
-)
 from .checkpoint import save_distributed_checkpoint
 from .config import TrainConfig
-from .trainer import Trainer, _device, _flat, _rng_state
+from .trainer import Trainer, _autocast, _device, _flat, _rng_state
 
 FAULT_ENV = "DS4SCI_FAULT"
 
@@ -75,7 +66,7 @@ def init_distributed(timeout_s: float, device: torch.device) -> tuple[int, int]:
     if not dist.is_initialized():
         if not launched_distributed():
             raise RuntimeError("distributed training needs RANK and WORLD_SIZE in the environment; "
-                               "launch with torchrun --nproc-per-node=N -m ds4sci.cli train genslm ...")
+                               "launch with torchrun --nproc-per-node=N -m ds4sci.cli train <task> ...")
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
@@ -132,8 +123,9 @@ class DistributedTrainer(Trainer):
         self.is_main = self.rank == 0
         model_config = cfg.model_config()
         agree_on_config(cfg)
-        self.dims = make_dims(p, self.world_size, model_config)
-        check_layout(self.dims, model_config)
+        task = cfg.task_spec
+        self.dims = task.make_dims(p, self.world_size, model_config)
+        task.check_layout(self.dims, model_config)
         o = cfg.optim
         if o.batch_size % self.dims.dp:
             raise ValueError(f"optim.batch_size={o.batch_size} is not divisible by dp={self.dims.dp}: "
@@ -166,10 +158,10 @@ class DistributedTrainer(Trainer):
     def _barrier(self) -> None:
         dist.barrier()
 
-    def _build_model(self, config: GenSLMConfig) -> GenSLM:
+    def _build_model(self, config) -> torch.nn.Module:
         # Without storage: _parallelize shards it, then each rank makes and fills its shards only.
         with torch.device("meta"):
-            return GenSLM(config)
+            return self.task.build_model(config)
 
     def _parallelize(self) -> None:
         p = self.cfg.parallel
@@ -177,29 +169,20 @@ class DistributedTrainer(Trainer):
         # Offloaded shards live in host memory (FSDP2 copies them to the device per layer).
         self._trained_module().to_empty(device="cpu" if p.fsdp_cpu_offload else self.device)
         if self._initialise:
-            init_parameters(self._trained_module(), self.cfg.seed)
+            self.task.init_parameters(self._trained_module(), self.cfg.seed)
 
     def _shard(self) -> None:
         p = self.cfg.parallel
         fsdp = dict(cpu_offload=p.fsdp_cpu_offload, reshard_after_forward=p.fsdp_reshard_after_forward,
                     param_dtype=torch.bfloat16 if p.fsdp_param_dtype == "bf16" else None)
         if self.dims.pp_enabled:
-            lengths = [len(d[i]) for d in (self.train_data, self.val_data) for i in range(len(d))]
-            self.pipeline = pipeline_genslm(
-                self.model, self.dims, self.mesh, batch_size=self.cfg.optim.batch_size // self.dims.dp,
-                seq_len=max(lengths), n_microbatches=p.pp_microbatches, schedule=p.pp_schedule,
-                device=self.device, tp_embeddings=p.tp_embeddings, **fsdp)
-            # Drop the other stages' modules, or every rank would keep the whole model.
-            stage = self.pipeline.module
-            for i in range(len(self.model.layers)):
-                if str(i) not in stage.layers:
-                    self.model.layers[i] = torch.nn.Identity()
-            for name in ("embed_in", "final_layer_norm", "embed_out"):
-                if not hasattr(stage, name):
-                    setattr(self.model, name, None)
+            records = [d[i] for d in (self.train_data, self.val_data) for i in range(len(d))]
+            self.pipeline = self.task.pipeline(
+                self.model, self.dims, self.mesh, p, fsdp, batch_size=self.cfg.optim.batch_size // self.dims.dp,
+                seq_len=self.task.pipeline_length(records), device=self.device)
+            _drop_other_stages(self.model, self.pipeline.module)
             return
-        parallelize_genslm(self.model, self.dims, self.mesh, ring_layout=p.sp_layout,
-                           tp_embeddings=p.tp_embeddings, **fsdp)
+        self.task.parallelize(self.model, self.dims, self.mesh, p, fsdp)
 
     def _trained_module(self) -> torch.nn.Module:
         return self.pipeline.module if self.pipeline is not None else self.model
@@ -211,28 +194,15 @@ class DistributedTrainer(Trainer):
         for _ in range(o.grad_accum):
             indices, self.position = self.sampler.take(self.position, o.batch_size)
             records = [self.train_data[i] for i in indices]
-            total += sum(len(r) - 1 for r in records)  # a record of n tokens predicts n - 1
+            total += self.task.count(records)
             mine = records[dp_rank * share : (dp_rank + 1) * share]
-            ids, labels = collate(mine, self.pad_id)
-            micro.append((ids.to(self.device), labels.to(self.device)))
+            micro.append(tuple(t.to(self.device) for t in self.task.collate(mine)))
         return micro, total
 
-    def _local_loss_sum(self, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _local_loss_sum(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's summed loss and count for its data-parallel share (its sequence shard)."""
-        if self.dims.sp_enabled:
-            from ..parallel.sequence import shard_batch
-
-            layout, ulysses = sequence_layout(self.dims, self.cfg.parallel.sp_layout)
-            ids, targets, positions = shard_batch(ids, labels, self.mesh.sp_rank, self.dims.sp, layout,
-                                                  ulysses, pad_id=self.pad_id)
-        else:
-            targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
-            positions = None
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
-            # The final norm runs inside the loss chunks (never a whole normed [S, E] copy).
-            hidden = self.model.hidden_states(ids, positions=positions, final_norm=False)
-            loss_sum, count, _ = self.model.loss_sum(hidden, targets, normed=False)
-        return loss_sum, count
+        with _autocast(self.device, self.cfg.precision):
+            return self.task.sharded_loss_sum(self.model, batch, self.dims, self.mesh, self.cfg.parallel)
 
     def _global_sum(self, value: torch.Tensor, group_name: str) -> torch.Tensor:
         value = value.detach().float().clone()
@@ -240,19 +210,19 @@ class DistributedTrainer(Trainer):
             dist.all_reduce(value, group=self.mesh.group(group_name))
         return value
 
-    def _micro_step(self, ids: torch.Tensor, labels: torch.Tensor, total_tokens: int) -> float:
+    def _micro_step(self, batch: tuple, total_tokens: int) -> float:
         if self.pipeline is not None:
             # Each microbatch's summed loss is divided by this count: the global one over dp
             # (FSDP averages gradients over the dp ranks).
             # (Each dp rank holds >= 1 record, so this count is >= 1, which Pipeline requires.)
             scaled_count = total_tokens / self.dims.dp_sp
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
-                mean = self.pipeline.step(ids, labels, num_tokens=torch.tensor(scaled_count))
+            with _autocast(self.device, self.cfg.precision):
+                mean = self.pipeline.step(batch[0], batch[1], num_tokens=torch.tensor(scaled_count))
             # Only last stages know the loss; sum them over dp and pp (for rank 0's log).
             part = mean.float() * scaled_count if mean is not None else torch.zeros((), device=self.device)
             part = self._global_sum(part, "dp_sp")
             return float(self._global_sum(part, "pp"))
-        loss_sum, _ = self._local_loss_sum(ids, labels)
+        loss_sum, _ = self._local_loss_sum(batch)
         (loss_sum * (self.dims.dp_sp / max(total_tokens, 1))).backward()
         return float(self._global_sum(loss_sum, "dp_sp"))
 
@@ -284,34 +254,32 @@ class DistributedTrainer(Trainer):
         return float(total)
 
     @torch.no_grad()
-    def _evaluate(self) -> float | None:
-        """Validation perplexity over every validation token, the data split over dp ranks."""
+    def _evaluate(self) -> dict:
+        """Validation metrics over every validation record, the records split over dp ranks."""
         module = self._trained_module()
         module.eval()
         n, dp, dp_rank = len(self.val_data), self.dims.dp, self.mesh.dp_rank
         stats = torch.zeros(2, dtype=torch.float32, device=self.device)
         # Every rank runs the same number of forwards (FSDP gathers weights collectively); a rank
-        # without a record left runs the first one with every label ignored.
+        # without a record left runs the first one and does not count it.
         for start in range(0, n, dp):
             i = start + dp_rank
-            ids, labels = collate([self.val_data[min(i, n - 1)]], self.pad_id)
-            if i >= n:
-                labels.fill_(IGNORE_INDEX)
+            batch = tuple(t.to(self.device) for t in self.task.collate([self.val_data[min(i, n - 1)]]))
             if self.pipeline is not None:
-                with torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                    enabled=self.cfg.precision == "bf16"):
-                    result = self.pipeline.evaluate(ids, labels)  # (sum, count) on the last stage only
-                if result is not None:
+                with _autocast(self.device, self.cfg.precision):
+                    result = self.pipeline.evaluate(batch[0], batch[1])  # (sum, count) on the last stage only
+                if result is not None and i < n:
                     stats += torch.stack([t.float().to(self.device) for t in result])
             else:
-                loss_sum, count = self._local_loss_sum(ids.to(self.device), labels.to(self.device))
-                stats += torch.stack((loss_sum.float(), count.float()))
+                loss_sum, count = self._local_loss_sum(batch)
+                if i < n:
+                    stats += torch.stack((loss_sum.float(), count.float()))
         module.train()
         for axis in ("dp_sp", "pp"):
             if self.mesh[axis].size() > 1:
                 dist.all_reduce(stats, group=self.mesh.group(axis))
         total, count = stats.tolist()
-        return float(torch.tensor(total / count).exp()) if count else None
+        return self.task.eval_metrics(total, count)
 
     def train_step(self) -> dict:
         inject_fault(self.rank, self.step + 1)
@@ -341,7 +309,7 @@ class DistributedTrainer(Trainer):
         from .trainer import _optimizer, load_plain_state
 
         with torch.device("meta"):  # its values come from the checkpoint
-            plain = GenSLM(self.model.config)
+            plain = self.task.build_model(self.model.config)
         plain.to_empty(device="cpu")
         plain_optimizer = _optimizer(plain, self.cfg)
         load_plain_state(ckpt, plain, plain_optimizer, model_state, optim_state)
@@ -355,3 +323,19 @@ class DistributedTrainer(Trainer):
                                            for g in full_optim["param_groups"]]}
         set_state_dict(module, self.optimizer, model_state_dict=full_model, optim_state_dict=full_optim,
                        options=StateDictOptions(full_state_dict=True))
+
+
+def _drop_other_stages(model: torch.nn.Module, stage: torch.nn.Module) -> None:
+    """Free the modules of ``model`` that this rank's pipeline ``stage`` does not hold, or every
+    rank would keep the whole model: blocks not in the stage become Identity, other top-level
+    modules None."""
+    kept = {id(m) for m in stage.modules()}
+    for name in ("layers", "blocks"):
+        blocks = getattr(model, name, None)
+        if isinstance(blocks, torch.nn.ModuleList):
+            for i, block in enumerate(blocks):
+                if id(block) not in kept:
+                    blocks[i] = torch.nn.Identity()
+    for name, child in list(model.named_children()):
+        if name not in ("layers", "blocks") and id(child) not in kept and any(True for _ in child.parameters()):
+            setattr(model, name, None)

@@ -1,4 +1,4 @@
-"""Run metrics: peak memory and the loss-curve plot."""
+"""Run metrics: peak memory and the loss-curve plot (train loss, validation loss or perplexity)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ def peak_memory_bytes(device=None) -> int:
     """Peak memory: the accelerator's peak allocation on CUDA, else this process's peak RSS
     (Linux VmHWM; ru_maxrss elsewhere)."""
     import torch
-
-    from ..bench.common import peak_rss_bytes
 
     if device is not None and torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -25,21 +23,39 @@ def peak_memory_bytes(device=None) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def plot_metrics(rows: list[dict], path: Path, title: str = "") -> Path:
+def peak_rss_bytes() -> int:
+    """High-water resident set size of this process image (``VmHWM``).
+
+    Not ``ru_maxrss``: Linux carries the parent's RSS at fork into the child's ``ru_maxrss``
+    across exec, so a small child of a large parent would report the parent's size.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status")
+
+
+def plot_metrics(rows: list[dict], path: Path, title: str = "", unit: str = " (nats/token)",
+                 ylabel: str = "cross-entropy (nats/token)") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss (nats/token)")
-    val = [(r["step"], r["val_perplexity"]) for r in rows if r.get("val_perplexity") is not None]
-    if val:
-        import math
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=f"train loss{unit}")
+    import math
 
-        ax.plot([s for s, _ in val], [math.log(p) for _, p in val], "o-", label="validation loss = log(perplexity)")
+    val = [(r["step"], math.log(r["val_perplexity"])) for r in rows if r.get("val_perplexity") is not None]
+    label = "validation loss = log(perplexity)"
+    if not val:
+        val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+        label = "validation loss"
+    if val:
+        ax.plot([s for s, _ in val], [v for _, v in val], "o-", label=label)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()

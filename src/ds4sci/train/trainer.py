@@ -1,4 +1,5 @@
-"""GenSLM training: AdamW, warmup + cosine, clipping, accumulation, resume. This is the
+"""The common trainer: AdamW, warmup + cosine, clipping, accumulation, mixed precision, progress,
+metrics, checkpoints, resume and init_from, for every training task (``train.task``). This is the
 single-process trainer; ``distributed.DistributedTrainer`` runs the same computation over a
 parallel layout through the hooks marked below, and checkpoints of either resume in the other.
 
@@ -18,11 +19,6 @@ from pathlib import Path
 
 import torch
 
-from ..data.corpus import default_records
-from ..data.dataset import TokenDataset, build_token_dir, collate
-from ..data.fasta import read_fasta
-from ..data.tokenizer import CodonTokenizer
-from ..models.genslm import GenSLM, GenSLMConfig, load_parameters
 from .checkpoint import (
     CheckpointError,
     is_distributed_checkpoint,
@@ -33,7 +29,8 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig
-from .metrics import peak_memory_bytes, plot_metrics
+from .metrics import peak_memory_bytes
+from .task import finite_or_none
 
 
 @dataclass
@@ -63,27 +60,6 @@ class RecordSampler:
             taken.append(order[index])
             index += 1
         return taken, DataPosition(epoch, index)
-
-
-def _records(cfg: TrainConfig):
-    if not cfg.data.fasta:
-        yield from default_records(cfg.data.n_simulated, cfg.data.simulate_seed)
-        return
-    for path in cfg.data.fasta:
-        for rec in read_fasta(path, on_bad=cfg.data.on_bad):
-            yield rec.name, rec.sequence
-
-
-def prepare_data(cfg: TrainConfig, tokenizer: CodonTokenizer) -> Path:
-    """Token files for this data config in ``out_dir/data`` (rebuilt when the config changed)."""
-    token_dir = Path(cfg.out_dir) / "data"
-    stamp = json.dumps({k: v for k, v in cfg.to_dict()["data"].items() if k != "max_tokens"}, sort_keys=True)
-    stamp_file = token_dir / "config.json"
-    if not (stamp_file.is_file() and stamp_file.read_text() == stamp):
-        stamp_file.unlink(missing_ok=True)  # a build that dies half-way is redone next time
-        build_token_dir(_records(cfg), tokenizer, token_dir, cfg.data.val_fraction, cfg.data.frame)
-        stamp_file.write_text(stamp)
-    return token_dir
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -130,11 +106,14 @@ def load_plain_state(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.
 # which moves the cosine schedule from then on).
 _RESUMABLE_CHANGES = {"optim.max_steps", "progress", "eval_every", "checkpoint_every",
                       "keep_checkpoints", "out_dir", "overwrite", "device", "init_from"}
+# Keys that checkpoints from before they existed lack, with the value those runs had.
+_DEFAULTS_OF_OLD_CHECKPOINTS = {"task": "genslm"}
 
 
 def _changed_settings(saved: dict, now: dict) -> dict:
     """Flat config keys whose change would change a resumed run's numbers: ``{key: (saved, now)}``.
     The parallel layout may change: every layout computes the same numbers."""
+    saved = {**_DEFAULTS_OF_OLD_CHECKPOINTS, **saved}
     return {k: (saved.get(k), now.get(k)) for k in saved.keys() | now.keys()
             if k not in _RESUMABLE_CHANGES and not k.startswith("parallel.") and saved.get(k) != now.get(k)}
 
@@ -149,32 +128,40 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 @torch.no_grad()
-def evaluate(model: GenSLM, data: TokenDataset, pad_id: int, precision: str, device: torch.device) -> float | None:
-    """Validation perplexity: exp of the mean next-token loss over every validation token."""
+def evaluate(task, model, data, precision: str, device: torch.device) -> tuple[float, float]:
+    """``(summed loss, count)`` over every validation record, one record at a time."""
     model.eval()
     total, count = 0.0, 0
     for i in range(len(data)):
-        ids, labels = (t.to(device) for t in collate([data[i]], pad_id))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            out = model(ids, labels=labels)
-        total += out.loss.item() * out.num_tokens.item()
-        count += out.num_tokens.item()
+        batch = tuple(t.to(device) for t in task.collate([data[i]]))
+        with _autocast(device, precision):
+            loss_sum, n = task.loss_sum(model, batch)
+        mean = loss_sum / n.clamp_min(1)
+        total += mean.item() * n.item()
+        count += n.item()
     model.train()
-    return math.exp(total / count) if count else None
+    return total, count
 
 
 class Trainer:
-    """One process trains the whole model. ``distributed.DistributedTrainer`` overrides the hooks
-    marked "hook" to spread the same computation over ranks."""
+    """One process trains the whole model of ``cfg.task``. ``distributed.DistributedTrainer``
+    overrides the hooks marked "hook" to spread the same computation over ranks."""
 
     is_main = True
     """Whether this process writes metrics, plots and the run's config (rank 0)."""
 
     def __init__(self, cfg: TrainConfig, resume: bool = False):
         self.cfg = cfg
+        self.task = cfg.task_spec
         self.out = Path(cfg.out_dir)
         self.device = self._setup_device()
+        model_config = cfg.model_config()
+        self.task.check(cfg, model_config)
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         self._barrier()
@@ -188,21 +175,14 @@ class Trainer:
             if self.is_main:
                 shutil.rmtree(self.out / "checkpoints")
         torch.manual_seed(cfg.seed)
-        self.tokenizer = CodonTokenizer(cfg.data.vocab)
         if self.is_main:
-            prepare_data(cfg, self.tokenizer)
+            self.task.prepare_data(cfg, self.out)
         self._barrier()
-        token_dir = Path(cfg.out_dir) / "data"
-        self.train_data = TokenDataset(token_dir, "train", cfg.data.max_tokens)
-        self.val_data = TokenDataset(token_dir, "val", cfg.data.max_tokens)
-        self.pad_id = self.tokenizer.pad_id
-        model_config = cfg.model_config()
-        if model_config.vocab_size < len(self.tokenizer):
-            raise ValueError(f"model vocab_size={model_config.vocab_size} < tokenizer's {len(self.tokenizer)}")
+        self.train_data, self.val_data = self.task.datasets(cfg, self.out)
         # Weights that a checkpoint (resume) or init_from will set are not initialised first.
         self._initialise = not resume and cfg.init_from is None
         self.model = self._build_model(model_config)
-        self.num_parameters = self.model.num_parameters()
+        self.num_parameters = sum(p.numel() for p in self.model.parameters())
         """Of the whole model (a pipeline stage holds only some)."""
         self._parallelize()
         if cfg.init_from is not None and not resume:
@@ -228,14 +208,14 @@ class Trainer:
     def _barrier(self) -> None:
         """Wait for every rank (nothing to wait for in one process)."""
 
-    def _build_model(self, config: GenSLMConfig) -> GenSLM:
+    def _build_model(self, config) -> torch.nn.Module:
         """The whole model on this process's device, initialised from ``cfg.seed`` (or, when its
         weights come from storage, with its storage allocated only)."""
         if self._initialise:
             with torch.device(self.device):
-                return GenSLM(config, seed=self.cfg.seed)
+                return self.task.build_model(config, seed=self.cfg.seed)
         with torch.device("meta"):
-            model = GenSLM(config)
+            model = self.task.build_model(config)
         return model.to_empty(device=self.device)
 
     def _parallelize(self) -> None:
@@ -246,29 +226,32 @@ class Trainer:
         return self.model
 
     def _micro_batches(self) -> tuple[list, int]:
-        """The step's micro-batches ``[(ids, labels)]`` for this process and the step's number of
-        predicted tokens over all of them (every process's)."""
+        """The step's micro-batches for this process and the step's number of loss targets over
+        all of them (every process's)."""
         o = self.cfg.optim
-        micro = []
+        micro, total = [], 0
         for _ in range(o.grad_accum):
             indices, self.position = self.sampler.take(self.position, o.batch_size)
-            ids, labels = collate([self.train_data[i] for i in indices], self.pad_id)
-            micro.append((ids.to(self.device), labels.to(self.device)))
-        return micro, sum(int((labels[:, 1:] != -100).sum()) for _, labels in micro)
+            records = [self.train_data[i] for i in indices]
+            total += self.task.count(records)
+            micro.append(tuple(t.to(self.device) for t in self.task.collate(records)))
+        return micro, total
 
-    def _micro_step(self, ids: torch.Tensor, labels: torch.Tensor, total_tokens: int) -> float:
-        """Forward and backward of one micro-batch, weighted by its share of the step's tokens;
-        returns its summed loss (over every rank's tokens)."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
-            out = self.model(ids, labels=labels)
-        (out.loss * (out.num_tokens / max(total_tokens, 1))).backward()
-        return out.loss.item() * out.num_tokens.item()
+    def _micro_step(self, batch: tuple, total_count: int) -> float:
+        """Forward and backward of one micro-batch, weighted by its share of the step's targets;
+        returns its summed loss (over every rank's targets)."""
+        with _autocast(self.device, self.cfg.precision):
+            loss_sum, count = self.task.loss_sum(self.model, batch)
+            mean = loss_sum / count.clamp_min(1)
+        (mean * (count / max(total_count, 1))).backward()
+        return mean.item() * count.item()
 
     def _clip_grad_norm(self, max_norm: float) -> float:
         return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
 
-    def _evaluate(self) -> float | None:
-        return evaluate(self.model, self.val_data, self.pad_id, self.cfg.precision, self.device)
+    def _evaluate(self) -> dict:
+        total, count = evaluate(self.task, self.model, self.val_data, self.cfg.precision, self.device)
+        return self.task.eval_metrics(total, count)
 
     def _resume(self) -> None:
         """Restore the latest checkpoint, written by this or any other parallel layout."""
@@ -294,30 +277,21 @@ class Trainer:
         self._barrier()
 
     def _init_from(self, path: str) -> None:
-        """The weights of ``cfg.init_from``, after checking they fit this model and tokenizer."""
-        from ..models.genslm.inference import load_weights
-
-        expected = "expected a ds4sci run or checkpoint directory or a saved HF GPT-NeoX directory"
+        """The weights of ``cfg.init_from``, after checking they fit this model (the task says
+        what must match: architecture, tokenizer, ...)."""
+        expected = f"expected a ds4sci run or checkpoint directory (or what task {self.task.name!r} reads)"
         if not Path(path).exists():
             raise FileNotFoundError(f"init_from={path!r}: no such file or directory; {expected}")
         try:
-            weights, config, vocab = load_weights(path)
+            weights, config, extra = self.task.load_weights(path)
         except (FileNotFoundError, CheckpointError) as err:
             raise type(err)(f"init_from={path!r}: {err}; {expected}") from err
         except (ValueError, KeyError, RuntimeError) as err:  # unreadable or inconsistent weights
             raise ValueError(f"init_from={path!r}: {err}") from err
-        changes = config.architecture_changes(self.model.config)
-        if changes:
-            raise ValueError(f"init_from={path!r}: its model differs from this run's in {changes} (theirs, "
-                             f"ours); choose the matching preset (model=...) or --model.<field>=... overrides")
-        theirs = CodonTokenizer(vocab or "genslm-69")  # HF (GenSLM) models: GenSLM's 69 tokens
-        if theirs.vocab != self.tokenizer.vocab:
-            raise ValueError(f"init_from={path!r} was trained with the tokenizer {vocab or 'genslm-69'!r}, "
-                             f"this run uses data.vocab={self.cfg.data.vocab!r}, which maps tokens to other "
-                             f"ids: the embeddings would mean other codons")
+        self.task.check_init_from(path, config, extra, self.cfg, self.model.config)
         # Every rank reads the whole tensors, one at a time, and keeps what it holds of each.
         try:
-            load_parameters(self._trained_module(), weights)
+            self.task.load_parameters(self._trained_module(), weights)
         except (ValueError, KeyError, RuntimeError, CheckpointError) as err:  # a file that fails mid-read
             raise ValueError(f"init_from={path!r}: {err}") from err
 
@@ -365,17 +339,19 @@ class Trainer:
         return save_checkpoint(self.out, self.step, self.model.state_dict(), state, self.cfg.keep_checkpoints)
 
     def _log(self, row: dict) -> None:
+        # JSON has no NaN or Infinity: non-finite values are written as null.
+        clean = {k: finite_or_none(v) if isinstance(v, float) else v for k, v in row.items()}
         with self.metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(clean) + "\n")
 
     def train_step(self) -> dict:
         o = self.cfg.optim
-        # Every micro-batch's loss is weighted by its share of the step's predicted tokens.
-        micro, total_tokens = self._micro_batches()
+        # Every micro-batch's loss is weighted by its share of the step's loss targets.
+        micro, total = self._micro_batches()
         loss_sum = 0.0
         start = time.perf_counter()
-        for ids, labels in micro:
-            loss_sum += self._micro_step(ids, labels, total_tokens)
+        for batch in micro:
+            loss_sum += self._micro_step(batch, total)
         grad_norm = self._clip_grad_norm(o.grad_clip if o.grad_clip > 0 else float("inf"))
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
@@ -383,9 +359,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         elapsed = time.perf_counter() - start
-        return {"step": self.step, "loss": loss_sum / max(total_tokens, 1), "lr": lr,
-                "grad_norm": grad_norm, "tokens": total_tokens,
-                "tokens_per_s": total_tokens / elapsed, "peak_memory_bytes": peak_memory_bytes(self.device),
+        name = self.task.count_name
+        return {"step": self.step, "loss": loss_sum / max(total, 1), "lr": lr,
+                "grad_norm": grad_norm, name: total,
+                f"{name}_per_s": total / elapsed, "peak_memory_bytes": peak_memory_bytes(self.device),
                 "epoch": self.position.epoch}
 
     def fit(self, until_step: int | None = None) -> dict:
@@ -395,18 +372,19 @@ class Trainer:
         cfg = self.cfg
         stop = cfg.optim.max_steps if until_step is None else min(until_step, cfg.optim.max_steps)
         bar = tqdm(total=cfg.optim.max_steps, initial=self.step, disable=not (cfg.progress and self.is_main),
-                   desc="train genslm", unit="step", dynamic_ncols=True)
+                   desc=f"train {self.task.name}", unit="step", dynamic_ncols=True)
         row = {}
         self.model.train()
+        rate = f"{self.task.count_name}_per_s"
         while self.step < stop:
             row = self.train_step()
             last = self.step == cfg.optim.max_steps
             if last or (cfg.eval_every and self.step % cfg.eval_every == 0):
-                row["val_perplexity"] = self._evaluate()
+                row.update(self._evaluate())
             if self.is_main:
                 self._log(row)
             bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
+            bar.set_postfix(loss=f"{row['loss']:.3f}", rate=f"{row[rate]:.0f}/s",
                             mem=f"{row['peak_memory_bytes'] / 2**30:.2f}GiB")
             if self.step == stop or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
                 self.save()
@@ -414,11 +392,8 @@ class Trainer:
         self._barrier()  # the main rank's last metrics row is written
         rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
         if self.is_main:
-            plot_metrics(rows, self.out / "loss_curve.png", title=f"{cfg.model} on {self._data_label()}")
+            self.task.plot(rows, self.out / "loss_curve.png", title=f"{cfg.model} on {self.task.data_label(cfg)}")
         return {"rows": rows, "final": row}
-
-    def _data_label(self) -> str:
-        return "embedded SARS-CoV-2 corpus" if not self.cfg.data.fasta else ", ".join(self.cfg.data.fasta)
 
 
 def _device(name: str) -> torch.device:

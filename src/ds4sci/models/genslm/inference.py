@@ -1,55 +1,13 @@
-"""Inference with a trained GenSLM: load, embed sequences, generate sequences."""
+"""Inference with a GenSLM: embed sequences, generate sequences (loading a trained one:
+``train.tasks.genslm.load_model``)."""
 
 from __future__ import annotations
-
-from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ...data.tokenizer import CodonTokenizer
-from .config import GenSLMConfig
-from .model import GenSLM, load_parameters
-
-
-def load_weights(path: str | Path) -> tuple[Mapping[str, torch.Tensor], GenSLMConfig, str | None]:
-    """``(weights, config, vocab)`` of a run directory (its latest checkpoint), a checkpoint
-    directory, or a saved HF GPT-NeoX directory. ``weights``: the whole model's tensors under our
-    names, each read from storage when asked for (see ``load_parameters``); ``vocab``: the
-    tokenizer the run trained with (``data.vocab``), None for HF models (GenSLM's 69 tokens)."""
-    from ...train.checkpoint import checkpoint_weights, latest_checkpoint
-
-    path = Path(path)
-    if (path / "config.json").is_file():
-        from .interop import hf_weights
-
-        weights, config = hf_weights(path)
-        vocab = None
-    else:
-        ckpt = latest_checkpoint(path) if (path / "checkpoints").is_dir() else path
-        if ckpt is None:
-            raise FileNotFoundError(f"{path}: no checkpoint found")
-        weights, state = checkpoint_weights(ckpt)
-        config = GenSLMConfig.from_dict(dict(state["config"]["model_config"]))
-        vocab = state["config"]["train"]["data"]["vocab"]
-    with torch.device("meta"):  # the names the config's model has (no storage)
-        expected = {name for name, _ in GenSLM(config).named_parameters()}
-    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-    if missing or unexpected:
-        raise ValueError(f"{path}: its weights do not fit its own model config: {len(missing)} missing "
-                         f"(e.g. {missing[:4]}), {len(unexpected)} unexpected (e.g. {unexpected[:4]})")
-    return weights, config, vocab
-
-
-def load_model(path: str | Path) -> tuple[GenSLM, CodonTokenizer]:
-    """A model (fp32) from a run directory (its latest checkpoint), a checkpoint directory, or a
-    saved HF GPT-NeoX directory; with the tokenizer it was trained with (GenSLM's 69 otherwise)."""
-    weights, config, vocab = load_weights(path)
-    with torch.device("meta"):
-        model = GenSLM(config)
-    load_parameters(model.to_empty(device="cpu"), weights)
-    return model.eval(), CodonTokenizer(vocab) if vocab is not None else CodonTokenizer()
+from .model import GenSLM
 
 
 @torch.no_grad()

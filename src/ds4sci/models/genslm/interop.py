@@ -10,8 +10,6 @@ only here, only when used.
 
 from __future__ import annotations
 
-import functools
-import zipfile
 from pathlib import Path
 
 import torch
@@ -78,7 +76,7 @@ def state_dict_from_hf(hf_state: dict) -> dict:
 
 def hf_weights(path: str | Path):
     """``(weights, config)`` of a saved HF GPT-NeoX directory without building a model: its
-    tensors under our names, each read when asked for (``train.checkpoint.LazyTensors``;
+    tensors under our names, each read when asked for (``data.weights.LazyTensors``;
     safetensors files, single or sharded, or memory-mapped ``pytorch_model*.bin``; a ``.bin``
     in torch's legacy format is read whole), and our config. Needs ``transformers`` only to
     read ``config.json``."""
@@ -86,7 +84,7 @@ def hf_weights(path: str | Path):
 
     from transformers import GPTNeoXConfig
 
-    from ...train.checkpoint import LazyTensors, safetensors_tensors
+    from ...data.weights import safetensors_tensors, torch_file_tensors
 
     path = Path(path)
     config = config_from_hf(GPTNeoXConfig.from_pretrained(path))
@@ -97,23 +95,9 @@ def hf_weights(path: str | Path):
         if files and stem.endswith(".safetensors"):
             return safetensors_tensors(files, name_from_hf), config
         if files:
-            readers = {}
-            for file in files:
-                if zipfile.is_zipfile(file):  # memory-mapped, each tensor read (and the map closed) alone
-                    keys = list(torch.load(file, map_location="cpu", mmap=True, weights_only=True))
-                    readers.update({name: functools.partial(_read_torch_file, file, key) for key in keys
-                                    if (name := name_from_hf(key)) is not None})
-                else:  # torch's legacy (pre-1.6) format cannot be memory-mapped: read whole
-                    tensors = torch.load(file, map_location="cpu", weights_only=True)
-                    readers.update({name: (lambda t=tensor: t) for key, tensor in tensors.items()
-                                    if (name := name_from_hf(key)) is not None})
-            return LazyTensors(readers), config
+            return torch_file_tensors(files, name_from_hf), config
     raise FileNotFoundError(f"hf_weights: {path} has config.json but no model.safetensors(.index.json) "
                             f"or pytorch_model.bin(.index.json)")
-
-
-def _read_torch_file(file: Path, key: str) -> torch.Tensor:
-    return torch.load(file, map_location="cpu", mmap=True, weights_only=True)[key].clone()
 
 
 def state_dict_to_hf(state: dict, head_name: str = "embed_out") -> dict:

@@ -15,8 +15,7 @@ Legend: ``B`` batch, ``S`` sequence, ``E`` hidden size, ``H`` heads, ``D`` head 
 
 from __future__ import annotations
 
-import hashlib
-import inspect
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,9 +23,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
+from ...parallel import init as _init
 from .config import GenSLMConfig
 
 IGNORE_INDEX = -100
@@ -269,6 +268,9 @@ class CausalLMOutput:
 class GenSLM(nn.Module):
     """GPT-NeoX causal language model over codons."""
 
+    fsdp_forward_methods = ("hidden_states", "loss_sum")
+    """Called instead of ``forward`` by sequence-parallel training (``parallel.fsdp``)."""
+
     def __init__(self, config: GenSLMConfig, *, seed: int | None = None):
         """Built and initialised (see :meth:`reset_parameters`); under ``torch.device("meta")``
         built without storage or values, for :func:`init_parameters` after sharding."""
@@ -372,71 +374,92 @@ class GenSLM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    # ----- the pipeline protocol (parallel.pipeline) -----
+    def pipeline_blocks(self) -> int:
+        return len(self.layers)
 
-# Every rank holds the same whole weight, so each may slice its shard itself (torch >= 2.7);
-# older torch scatters rank 0's copy instead: the same values, one collective per weight.
-_SLICE_LOCALLY = ({"src_data_rank": None}
-                  if "src_data_rank" in inspect.signature(distribute_tensor).parameters else {})
+    def pipeline_stage(self, block_ids: range, is_first: bool, is_last: bool) -> GenSLMStage:
+        return GenSLMStage(self, block_ids, is_first, is_last)
 
 
-@torch.no_grad()
+def _initial_value(std: float, name: str, module: nn.Module, shape, generator):
+    """GPT-NeoX's scheme: linear and embedding weights ``N(0, std)``, biases 0, LayerNorm 1."""
+    if name.rsplit(".", 1)[-1] == "bias":
+        return 0.0
+    if isinstance(module, nn.LayerNorm):
+        return 1.0
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        return torch.empty(shape, device="cpu").normal_(0.0, std, generator=generator)
+    raise TypeError(f"init_parameters: no initialisation rule for {name} "
+                    f"(a parameter of {type(module).__name__})")
+
+
 def init_parameters(module: nn.Module, seed: int) -> None:
     """Set every parameter of ``module`` to its initial value: linear and embedding weights
     ``N(0, config.initializer_range)``, biases 0, layer-norm weights 1 (GPT-NeoX's scheme).
 
     ``module``: a ``GenSLM`` or a pipeline ``GenSLMStage`` (parameter names of the whole model),
     plain or sharded (FSDP2, tensor parallel: DTensor parameters), on any device. A weight's
-    values come from a CPU generator seeded with ``(seed, its name)``, drawn whole on every rank
-    that holds a shard of it; the rank keeps its shard. So a model built on the meta device,
-    sharded, then ``to_empty``-ed and initialised here on each rank holds exactly the weights one
-    process would build, and each rank never holds more than its shards plus one whole weight.
+    values come from a CPU generator seeded with ``(seed, its name)``
+    (``parallel.init.init_parameters``), so a model built on the meta device, sharded, then
+    ``to_empty``-ed and initialised here on each rank holds exactly the weights one process
+    would build.
     """
-    std = module.config.initializer_range
-    for module_name, sub in module.named_modules():
-        for param_name, p in sub.named_parameters(recurse=False):
-            name = f"{module_name}.{param_name}" if module_name else param_name
-            if param_name == "bias":
-                fill = 0.0
-            elif isinstance(sub, nn.LayerNorm):
-                fill = 1.0
-            elif isinstance(sub, (nn.Linear, nn.Embedding)):
-                fill = None
-            else:
-                raise TypeError(f"init_parameters: no initialisation rule for {name} "
-                                f"(a parameter of {type(sub).__name__})")
-            if fill is not None:
-                (p.to_local() if isinstance(p, DTensor) else p).fill_(fill)
-                continue
-            digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-            generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-            _set_whole(p, torch.empty(p.shape, device="cpu").normal_(0.0, std, generator=generator))
+    _init.init_parameters(module, seed, functools.partial(_initial_value, module.config.initializer_range))
 
 
-@torch.no_grad()
-def load_parameters(module: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
-    """Set every parameter of ``module`` (as for :func:`init_parameters`: whole model or pipeline
-    stage, plain or sharded) to ``weights[its name]``, a whole tensor of any float dtype.
+load_parameters = _init.load_parameters
 
-    ``weights`` may read each tensor from storage when asked (``train.checkpoint.LazyTensors``):
-    they are asked for one at a time, so a rank holds its shards plus one whole weight. Entries
-    for parameters ``module`` does not hold (other pipeline stages') are not read.
+
+class GenSLMStage(nn.Module):
+    """Layers ``layer_ids`` of a GenSLM (a pipeline stage, ``parallel.pipeline``); the first stage
+    also embeds the tokens, the last also applies the final norm and owns the output head used by
+    ``loss_sum``.
+
+    ``forward``: first stage ``input_ids [B, S]``, later stages ``hidden [B, S, E]`` ->
+    ``hidden [B, S, E]`` (final-normed on the last stage).
     """
-    missing = [name for name, _ in module.named_parameters() if name not in weights]
-    if missing:
-        raise KeyError(f"load_parameters: the weights lack {len(missing)} of the module's parameters, "
-                       f"e.g. {missing[:4]}; they have e.g. {list(weights)[:4]}")
-    for name, p in module.named_parameters():
-        whole = weights[name]
-        if tuple(whole.shape) != tuple(p.shape):
-            raise ValueError(f"load_parameters: weights[{name!r}] has shape {tuple(whole.shape)}; "
-                             f"expected the parameter's {tuple(p.shape)}")
-        _set_whole(p, whole)
 
+    # The output head's chunked cross-entropy is GenSLM's own, not a copy.
+    loss_sum = GenSLM.loss_sum
+    _chunk_loss = GenSLM._chunk_loss
 
-def _set_whole(p: torch.Tensor, whole: torch.Tensor) -> None:
-    """Write this rank's part of the whole value ``whole`` into ``p`` (plain or DTensor)."""
-    whole = whole.to(p.dtype)
-    if isinstance(p, DTensor):  # this rank's shard only
-        p.to_local().copy_(distribute_tensor(whole, p.device_mesh, p.placements, **_SLICE_LOCALLY).to_local())
-    else:
-        p.copy_(whole)
+    def __init__(self, model: GenSLM, layer_ids: range, is_first: bool, is_last: bool):
+        super().__init__()
+        self.config = model.config
+        self.is_first, self.is_last = is_first, is_last
+        self.rotary = model.rotary
+        if is_first:
+            self.embed_in = model.embed_in
+        # Keyed by the whole model's layer index so parameter names match the unsplit model.
+        self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layer_ids})
+        if is_last:
+            self.final_layer_norm = model.final_layer_norm
+            self.embed_out = model.embed_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Every stage sees the full (unsharded) sequence, so positions are 0..S-1.
+        cos, sin = self.rotary(torch.arange(x.shape[1], device=x.device))
+        x = run_layers(self.layers.values(), x, cos, sin, self.config,
+                       embed=self.embed_in if self.is_first else None)
+        return self.final_layer_norm(x) if self.is_last else x
+
+    @staticmethod
+    def fixed_batch(input_ids: torch.Tensor, labels: torch.Tensor, batch_size: int, seq_len: int):
+        """``(ids, targets)`` shifted and padded to the fixed ``[batch_size, seq_len]``: token t
+        predicts label t+1 (shifted before padding, so the last real token predicts nothing);
+        padding rows and columns have every target ignored and causal attention never looks
+        right, so they add nothing to loss or gradients."""
+        if input_ids.dim() != 2 or labels.shape != input_ids.shape:
+            raise ValueError(f"GenSLM pipeline: input_ids {tuple(input_ids.shape)} and labels "
+                             f"{tuple(labels.shape)}; expected both [B, S]")
+        b, s = input_ids.shape
+        targets = torch.cat([labels[:, 1:], labels.new_full((b, 1), IGNORE_INDEX)], dim=1)
+        ids = input_ids.new_zeros((batch_size, seq_len))
+        padded = targets.new_full((batch_size, seq_len), IGNORE_INDEX)
+        ids[:b, :s], padded[:b, :s] = input_ids, targets
+        return ids, padded
+
+    @staticmethod
+    def count(targets: torch.Tensor) -> torch.Tensor:
+        return (targets != IGNORE_INDEX).sum()

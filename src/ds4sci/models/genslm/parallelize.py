@@ -14,12 +14,67 @@ from __future__ import annotations
 
 import torch
 
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
 from ...parallel.dims import ParallelDims, ParallelMesh
 from ...parallel.fsdp import apply_fsdp
 from ...parallel.pipeline import build_pipeline
-from ...parallel.sequence import apply_sequence_parallel
-from ...parallel.tensor import apply_tensor_parallel, check_tensor_parallel
+from ...parallel.sequence import apply_sequence_parallel, shard_sequence
+from ...parallel.tensor import apply_tensor_parallel, check_divisible, megatron_block_plan
 from .config import GenSLMConfig
+from .model import IGNORE_INDEX
+
+
+def check_tensor_parallel(config: GenSLMConfig, tp: int) -> None:
+    """Raise a ValueError naming the field when ``config`` cannot be split over ``tp`` ranks:
+    each rank holds whole heads and an equal share of the MLP columns."""
+    check_divisible("apply_tensor_parallel", {"num_attention_heads": config.num_attention_heads,
+                                              "intermediate_size": config.intermediate_size}, tp)
+
+
+def tensor_parallel_genslm(model, tp_mesh: DeviceMesh, *, embeddings: bool = True):
+    """Megatron tensor parallelism of a ``GenSLM`` (or a pipeline ``GenSLMStage``) over the 1-D
+    ``tp_mesh``, in place; returns it.
+
+    Per layer: ``query_key_value`` and ``dense_h_to_4h`` column-wise, ``dense`` and
+    ``dense_4h_to_h`` row-wise. GPT-NeoX's fused ``query_key_value`` output is laid out per head
+    as ``[q | k | v]``, so a column split hands each rank ``H / tp`` whole heads. ``embeddings``:
+    also split ``embed_in`` (row-wise, by vocabulary: each rank looks up its slice and the partial
+    embeddings are summed) and ``embed_out`` (column-wise, logits gathered, so the chunked
+    cross-entropy runs unchanged). Uneven vocabularies (69 codons on 2 ranks) are fine: DTensor
+    shards unevenly.
+    """
+    if tp_mesh.ndim == 1:
+        check_tensor_parallel(model.config, tp_mesh.size())
+    block_plan = megatron_block_plan("attention.query_key_value", "attention.dense",
+                                     "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+    root_plan = ({"embed_in": RowwiseParallel(input_layouts=Replicate()),
+                  "embed_out": ColwiseParallel(output_layouts=Replicate())} if embeddings else None)
+    return apply_tensor_parallel(model, tp_mesh, block_plan, root_plan)
+
+
+def shard_batch(input_ids_BS: torch.Tensor, labels_BS: torch.Tensor, sp_rank: int, sp_size: int,
+                layout: str = "contiguous", ulysses_size: int = 1, pad_id: int = 0):
+    """This rank's part of a language-model batch: ``(ids [B, S_local], targets [B, S_local],
+    positions [S_local])``.
+
+    ``labels`` are the usual causal-LM labels (``-100`` = ignore), aligned with ``input_ids``;
+    they are shifted to next-token ``targets`` on the whole sequence *before* it is split, so the
+    target of a shard's last token (the first token of the next shard) is not lost; padding gets
+    ``pad_id`` and target ``-100`` (causal attention never lets a real token see it). For
+    ``GenSLM.loss_sum`` and ``GenSLM.hidden_states(positions=...)``; see
+    ``parallel.sequence.shard_positions`` for the layouts.
+    """
+    if input_ids_BS.dim() != 2 or labels_BS.shape != input_ids_BS.shape:
+        raise ValueError(f"shard_batch: input_ids has shape {tuple(input_ids_BS.shape)} and labels "
+                         f"{tuple(labels_BS.shape)}; expected the same [B, S]")
+    b = input_ids_BS.shape[0]
+    targets = torch.cat([labels_BS[:, 1:], labels_BS.new_full((b, 1), IGNORE_INDEX)], dim=1)
+    ids, positions, _ = shard_sequence(input_ids_BS, sp_rank, sp_size, layout, ulysses_size, pad_value=pad_id)
+    targets, _, _ = shard_sequence(targets, sp_rank, sp_size, layout, ulysses_size, pad_value=IGNORE_INDEX)
+    return ids, targets, positions
 
 
 def default_sp_ulysses(sp: int, heads_per_tp_rank: int) -> int:
@@ -55,7 +110,7 @@ def check_layout(dims: ParallelDims, config: GenSLMConfig) -> None:
 
 
 def sequence_layout(dims: ParallelDims, ring_layout: str) -> tuple[str, int]:
-    """``(layout, ulysses_size)`` for ``parallel.sequence.shard_batch`` under ``dims``."""
+    """``(layout, ulysses_size)`` for :func:`shard_batch` under ``dims``."""
     if dims.sp_mode == "ulysses":
         return "contiguous", dims.sp
     if dims.sp_mode == "ring":
@@ -69,7 +124,7 @@ def parallelize_genslm(model, dims: ParallelDims, mesh: ParallelMesh, *, ring_la
     """Apply SP, TP and FSDP to ``model`` (a ``GenSLM``, identically initialised on every rank)
     in place; returns it. Pipeline layouts go through :func:`pipeline_genslm`.
 
-    Afterwards feed each rank ``parallel.sequence.shard_batch(...)`` of its data-parallel share
+    Afterwards feed each rank :func:`shard_batch` of its data-parallel share
     with ``sequence_layout(dims, ring_layout)``, call ``model.hidden_states(ids,
     positions=...)`` and ``model.loss_sum``, and scale the local loss sum by
     ``dims.dp_sp / global_token_count`` (FSDP averages gradients over dp x sp).
@@ -93,7 +148,7 @@ def parallelize_genslm(model, dims: ParallelDims, mesh: ParallelMesh, *, ring_la
 def _tp_then_fsdp(module, dims: ParallelDims, mesh: ParallelMesh, *, cpu_offload: bool,
                   reshard_after_forward: bool, tp_embeddings: bool, param_dtype):
     if dims.tp_enabled:
-        apply_tensor_parallel(module, mesh.tp, embeddings=tp_embeddings)
+        tensor_parallel_genslm(module, mesh.tp, embeddings=tp_embeddings)
     if dims.dp_sp > 1:
         apply_fsdp(module, mesh.dp_sp, param_dtype=param_dtype, cpu_offload=cpu_offload,
                    reshard_after_forward=reshard_after_forward)

@@ -1,0 +1,1 @@
+"""The built-in training tasks (``train.task``): one module per model family."""

@@ -1,0 +1,259 @@
+"""GenSLM codon language models as a training task: FASTA corpora tokenised into memory-mapped
+token files, next-token cross-entropy (summed over predicted tokens), validation perplexity,
+and the GPT-NeoX model with its SP/TP/FSDP/PP plans (``models.genslm.parallelize``).
+
+Also the loading of trained models for ``ds4sci embed`` / ``generate`` (:func:`load_model`):
+run directories, checkpoints and saved HF GPT-NeoX directories.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ...data.corpus import default_records
+from ...data.dataset import TokenDataset, build_token_dir, collate
+from ...data.fasta import read_fasta
+from ...data.tokenizer import CodonTokenizer
+from ...models.genslm import GenSLM, GenSLMConfig, init_parameters, load_parameters
+from ...models.genslm.config import preset
+from ...models.genslm.model import IGNORE_INDEX
+from ..task import Task, finite_or_none
+
+
+@dataclass
+class DataConfig:
+    fasta: list[str] = field(default_factory=list)
+    """FASTA / FASTA.gz files to train on; empty = the embedded SARS-CoV-2 corpus."""
+    n_simulated: int = 47
+    """Embedded corpus only: simulated variant genomes added to the reference."""
+    simulate_seed: int = 0
+    """Embedded corpus only: seed of the variant simulator."""
+    val_fraction: float = 0.1
+    """Fraction of records (every 1/val_fraction-th) held out for validation."""
+    frame: int = 0
+    """Reading frame offset (0, 1 or 2 nucleotides skipped)."""
+    vocab: str = "genslm-69"
+    """Tokenizer vocabulary: genslm-69, genslm-71 or an HF tokenizers JSON path."""
+    max_tokens: int | None = None
+    """Crop each record to this many tokens; None = whole records (whole genomes)."""
+    on_bad: str = "skip"
+    """Bad FASTA records: skip (warn with their name) or error."""
+
+    def __post_init__(self):
+        if self.on_bad not in ("skip", "error"):
+            raise ValueError(f"data.on_bad={self.on_bad!r}; expected 'skip' or 'error'")
+        if self.frame not in (0, 1, 2):
+            raise ValueError(f"data.frame={self.frame}; expected 0, 1 or 2")
+        if not 0.0 <= self.val_fraction <= 0.5:
+            raise ValueError(f"data.val_fraction={self.val_fraction}; expected in [0, 0.5]")
+        if self.max_tokens is not None and self.max_tokens < 2:
+            raise ValueError(f"data.max_tokens={self.max_tokens}; expected >= 2 or null")
+        if self.n_simulated < 0:
+            raise ValueError(f"data.n_simulated={self.n_simulated}; expected >= 0")
+
+
+
+def _records(cfg):
+    if not cfg.data.fasta:
+        yield from default_records(cfg.data.n_simulated, cfg.data.simulate_seed)
+        return
+    for path in cfg.data.fasta:
+        for rec in read_fasta(path, on_bad=cfg.data.on_bad):
+            yield rec.name, rec.sequence
+
+
+def prepare_data(cfg, tokenizer: CodonTokenizer) -> Path:
+    """Token files for this data config in ``out_dir/data`` (rebuilt when the config changed)."""
+    token_dir = Path(cfg.out_dir) / "data"
+    stamp = json.dumps({k: v for k, v in cfg.to_dict()["data"].items() if k != "max_tokens"}, sort_keys=True)
+    stamp_file = token_dir / "config.json"
+    if not (stamp_file.is_file() and stamp_file.read_text() == stamp):
+        stamp_file.unlink(missing_ok=True)  # a build that dies half-way is redone next time
+        build_token_dir(_records(cfg), tokenizer, token_dir, cfg.data.val_fraction, cfg.data.frame)
+        stamp_file.write_text(stamp)
+    return token_dir
+
+
+class GenSLMTask(Task):
+    name = "genslm"
+    description = "GenSLM codon language model (GPT-NeoX) on FASTA genomes; default: embedded SARS-CoV-2 corpus"
+    data_config = DataConfig
+    model_config = GenSLMConfig
+    default_model = "genslm-tiny"
+    count_name = "tokens"
+
+    def preset(self, name: str) -> GenSLMConfig:
+        return preset(name)
+
+    def config_from_dict(self, data: dict) -> GenSLMConfig:
+        return GenSLMConfig.from_dict(dict(data))
+
+    def check(self, cfg, model_config) -> None:
+        tokenizer = CodonTokenizer(cfg.data.vocab)
+        if model_config.vocab_size < len(tokenizer):
+            raise ValueError(f"model vocab_size={model_config.vocab_size} < tokenizer's {len(tokenizer)}")
+
+    # ----- data -----
+    def prepare_data(self, cfg, out_dir: Path) -> None:
+        prepare_data(cfg, CodonTokenizer(cfg.data.vocab))
+
+    def datasets(self, cfg, out_dir: Path):
+        self.pad_id = CodonTokenizer(cfg.data.vocab).pad_id
+        token_dir = Path(out_dir) / "data"
+        return (TokenDataset(token_dir, "train", cfg.data.max_tokens),
+                TokenDataset(token_dir, "val", cfg.data.max_tokens))
+
+    def collate(self, records: list) -> tuple[torch.Tensor, torch.Tensor]:
+        return collate(records, self.pad_id)
+
+    def count(self, records: list) -> int:
+        return sum(len(r) - 1 for r in records)  # a record of n tokens predicts n - 1
+
+    def describe_data(self, cfg, train, val) -> str:
+        return (f"{len(train)} train / {len(val)} val records, {int(train.offsets[-1]):,} train tokens")
+
+    def data_label(self, cfg) -> str:
+        return "embedded SARS-CoV-2 corpus" if not cfg.data.fasta else ", ".join(cfg.data.fasta)
+
+    # ----- model -----
+    def build_model(self, model_config, seed: int | None = None) -> GenSLM:
+        return GenSLM(model_config, seed=seed)
+
+    def init_parameters(self, module, seed: int) -> None:
+        init_parameters(module, seed)
+
+    def load_parameters(self, module, weights) -> None:
+        load_parameters(module, weights)
+
+    def loss_sum(self, model, batch):
+        """What ``GenSLM.forward(ids, labels=labels)`` computes, as (sum, count)."""
+        ids, labels = batch
+        targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+        # With loss chunks the final norm runs inside each (recomputed) chunk.
+        normed = model.config.loss_chunk_size is None
+        hidden = model.hidden_states(ids, final_norm=normed)
+        loss_sum, count, _ = model.loss_sum(hidden, targets, normed=normed)
+        return loss_sum, count
+
+    # ----- distributed -----
+    def make_dims(self, parallel, world_size, model_config):
+        from ...models.genslm.parallelize import make_dims
+
+        return make_dims(parallel, world_size, model_config)
+
+    def check_layout(self, dims, model_config) -> None:
+        from ...models.genslm.parallelize import check_layout
+
+        check_layout(dims, model_config)
+
+    def parallelize(self, model, dims, mesh, parallel, fsdp: dict) -> None:
+        from ...models.genslm.parallelize import parallelize_genslm
+
+        parallelize_genslm(model, dims, mesh, ring_layout=parallel.sp_layout,
+                           tp_embeddings=parallel.tp_embeddings, **fsdp)
+
+    def pipeline(self, model, dims, mesh, parallel, fsdp: dict, *, batch_size: int, seq_len: int, device):
+        from ...models.genslm.parallelize import pipeline_genslm
+
+        return pipeline_genslm(model, dims, mesh, batch_size=batch_size, seq_len=seq_len,
+                               n_microbatches=parallel.pp_microbatches, schedule=parallel.pp_schedule,
+                               device=device, tp_embeddings=parallel.tp_embeddings, **fsdp)
+
+    def pipeline_length(self, records: list) -> int:
+        return max(len(r) for r in records)
+
+    def sharded_loss_sum(self, model, batch, dims, mesh, parallel):
+        ids, labels = batch
+        if dims.sp_enabled:
+            from ...models.genslm.parallelize import sequence_layout, shard_batch
+
+            layout, ulysses = sequence_layout(dims, parallel.sp_layout)
+            ids, targets, positions = shard_batch(ids, labels, mesh.sp_rank, dims.sp, layout, ulysses,
+                                                  pad_id=self.pad_id)
+        else:
+            targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+            positions = None
+        # The final norm runs inside the loss chunks (never a whole normed [S, E] copy).
+        hidden = model.hidden_states(ids, positions=positions, final_norm=False)
+        loss_sum, count, _ = model.loss_sum(hidden, targets, normed=False)
+        return loss_sum, count
+
+    # ----- evaluation -----
+    def eval_metrics(self, loss_sum: float, count: float) -> dict:
+        """Validation perplexity: exp of the mean next-token loss over every validation token."""
+        if not count:
+            return {"val_perplexity": None}
+        mean = loss_sum / count
+        return {"val_perplexity": math.exp(mean) if mean < 700 else math.inf}
+
+    def summary(self, rows: list[dict]) -> str:
+        first, last = rows[0], rows[-1]
+        val = last.get("val_perplexity")
+        return (f"loss {first['loss']:.3f} -> {last['loss']:.3f} nats/token over {last['step']} steps; "
+                f"validation perplexity {float('nan') if val is None else val:.2f}; "
+                f"{last['tokens_per_s']:.0f} tokens/s; peak memory {last['peak_memory_bytes'] / 2**30:.2f} GiB")
+
+    # ----- init_from -----
+    def load_weights(self, path: str):
+        weights, config, vocab = load_weights(path)
+        return weights, config, vocab
+
+    def check_init_from(self, path: str, theirs_config, vocab, cfg, model_config) -> None:
+        changes = theirs_config.architecture_changes(model_config)
+        if changes:
+            raise ValueError(f"init_from={path!r}: its model differs from this run's in {changes} (theirs, "
+                             f"ours); choose the matching preset (model=...) or --model.<field>=... overrides")
+        theirs = CodonTokenizer(vocab or "genslm-69")  # HF (GenSLM) models: GenSLM's 69 tokens
+        if theirs.vocab != CodonTokenizer(cfg.data.vocab).vocab:
+            raise ValueError(f"init_from={path!r} was trained with the tokenizer {vocab or 'genslm-69'!r}, "
+                             f"this run uses data.vocab={cfg.data.vocab!r}, which maps tokens to other "
+                             f"ids: the embeddings would mean other codons")
+
+
+def load_weights(path: str | Path) -> tuple[Mapping[str, torch.Tensor], GenSLMConfig, str | None]:
+    """``(weights, config, vocab)`` of a run directory (its latest checkpoint), a checkpoint
+    directory, or a saved HF GPT-NeoX directory. ``weights``: the whole model's tensors under our
+    names, each read from storage when asked for (see ``parallel.init.load_parameters``);
+    ``vocab``: the tokenizer the run trained with (``data.vocab``), None for HF models (GenSLM's
+    69 tokens)."""
+    from ..checkpoint import checkpoint_weights, latest_checkpoint
+
+    path = Path(path)
+    if (path / "config.json").is_file():
+        from ...models.genslm.interop import hf_weights
+
+        weights, config = hf_weights(path)
+        vocab = None
+    else:
+        ckpt = latest_checkpoint(path) if (path / "checkpoints").is_dir() else path
+        if ckpt is None:
+            raise FileNotFoundError(f"{path}: no checkpoint found")
+        weights, state = checkpoint_weights(ckpt)
+        config = GenSLMConfig.from_dict(dict(state["config"]["model_config"]))
+        train = state["config"]["train"]
+        if train.get("task", "genslm") != "genslm":
+            raise ValueError(f"{path}: a checkpoint of task {train['task']!r}, not a GenSLM")
+        vocab = train["data"]["vocab"]
+    with torch.device("meta"):  # the names the config's model has (no storage)
+        expected = {name for name, _ in GenSLM(config).named_parameters()}
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{path}: its weights do not fit its own model config: {len(missing)} missing "
+                         f"(e.g. {missing[:4]}), {len(unexpected)} unexpected (e.g. {unexpected[:4]})")
+    return weights, config, vocab
+
+
+def load_model(path: str | Path) -> tuple[GenSLM, CodonTokenizer]:
+    """A model (fp32) from a run directory (its latest checkpoint), a checkpoint directory, or a
+    saved HF GPT-NeoX directory; with the tokenizer it was trained with (GenSLM's 69 otherwise)."""
+    weights, config, vocab = load_weights(path)
+    with torch.device("meta"):
+        model = GenSLM(config)
+    load_parameters(model.to_empty(device="cpu"), weights)
+    return model.eval(), CodonTokenizer(vocab) if vocab is not None else CodonTokenizer()
