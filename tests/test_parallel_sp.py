@@ -243,6 +243,50 @@ def test_attention_matches_single_process_fp32(case, monkeypatch):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
+def _bidirectional_rank(rank, world_size, q, k, v, dout, mode, ulysses, valid, head_chunk):
+    ulysses_group, ring_group = _groups(mode, world_size, ulysses)
+    core = sequence_parallel_core(mode, sp_group=ulysses_group if mode == "ulysses" else ring_group,
+                                  ulysses_group=ulysses_group, ring_group=ring_group, layout="contiguous",
+                                  head_chunk=head_chunk, causal=False)
+    core.valid_length = valid
+    pos = shard_positions(q.shape[2], rank, world_size, "contiguous", ulysses)
+    q_l, k_l, v_l = (t[:, :, pos].clone().requires_grad_() for t in (q, k, v))
+    out = core(q_l, k_l, v_l)
+    assert torch.isfinite(out).all()  # padded queries too
+    # Padded rows carry no loss (what a model's loss does with them): zero upstream gradient.
+    out.backward(dout[:, :, pos] * (pos < valid)[:, None])
+    return pos, out.detach(), q_l.grad, k_l.grad, v_l.grad
+
+
+# (mode, world size, heads, real length, ulysses degree, ring head chunk): bidirectional
+# attention of a sequence padded at its end; 3 tokens on 4 ranks leaves a rank all padding.
+BIDIRECTIONAL_CASES = [
+    ("ulysses", 2, 3, 17, 2, None), ("ulysses", 2, 2, 16, 2, None), ("ring", 2, 3, 17, 1, None),
+    ("ring", 4, 2, 21, 1, 1), ("ring", 4, 2, 3, 1, None), ("hybrid", 4, 2, 19, 2, None),
+]
+
+
+@pytest.mark.parametrize("case", BIDIRECTIONAL_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_bidirectional_attention_with_end_padding_matches_sdpa(case):
+    mode, world_size, heads, seq, ulysses, head_chunk = case
+    g = torch.Generator().manual_seed(1)
+    q, k, v, dout = (torch.randn(2, heads, seq, 8, generator=g) for _ in range(4))
+    pad = -seq % world_size
+    padded = [F.pad(t, (0, 0, 0, pad)) for t in (q, k, v, dout)]
+    results = run_distributed(_bidirectional_rank, world_size, *padded, mode, ulysses, seq, head_chunk)
+    full = [torch.zeros_like(padded[0]) for _ in range(4)]
+    for pos, *parts in results:
+        for whole, part in zip(full, parts):
+            whole[:, :, pos] = part
+    q_, k_, v_ = (t.clone().requires_grad_() for t in (q, k, v))
+    want = F.scaled_dot_product_attention(q_, k_, v_)
+    want.backward(dout)
+    for name, got, ref in zip(("out", "dq", "dk", "dv"), full, (want.detach(), q_.grad, k_.grad, v_.grad)):
+        torch.testing.assert_close(got[:, :, :seq], ref, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    if pad:  # padded keys are never attended: no gradient reaches them
+        assert not full[2][:, :, seq:].any() and not full[3][:, :, seq:].any()
+
+
 @pytest.mark.parametrize("case", [ATTENTION_CASES[1], ATTENTION_CASES[7], ATTENTION_CASES[10], ATTENTION_CASES[13]],
                          ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -182,7 +182,7 @@ def build_pipeline(model: nn.Module, pp_mesh: DeviceMesh, *, batch_size: int, se
     stage = PipelineStage(module, stage_index, pp, torch.device(device), group=pp_mesh.get_group())
 
     def loss_fn(hidden_BSE, targets_BS, num_tokens):
-        loss_sum, _, _ = module.loss_sum(hidden_BSE, targets_BS)
+        loss_sum = module.loss_sum(hidden_BSE, targets_BS)[0]
         return loss_sum / num_tokens
 
     # scale_grads=False: the loss already carries the whole batch's normalisation (see module doc).
