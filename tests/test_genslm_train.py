@@ -202,7 +202,7 @@ def test_checkpoint_written_before_the_common_trainer_still_resumes(tmp_path):
 
     fixture = Path(__file__).parent / "data" / "genslm_run_a0157cc"
     run = tmp_path / "run"
-    shutil.copytree(fixture, run)
+    shutil.copytree(fixture, run, ignore=shutil.ignore_patterns("expected_metrics.jsonl"))
     overrides = [f"out_dir={run}", "optim.max_steps=4", "checkpoint_every=2", "eval_every=2",
                  "data.n_simulated=4", "data.max_tokens=64", "model.hidden_size=32",
                  "model.num_attention_heads=2", "model.intermediate_size=64", "model.num_hidden_layers=2",

@@ -62,10 +62,10 @@ def train(args, overrides: list[str]) -> int:
         raise ValueError(f"the layout dp={p.dp} sp={p.sp} tp={p.tp} pp={p.pp} needs {n} processes; "
                          f"launch with torchrun --nproc-per-node={n} -m ds4sci.cli train {task.name} ...")
     if distributed:
-        trainer = DistributedTrainer(cfg, resume=args.resume)
+        trainer = DistributedTrainer(cfg, resume=args.resume, config_path=args.config)
         main_rank, layout_note = trainer.is_main, f", layout {trainer.dims.describe()} on {trainer.world_size} ranks"
     else:
-        trainer = Trainer(cfg, resume=args.resume)
+        trainer = Trainer(cfg, resume=args.resume, config_path=args.config)
         main_rank, layout_note = True, ""
     if main_rank:
         print(f"ds4sci train {task.name}: {cfg.model} ({trainer.num_parameters / 1e6:.2f} M parameters), "
@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         tr.error(f"the task is required: ds4sci train TASK, TASK one of {', '.join(task_names())}")
     if args.command in ("train", "embed", "generate"):
         from .train.checkpoint import CheckpointError
+        from .train.run_dir import EXIT_STOPPED, RunStopped
+        from .train.trainer import NonFiniteError
 
         try:
             if args.command == "train":
@@ -227,6 +229,12 @@ def main(argv: list[str] | None = None) -> int:
                     return record(train)(args, rest)
                 return train(args, rest)
             return embed(args) if args.command == "embed" else generate(args)
+        except RunStopped as stopped:
+            print(f"ds4sci {args.command}: {stopped}", file=sys.stderr)
+            return EXIT_STOPPED
+        except NonFiniteError as err:  # the run diverged: not a usage error
+            print(f"ds4sci {args.command}: error: {err}", file=sys.stderr)
+            return 1
         except (ValueError, TypeError, FileNotFoundError, CheckpointError) as err:
             print(f"ds4sci {args.command}: error: {err}", file=sys.stderr)
             return 2

@@ -67,15 +67,23 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict, state: di
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".step-{step:08d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / FILES[0])
-    torch.save(state, tmp / FILES[1])
-    manifest = {"step": step, "files": {name: {"bytes": (tmp / name).stat().st_size,
-                                               "sha256": _sha256(tmp / name)} for name in FILES}}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    for name in (*FILES, MANIFEST):
-        _fsync(tmp / name)
-    _fsync(tmp)
+    try:
+        tmp.mkdir()
+        save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / FILES[0])
+        torch.save(state, tmp / FILES[1])
+        manifest = {"step": step, "files": {name: {"bytes": (tmp / name).stat().st_size,
+                                                   "sha256": _sha256(tmp / name)} for name in FILES}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        for name in (*FILES, MANIFEST):
+            _fsync(tmp / name)
+        _fsync(tmp)
+    except OSError as err:  # disk full, quota, read-only: leave nothing half-written behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        need = sum(v.numel() * v.element_size() for v in model_state.values())
+        raise CheckpointError(f"could not write checkpoint step {step} in {root}: {err.strerror or err} "
+                              f"(it needs more than {need / 2**20:.1f} MiB for the weights alone, plus "
+                              f"optimizer state; {shutil.disk_usage(root).free / 2**20:.1f} MiB are free); "
+                              "the previous checkpoint is intact") from err
     return _publish(root, tmp, step, keep)
 
 
@@ -213,13 +221,13 @@ def _read_dcp(path: Path, name: str, shape: tuple, dtype: torch.dtype) -> torch.
     return tensor
 
 
-def checkpoint_weights(path: str | Path) -> tuple[LazyTensors, dict]:
+def checkpoint_weights(path: str | Path, verify: bool = True) -> tuple[LazyTensors, dict]:
     """``(weights, state)`` of a verified checkpoint directory, single-process or distributed:
     its model tensors, read one at a time when asked for, and its ``state.pt`` (for a
     distributed checkpoint without optimizer state: resume restores that, see
-    ``Trainer._resume``)."""
+    ``Trainer._resume``). ``verify=False``: the caller has just verified it."""
     path = Path(path)
-    manifest = _verify(path)
+    manifest = _verify(path) if verify else json.loads((path / MANIFEST).read_text())
     # weights_only: a checkpoint is data, never code (no arbitrary unpickling).
     state = torch.load(path / FILES[1], map_location="cpu", weights_only=True)
     if manifest.get("distributed"):
@@ -227,8 +235,33 @@ def checkpoint_weights(path: str | Path) -> tuple[LazyTensors, dict]:
     return safetensors_tensors([path / FILES[0]]), state
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
+def load_checkpoint(path: str | Path, verify: bool = True) -> tuple[dict, dict]:
     """``(model_state, state)`` of a verified checkpoint directory, or CheckpointError: the whole
     model's tensors in memory (gathered from the shards of a distributed checkpoint)."""
-    weights, state = checkpoint_weights(path)
+    weights, state = checkpoint_weights(path, verify)
     return dict(weights.items()), state
+
+
+def has_checkpoints(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds any published checkpoint (intact or not)."""
+    root = Path(run_dir) / "checkpoints"
+    return root.is_dir() and (any(p.is_dir() for p in root.glob("step-*")) or (root / "latest").is_file())
+
+
+def newest_intact_checkpoint(run_dir: str | Path) -> tuple[Path, dict, list[tuple[Path, str]]]:
+    """``(checkpoint, its state, skipped)``: the newest checkpoint of ``run_dir`` that verifies
+    (every file's size and sha256 as in its manifest), with the newer ones skipped and why.
+    CheckpointError when none does."""
+    root = Path(run_dir) / "checkpoints"
+    steps = sorted((p for p in root.glob("step-*") if p.is_dir()), key=lambda p: p.name, reverse=True)
+    skipped = []
+    for path in steps:
+        try:
+            _verify(path)
+            state = torch.load(path / FILES[1], map_location="cpu", weights_only=True)
+        except (CheckpointError, OSError, RuntimeError, KeyError, ValueError) as err:
+            skipped.append((path, str(err)))
+            continue
+        return path, state, skipped
+    why = "; ".join(f"{p.name}: {reason}" for p, reason in skipped)
+    raise CheckpointError(f"--resume: no intact checkpoint in {root}" + (f" ({why})" if why else ""))

@@ -10,6 +10,7 @@ Keys are dotted paths into :class:`TrainConfig` (``optim.lr``, ``data.n_simulate
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any
@@ -47,8 +48,16 @@ class OptimConfig:
         for name in ("max_steps", "grad_accum", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"optim.{name}={getattr(self, name)}; expected >= 1")
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr={self.lr}; expected > 0")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"optim.lr={self.lr}; expected a finite number > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio}; expected in [0, 1]")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"optim.weight_decay={self.weight_decay}; expected a finite number >= 0")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise ValueError(f"optim.grad_clip={self.grad_clip}; expected a finite number >= 0 (0 = no clipping)")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas={list(self.betas)}; expected two numbers in [0, 1)")
         if self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps={self.warmup_steps}; expected >= 0")
 
@@ -144,6 +153,9 @@ class TrainConfig:
     """Replace the checkpoints of an earlier run in out_dir (otherwise refused)."""
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto (CUDA when available)."""
+    on_nonfinite: str = "error"
+    """A NaN or infinite loss or gradient norm: stop the run with an error naming the step
+    (error), or skip that step's update and go on (skip), as large-scale trainers do."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Distributed layout (used when launched with torchrun; see ds4sci.train.distributed)."""
 
@@ -161,6 +173,12 @@ class TrainConfig:
             raise ValueError(f"precision={self.precision!r}; expected 'fp32' or 'bf16'")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints={self.keep_checkpoints}; expected >= 1")
+        for name in ("eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}; expected >= 0 (0 = only at the end)")
+        if self.on_nonfinite not in ("error", "skip"):
+            raise ValueError(f"on_nonfinite={self.on_nonfinite!r}; expected 'error' or 'skip'")
+        _check_device_name(self.device)
         self.model_config()  # validates the preset name and changes now, not mid-run
 
     @property
@@ -174,6 +192,14 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _check_device_name(name: str) -> None:
+    """Refuse device names training cannot use, before any data is read."""
+    if name in ("auto", "cpu") or name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        return
+    raise ValueError(f"device={name!r}; expected cpu, cuda, cuda:N or auto (ds4sci trains on CPUs and "
+                     f"CUDA GPUs)")
 
 
 def _coerce(dotted: str, value, hint):
@@ -274,8 +300,18 @@ def load_config(yaml_path: str | Path | None = None, overrides: list[str] = (),
 
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"config file {path} {what}; expected a YAML file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config file {path} is not text (byte {err.start} is not UTF-8); expected a "
+                         f"YAML file") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"config file {path}:{where} YAML syntax error: {what}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path}: expected a mapping at the top level")
     return data

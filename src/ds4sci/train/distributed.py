@@ -116,7 +116,7 @@ def inject_fault(rank: int, step: int) -> None:
 class DistributedTrainer(Trainer):
     """``Trainer`` over the layout ``cfg.parallel`` on the ranks of the default process group."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False):
+    def __init__(self, cfg: TrainConfig, resume: bool = False, config_path=None):
         p = cfg.parallel
         self._dist_device = self._rank_device(cfg.device)
         self.rank, self.world_size = init_distributed(p.timeout_s, self._dist_device)
@@ -140,7 +140,7 @@ class DistributedTrainer(Trainer):
                              f"dp or sp > 1, or drop the flag)")
         self.mesh = self.dims.build_mesh(self._dist_device.type)
         self.pipeline = None
-        super().__init__(cfg, resume)
+        super().__init__(cfg, resume, config_path)
 
     # ----- hooks -----
     @staticmethod
@@ -297,9 +297,16 @@ class DistributedTrainer(Trainer):
             "data_position": vars(self.position), "layout": self.dims.describe(),
             "config": {"train": self.cfg.to_dict(), "model_config": self.model.config.to_dict()},
         }
-        return save_distributed_checkpoint(self.out, self.step, self._app_state(), state,
+        path = save_distributed_checkpoint(self.out, self.step, self._app_state(), state,
                                            self.cfg.keep_checkpoints, is_main=self.is_main,
                                            barrier=self._barrier)
+        self._drop_replaced()
+        return path
+
+    def _stop_requested(self, stop) -> bool:
+        flag = torch.tensor(float(stop.requested is not None), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def _load_single_process(self, ckpt: Path, model_state: dict, optim_state: dict) -> None:
         """A single-process checkpoint: its full state, read on every rank into a plain model and

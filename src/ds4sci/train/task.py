@@ -50,6 +50,8 @@ class Task:
     YAML file and overrides."""
     count_name: str = "targets"
     """What the loss counts, for metrics (``tokens``: ``tokens`` and ``tokens_per_s`` columns)."""
+    run_files: frozenset = frozenset()
+    """Files the task writes at the top of the run directory, besides the trainer's."""
 
     # ----- config -----
     def preset(self, name: str):
@@ -63,8 +65,10 @@ class Task:
         """Raise ValueError for settings that do not fit together (before any data is read)."""
 
     # ----- data -----
-    def prepare_data(self, cfg, out_dir: Path) -> None:
-        """Build caches in ``out_dir`` (main rank only, before ``datasets``); default: none."""
+    def prepare_data(self, cfg, out_dir: Path, resume: bool = False) -> None:
+        """Build caches in ``out_dir`` (main rank only, before ``datasets``); default: none.
+        A cache must be keyed on its inputs' contents; on ``resume`` a cache whose inputs
+        changed must be refused (the run would not continue on the same data)."""
 
     def datasets(self, cfg, out_dir: Path) -> tuple[Sequence, Sequence]:
         """``(train, val)`` splits of records."""

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,15 +23,16 @@ import torch
 
 from .checkpoint import (
     CheckpointError,
+    has_checkpoints,
     is_distributed_checkpoint,
-    latest_checkpoint,
     load_checkpoint,
     load_distributed_app_state,
-    read_distributed_state,
+    newest_intact_checkpoint,
     save_checkpoint,
 )
 from .config import TrainConfig
 from .metrics import peak_memory_bytes
+from .run_dir import GracefulStop, RunLock, RunStopped, check_out_dir
 from .task import finite_or_none
 
 
@@ -105,7 +108,7 @@ def load_plain_state(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.
 # Settings a resumed run may change without changing its numbers (max_steps extends the run,
 # which moves the cosine schedule from then on).
 _RESUMABLE_CHANGES = {"optim.max_steps", "progress", "eval_every", "checkpoint_every",
-                      "keep_checkpoints", "out_dir", "overwrite", "device", "init_from"}
+                      "keep_checkpoints", "out_dir", "overwrite", "device", "init_from", "on_nonfinite"}
 # Keys that checkpoints from before they existed lack, with the value those runs had.
 _DEFAULTS_OF_OLD_CHECKPOINTS = {"task": "genslm"}
 
@@ -155,28 +158,43 @@ class Trainer:
     is_main = True
     """Whether this process writes metrics, plots and the run's config (rank 0)."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False):
+    def __init__(self, cfg: TrainConfig, resume: bool = False, config_path: str | Path | None = None):
+        """``config_path``: the YAML file the config came from, never overwritten by the run's
+        ``config.yaml`` (when it is that file)."""
         self.cfg = cfg
         self.task = cfg.task_spec
         self.out = Path(cfg.out_dir)
+        self._lock = None
+        self._config_path = Path(config_path).resolve() if config_path else None
+        try:
+            self._start(resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, resume: bool) -> None:
+        cfg = self.cfg
+        # Everything that can be checked without touching out_dir is checked first.
         self.device = self._setup_device()
         model_config = cfg.model_config()
         self.task.check(cfg, model_config)
         if self.is_main:
+            check_out_dir(self.out, self.task.run_files)
             self.out.mkdir(parents=True, exist_ok=True)
+            self._lock = RunLock(self.out).acquire()
         self._barrier()
-        # Every rank decides (they read the same directory); only the main one deletes.
-        if not resume and latest_checkpoint(self.out) is not None:
-            if not cfg.overwrite:
-                raise ValueError(
-                    f"out_dir {self.out} already holds a run's checkpoints; pass --resume to continue "
-                    f"it, --overwrite=true to replace it, or choose another --out_dir"
-                )
-            if self.is_main:
-                shutil.rmtree(self.out / "checkpoints")
+        # Every rank decides (they read the same directory); only the main one moves files.
+        resume_from = None
+        if resume:
+            resume_from = self._resumable_checkpoint(model_config)
+        elif has_checkpoints(self.out) and not cfg.overwrite:
+            raise ValueError(
+                f"out_dir {self.out} already holds a run's checkpoints; pass --resume to continue "
+                f"it, --overwrite=true to replace it, or choose another --out_dir"
+            )
         torch.manual_seed(cfg.seed)
         if self.is_main:
-            self.task.prepare_data(cfg, self.out)
+            self.task.prepare_data(cfg, self.out, resume=resume)
         self._barrier()
         self.train_data, self.val_data = self.task.datasets(cfg, self.out)
         # Weights that a checkpoint (resume) or init_from will set are not initialised first.
@@ -193,13 +211,27 @@ class Trainer:
         self.position = DataPosition()
         self.step = 0
         self.metrics_path = self.out / "metrics.jsonl"
-        if resume:
-            self._resume()
-        elif self.metrics_path.exists() and self.is_main:
-            self.metrics_path.unlink()
+        if resume_from is not None:
+            self._resume(*resume_from)
+        elif self.is_main:
+            if has_checkpoints(self.out):  # --overwrite: kept aside until the new run's first checkpoint
+                shutil.rmtree(self.out / "checkpoints.replaced", ignore_errors=True)
+                os.replace(self.out / "checkpoints", self.out / "checkpoints.replaced")
+            self.metrics_path.unlink(missing_ok=True)
         if self.is_main:
-            (self.out / "config.yaml").write_text(_yaml(cfg.to_dict()))
+            config_file = self.out / "config.yaml"
+            if self._config_path is None or config_file.resolve() != self._config_path:
+                config_file.write_text(_yaml(cfg.to_dict()))
         self._barrier()
+
+    def close(self) -> None:
+        """Release the run directory (the kernel also does when the process ends)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __del__(self):
+        self.close()
 
     # ----- hooks (one process: the plain computation) -----
     def _setup_device(self) -> torch.device:
@@ -253,18 +285,31 @@ class Trainer:
         total, count = evaluate(self.task, self.model, self.val_data, self.cfg.precision, self.device)
         return self.task.eval_metrics(total, count)
 
-    def _resume(self) -> None:
-        """Restore the latest checkpoint, written by this or any other parallel layout."""
-        ckpt = latest_checkpoint(self.out)
-        if ckpt is None:
-            raise CheckpointError(f"--resume: no checkpoint in {self.out / 'checkpoints'}")
+    def _resumable_checkpoint(self, model_config) -> tuple[Path, dict]:
+        """The newest intact checkpoint and its state, checked against this run's config before
+        anything is read or rebuilt (a corrupt newer one is skipped, and said so)."""
+        if not (self.out / "checkpoints").is_dir():
+            raise CheckpointError(f"--resume: {self.out} holds no checkpoints (out_dir={str(self.out)!r}); "
+                                  "start the run without --resume")
+        ckpt, state, skipped = newest_intact_checkpoint(self.out)
+        if self.is_main:
+            for path, why in skipped:
+                print(f"resume: skipping {path.name}: {why}", file=sys.stderr)
+            if skipped:
+                print(f"resume: using {ckpt.name}, the newest intact checkpoint", file=sys.stderr)
+        self._check_resumable(ckpt, state, model_config)
+        if state["step"] > self.cfg.optim.max_steps:
+            raise CheckpointError(f"--resume: checkpoint {ckpt.name} is at step {state['step']}, past "
+                                  f"optim.max_steps={self.cfg.optim.max_steps}; set optim.max_steps above "
+                                  f"{state['step']} to train on")
+        return ckpt, state
+
+    def _resume(self, ckpt: Path, state: dict) -> None:
+        """Restore ``ckpt`` (verified), written by this or any other parallel layout."""
         if is_distributed_checkpoint(ckpt):
-            state = read_distributed_state(ckpt)
-            self._check_resumable(ckpt, state)
             self._load_distributed(ckpt)
         else:
-            model_state, state = load_checkpoint(ckpt)
-            self._check_resumable(ckpt, state)
+            model_state, state = load_checkpoint(ckpt, verify=False)
             self._load_single_process(ckpt, model_state, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
@@ -295,7 +340,7 @@ class Trainer:
         except (ValueError, KeyError, RuntimeError, CheckpointError) as err:  # a file that fails mid-read
             raise ValueError(f"init_from={path!r}: {err}") from err
 
-    def _check_resumable(self, ckpt: Path, state: dict) -> None:
+    def _check_resumable(self, ckpt: Path, state: dict, model_config) -> None:
         saved, now = _flat(state["config"]["train"]), _flat(self.cfg.to_dict())
         changed = _changed_settings(saved, now)
         if changed:
@@ -304,8 +349,8 @@ class Trainer:
                 f"with the same config (only {sorted(_RESUMABLE_CHANGES)} and the parallel layout may change)"
             )
         saved_model = state["config"]["model_config"]
-        if saved_model != self.model.config.to_dict():
-            diff = {k: (saved_model.get(k), v) for k, v in self.model.config.to_dict().items() if saved_model.get(k) != v}
+        if saved_model != model_config.to_dict():
+            diff = {k: (saved_model.get(k), v) for k, v in model_config.to_dict().items() if saved_model.get(k) != v}
             raise CheckpointError(f"checkpoint {ckpt} was made for another model: (saved, now) = {diff}")
 
     def _load_single_process(self, ckpt: Path, model_state: dict, optim_state: dict) -> None:
@@ -336,7 +381,14 @@ class Trainer:
             "data_position": vars(self.position),
             "config": {"train": self.cfg.to_dict(), "model_config": self.model.config.to_dict()},
         }
-        return save_checkpoint(self.out, self.step, self.model.state_dict(), state, self.cfg.keep_checkpoints)
+        path = save_checkpoint(self.out, self.step, self.model.state_dict(), state, self.cfg.keep_checkpoints)
+        self._drop_replaced()
+        return path
+
+    def _drop_replaced(self) -> None:
+        """The run that --overwrite replaced, once this run has a checkpoint of its own."""
+        if self.is_main:
+            shutil.rmtree(self.out / "checkpoints.replaced", ignore_errors=True)
 
     def _log(self, row: dict) -> None:
         # JSON has no NaN or Infinity: non-finite values are written as null.
@@ -354,19 +406,37 @@ class Trainer:
             loss_sum += self._micro_step(batch, total)
         grad_norm = self._clip_grad_norm(o.grad_clip if o.grad_clip > 0 else float("inf"))
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        loss = loss_sum / max(total, 1)
+        # Every rank sees the same global loss and norm, so all take the same decision.
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if not finite and self.cfg.on_nonfinite == "error":
+            raise NonFiniteError(
+                f"step {self.step + 1}: the loss is {loss} and the gradient norm {grad_norm}; training "
+                f"stopped before the update, so no checkpoint holds a non-finite model (the last one is "
+                f"intact). Lower optim.lr or raise optim.warmup_steps, or set on_nonfinite=skip to skip "
+                f"such steps")
+        if finite:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         elapsed = time.perf_counter() - start
         name = self.task.count_name
-        return {"step": self.step, "loss": loss_sum / max(total, 1), "lr": lr,
-                "grad_norm": grad_norm, name: total,
-                f"{name}_per_s": total / elapsed, "peak_memory_bytes": peak_memory_bytes(self.device),
-                "epoch": self.position.epoch}
+        row = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, name: total,
+               f"{name}_per_s": total / elapsed, "peak_memory_bytes": peak_memory_bytes(self.device),
+               "epoch": self.position.epoch}
+        if not finite:
+            row["skipped"] = True
+        return row
+
+    def _stop_requested(self, stop: GracefulStop) -> bool:
+        """Whether a signal asked this run to stop (any rank's signal stops every rank)."""
+        return stop.requested is not None
 
     def fit(self, until_step: int | None = None) -> dict:
-        """Train to ``optim.max_steps`` (or stop early at ``until_step``, with a checkpoint)."""
+        """Train to ``optim.max_steps`` (or stop early at ``until_step``, with a checkpoint). On
+        SIGINT or SIGTERM the step in progress finishes, a checkpoint is written and
+        ``RunStopped`` is raised (a second signal exits at once)."""
         from tqdm import tqdm
 
         cfg = self.cfg
@@ -376,24 +446,36 @@ class Trainer:
         row = {}
         self.model.train()
         rate = f"{self.task.count_name}_per_s"
-        while self.step < stop:
-            row = self.train_step()
-            last = self.step == cfg.optim.max_steps
-            if last or (cfg.eval_every and self.step % cfg.eval_every == 0):
-                row.update(self._evaluate())
-            if self.is_main:
-                self._log(row)
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", rate=f"{row[rate]:.0f}/s",
-                            mem=f"{row['peak_memory_bytes'] / 2**30:.2f}GiB")
-            if self.step == stop or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
-                self.save()
+        with GracefulStop() as signals:
+            while self.step < stop:
+                row = self.train_step()
+                last = self.step == cfg.optim.max_steps
+                if last or (cfg.eval_every and self.step % cfg.eval_every == 0):
+                    row.update(self._evaluate())
+                if self.is_main:
+                    self._log(row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", rate=f"{row[rate]:.0f}/s",
+                                mem=f"{row['peak_memory_bytes'] / 2**30:.2f}GiB")
+                stopping = self._stop_requested(signals)
+                if stopping or self.step == stop or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+                    self.save()
+                if stopping:
+                    bar.close()
+                    self.close()
+                    raise RunStopped(f"stopped by {signals.requested or 'a signal on another rank'} after step "
+                                     f"{self.step}; checkpoint written: continue with --resume")
         bar.close()
         self._barrier()  # the main rank's last metrics row is written
         rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
         if self.is_main:
             self.task.plot(rows, self.out / "loss_curve.png", title=f"{cfg.model} on {self.task.data_label(cfg)}")
+        self.close()
         return {"rows": rows, "final": row}
+
+
+class NonFiniteError(ValueError):
+    """The loss or the gradient norm became NaN or infinite (the run diverged)."""
 
 
 def _device(name: str) -> torch.device:

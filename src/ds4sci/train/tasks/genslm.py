@@ -8,8 +8,10 @@ run directories, checkpoints and saved HF GPT-NeoX directories.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ from ...data.tokenizer import CodonTokenizer
 from ...models.genslm import GenSLM, GenSLMConfig, init_parameters, load_parameters
 from ...models.genslm.config import preset
 from ...models.genslm.model import IGNORE_INDEX
-from ..task import Task, finite_or_none
+from ..task import Task
 
 
 @dataclass
@@ -68,15 +70,76 @@ def _records(cfg):
             yield rec.name, rec.sequence
 
 
-def prepare_data(cfg, tokenizer: CodonTokenizer) -> Path:
-    """Token files for this data config in ``out_dir/data`` (rebuilt when the config changed)."""
+def _file_fingerprint(path: str, known: dict | None) -> dict:
+    """Size, mtime and sha256 of an input file; the sha256 is reused from ``known`` when size and
+    mtime are unchanged (no re-read of a large corpus at every start)."""
+    stat = Path(path).stat()
+    entry = {"path": str(Path(path).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if known and known.get("bytes") == entry["bytes"] and known.get("mtime_ns") == entry["mtime_ns"]:
+        entry["sha256"] = known["sha256"]
+    else:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        entry["sha256"] = digest.hexdigest()
+    return entry
+
+
+def _inputs_fingerprint(cfg, known: list | None) -> list:
+    """What the token cache was built from: each FASTA file's fingerprint, or for the embedded
+    corpus a hash of the records themselves (reference genome and simulated variants)."""
+    if not cfg.data.fasta:
+        digest = hashlib.sha256()
+        for name, seq in _records(cfg):
+            digest.update(f"{name}\n{seq}\n".encode())
+        return [{"embedded": digest.hexdigest()}]
+    known_by_path = {k.get("path"): k for k in known or []}
+    return [_file_fingerprint(p, known_by_path.get(str(Path(p).resolve()))) for p in cfg.data.fasta]
+
+
+def prepare_data(cfg, tokenizer: CodonTokenizer, resume: bool = False) -> Path:
+    """Token files for this data config in ``out_dir/data``, keyed on the config *and* the inputs'
+    contents: rebuilt when either changed (a FASTA edited in place, too). On ``resume`` a change
+    of contents is refused (the run would continue on other data), and inputs that have moved
+    away are not needed: the cached tokens are used."""
     token_dir = Path(cfg.out_dir) / "data"
-    stamp = json.dumps({k: v for k, v in cfg.to_dict()["data"].items() if k != "max_tokens"}, sort_keys=True)
+    config = {k: v for k, v in cfg.to_dict()["data"].items() if k != "max_tokens"}
     stamp_file = token_dir / "config.json"
-    if not (stamp_file.is_file() and stamp_file.read_text() == stamp):
-        stamp_file.unlink(missing_ok=True)  # a build that dies half-way is redone next time
-        build_token_dir(_records(cfg), tokenizer, token_dir, cfg.data.val_fraction, cfg.data.frame)
-        stamp_file.write_text(stamp)
+    stamp = None
+    if stamp_file.is_file():
+        try:
+            stamp = json.loads(stamp_file.read_text())
+        except ValueError:
+            stamp = None
+        if isinstance(stamp, dict) and "inputs" not in stamp:  # written before inputs were stamped
+            stamp = {"config": stamp, "inputs": None}
+    cached = isinstance(stamp, dict) and stamp.get("config") == config
+    missing = [p for p in cfg.data.fasta if not Path(p).is_file()]
+    if resume and cached and missing:
+        print(f"data: {', '.join(missing)} not found; resuming from the tokens cached in {token_dir}",
+              file=sys.stderr)
+        return token_dir
+    for p in missing:
+        what = "is a directory" if Path(p).is_dir() else "does not exist"
+        raise FileNotFoundError(f"data.fasta: {p!r} {what}; expected a FASTA or FASTA.gz file")
+    inputs = _inputs_fingerprint(cfg, stamp.get("inputs") if cached else None)
+    if cached and stamp["inputs"] is None:  # an older run's cache: adopt it, stamped from now on
+        stamp_file.write_text(json.dumps({"config": config, "inputs": inputs}))
+        return token_dir
+    if cached and stamp["inputs"] == inputs:
+        return token_dir
+    if cached:
+        changed = [i.get("path", "embedded corpus") for i, j in zip(inputs, stamp["inputs"]) if i != j]
+        if resume:
+            raise ValueError(f"data: {', '.join(changed) or 'the inputs'} changed since this run tokenised "
+                             f"them (contents differ); --resume would continue on other data. Restore the "
+                             f"input, or start a new run (another --out_dir, or --overwrite=true)")
+        print(f"data: {', '.join(changed) or 'the inputs'} changed since the tokens in {token_dir} were "
+              "built; tokenising again", file=sys.stderr)
+    stamp_file.unlink(missing_ok=True)  # a build that dies half-way is redone next time
+    build_token_dir(_records(cfg), tokenizer, token_dir, cfg.data.val_fraction, cfg.data.frame)
+    stamp_file.write_text(json.dumps({"config": config, "inputs": inputs}))
     return token_dir
 
 
@@ -100,8 +163,8 @@ class GenSLMTask(Task):
             raise ValueError(f"model vocab_size={model_config.vocab_size} < tokenizer's {len(tokenizer)}")
 
     # ----- data -----
-    def prepare_data(self, cfg, out_dir: Path) -> None:
-        prepare_data(cfg, CodonTokenizer(cfg.data.vocab))
+    def prepare_data(self, cfg, out_dir: Path, resume: bool = False) -> None:
+        prepare_data(cfg, CodonTokenizer(cfg.data.vocab), resume=resume)
 
     def datasets(self, cfg, out_dir: Path):
         self.pad_id = CodonTokenizer(cfg.data.vocab).pad_id
