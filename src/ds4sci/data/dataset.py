@@ -40,18 +40,32 @@ def build_token_dir(
     files = {s: open(out_dir / f"{s}.tokens.tmp", "wb") for s in SPLITS}
     offsets = {s: [0] for s in SPLITS}
     names = {s: [] for s in SPLITS}
+    short, read = [], 0
     try:
         for i, (name, seq) in enumerate(records):
+            read += 1
             split = "val" if every and i % every == every - 1 else "train"
             ids = np.asarray(tokenizer.encode(seq, frame=frame), dtype=np.uint8)
+            if len(ids) < 2:  # a record must hold one token that predicts another
+                short.append(name)
+                continue
             files[split].write(ids.tobytes())
             offsets[split].append(offsets[split][-1] + len(ids))
             names[split].append(name)
     finally:
         for f in files.values():
             f.close()
+    if short:
+        import warnings
+
+        warnings.warn(f"build_token_dir: skipped {len(short)} record(s) shorter than two tokens (nothing to "
+                      f"predict), e.g. {short[:3]}", stacklevel=2)
     if not names["train"]:
-        raise ValueError(f"build_token_dir: no training records (read {len(names['val'])} records in all)")
+        detail = (f"read {read} record(s): {len(names['val'])} held out for validation, {len(short)} "
+                  f"skipped as shorter than two tokens (one codon pair)")
+        raise ValueError(f"build_token_dir: no training records ({detail}); a record needs at least two "
+                         f"codons, and val_fraction={val_fraction} holds out every "
+                         f"{every or 'no'}-th record")
     for s in SPLITS:
         os.replace(out_dir / f"{s}.tokens.tmp", out_dir / f"{s}.tokens")
         np.save(out_dir / f"{s}.index.npy", np.asarray(offsets[s], dtype=np.int64))

@@ -58,7 +58,8 @@ class ParallelDims:
         for name in ("pp", "tp", "sp"):
             value = getattr(self, name)
             if ws % value:
-                raise ValueError(f"ParallelDims: {name}={value} does not divide world size {ws}")
+                raise ValueError(f"ParallelDims: {name}={value} does not divide world size {ws}: the job has {ws} "
+                                 f"processes (torchrun --nproc-per-node) and dp*sp*tp*pp must equal that")
         others = self.sp * self.tp * self.pp
         if self.dp == -1:
             if ws % others:
@@ -68,7 +69,8 @@ class ParallelDims:
                 )
             object.__setattr__(self, "dp", ws // others)
         elif ws % self.dp:
-            raise ValueError(f"ParallelDims: dp={self.dp} does not divide world size {ws}")
+            raise ValueError(f"ParallelDims: dp={self.dp} does not divide world size {ws}: the job has {ws} "
+                             f"processes (torchrun --nproc-per-node) and dp*sp*tp*pp must equal that")
         if self.dp * others != ws:
             raise ValueError(
                 f"ParallelDims: dp*sp*tp*pp = {self.dp}*{self.sp}*{self.tp}*{self.pp} = {self.dp * others}; "

@@ -160,7 +160,8 @@ class GenSLMTask(Task):
     def check(self, cfg, model_config) -> None:
         tokenizer = CodonTokenizer(cfg.data.vocab)
         if model_config.vocab_size < len(tokenizer):
-            raise ValueError(f"model vocab_size={model_config.vocab_size} < tokenizer's {len(tokenizer)}")
+            raise ValueError(f"data.vocab={cfg.data.vocab!r} has {len(tokenizer)} tokens but model.vocab_size="
+                             f"{model_config.vocab_size}; add --model.vocab_size={len(tokenizer)}")
 
     # ----- data -----
     def prepare_data(self, cfg, out_dir: Path, resume: bool = False) -> None:
