@@ -246,3 +246,30 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     assert main(["train", "genslm", f"--out_dir={tmp_path}", "device=tpu"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("ds4sci train: error: device='tpu'")
+
+
+# ----- the default run's science check ------------------------------------------------------------
+
+def test_lineage_scores_on_hand_made_clusters():
+    import numpy as np
+
+    from ds4sci.train.lineages import knn_accuracy, silhouette, simulated_lineages
+
+    rng = np.random.default_rng(0)
+    labels = np.array(["a"] * 10 + ["b"] * 10)
+    apart = np.concatenate([rng.normal(0, 0.1, (10, 5)) + 3, rng.normal(0, 0.1, (10, 5)) - 3])
+    assert knn_accuracy(apart, labels) == 1.0 and silhouette(apart, labels) > 0.8
+    mixed = rng.normal(0, 1, (20, 5))
+    assert silhouette(mixed, labels) < 0.2
+    lineages = simulated_lineages(47, 0)
+    assert lineages["sim_00000"] == "sim_00000" and set(lineages.values()) >= {"reference", "sim_00005"}
+
+
+def test_the_default_corpus_run_ends_with_the_lineage_comparison(tmp_path, capsys):
+    from ds4sci.cli import main
+
+    assert main(["train", "genslm", f"--out_dir={tmp_path}", *SMALL, "data.n_simulated=12"]) == 0
+    out = capsys.readouterr().out
+    assert "lineages (" in out and "vs" in out and "(codon frequencies)" in out
+    result = json.loads((tmp_path / "lineages.json").read_text())
+    assert 0 <= result["embedding"]["knn1_accuracy"] <= 1 and (tmp_path / "lineages.png").stat().st_size > 0

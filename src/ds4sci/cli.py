@@ -75,6 +75,7 @@ def train(args, overrides: list[str]) -> int:
     rows = result["rows"]
     if rows and main_rank:
         print(task.summary(rows) + (" (largest rank)" if distributed else ""))
+        task.after_fit(trainer)
     if main_rank:
         print(f"run directory {cfg.out_dir}: metrics.jsonl, loss_curve.png, checkpoints/")
     if distributed:

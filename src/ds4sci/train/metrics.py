@@ -36,13 +36,19 @@ def peak_rss_bytes() -> int:
     raise RuntimeError("VmHWM not found in /proc/self/status")
 
 
-def plot_metrics(rows: list[dict], path: Path, title: str = "", unit: str = " (nats/token)",
-                 ylabel: str = "cross-entropy (nats/token)") -> Path:
+def plot_backend():
+    """``matplotlib.pyplot`` drawing to files (Agg), for plots written by training."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_metrics(rows: list[dict], path: Path, title: str = "", unit: str = " (nats/token)",
+                 ylabel: str = "cross-entropy (nats/token)") -> Path:
+    plt = plot_backend()
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=f"train loss{unit}")
     import math

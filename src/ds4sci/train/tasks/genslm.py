@@ -263,6 +263,29 @@ class GenSLMTask(Task):
                 f"validation perplexity {float('nan') if val is None else val:.2f}; "
                 f"{last['tokens_per_s']:.0f} tokens/s; peak memory {last['peak_memory_bytes'] / 2**30:.2f} GiB")
 
+    run_files = frozenset({"lineages.json", "lineages.png"})
+
+    def after_fit(self, trainer) -> dict:
+        """On the embedded corpus: how well the trained model's genome embeddings separate the
+        simulated lineages, against codon frequencies (``train.lineages``)."""
+        cfg = trainer.cfg
+        if cfg.data.fasta or not trainer.is_main or hasattr(trainer, "dims"):
+            return {}  # lineages are known for the simulated corpus; one process holds the model
+        from ..lineages import evaluate_lineages, simulated_lineages
+
+        tokenizer = CodonTokenizer(cfg.data.vocab)
+        meta_names = trainer.train_data.meta["names"]
+        result = evaluate_lineages(trainer.model, (trainer.train_data, trainer.val_data),
+                                   (meta_names["train"], meta_names["val"]),
+                                   simulated_lineages(cfg.data.n_simulated, cfg.data.simulate_seed),
+                                   sorted(tokenizer.codon_ids.values()), trainer.out)
+        e, c = result["embedding"], result["codon_frequency"]
+        print(f"lineages ({result['genomes']} genomes, {len(result['lineages'])} simulated lineages, majority "
+              f"class {result['majority_class_rate']:.2f}): 1-NN accuracy {e['knn1_accuracy']:.2f} (embeddings) "
+              f"vs {c['knn1_accuracy']:.2f} (codon frequencies); silhouette {e['silhouette']:.2f} vs "
+              f"{c['silhouette']:.2f}; {trainer.out / 'lineages.png'}")
+        return result
+
     # ----- init_from -----
     def load_weights(self, path: str):
         weights, config, vocab = load_weights(path)
