@@ -90,3 +90,42 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 120.0, pg_timeo
                     p.join()
         return [torch.load(os.path.join(store_dir, f"result{r}.pt"), weights_only=False)
                 for r in range(world_size)]
+
+
+# ----- comparing whole training runs (the trainer's layouts against one process) ---------------
+
+# Parameters after the steps: Adam turns a rounding-level difference in a gradient that is zero
+# in exact arithmetic (e.g. a key bias: softmax ignores a constant shift) into an update of up to
+# lr, so parameters are compared at a few lr (a wrong gradient shows in the losses first).
+PARAM_ATOL = 1e-2
+
+
+def run_summary(trainer, rows, metric: str) -> dict:
+    """Losses, gradient norms, the last validation ``metric`` and the whole parameters of a run
+    (gathered from shards; a pipeline stage's rank holds only its stage's)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    module = trainer._trained_module()
+    if hasattr(trainer, "dims"):
+        params = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
+    else:
+        params = module.state_dict()
+    return {"loss": [r["loss"] for r in rows], "grad_norm": [r["grad_norm"] for r in rows],
+            metric: rows[-1].get(metric), "params": {k: v.detach().clone() for k, v in params.items()}}
+
+
+def assert_same_run(ref: dict, results: list[dict], metric: str, min_steps: int = 3) -> None:
+    """Every rank's run equals the one-process ``ref`` (losses, norms, metric, parameters)."""
+    import pytest
+
+    assert ref[metric] is not None and len(ref["loss"]) >= min_steps
+    params = {}
+    for res in results:  # pipeline stages each hold some of the parameters
+        params.update(res["params"])
+    for res in results:
+        assert res["loss"] == pytest.approx(ref["loss"], rel=2e-5), "loss curve differs"
+        assert res["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
+        assert res[metric] == pytest.approx(ref[metric], rel=2e-5)
+    assert params.keys() == ref["params"].keys()
+    for name, value in ref["params"].items():
+        torch.testing.assert_close(params[name], value, atol=PARAM_ATOL, rtol=0, msg=name)
