@@ -121,6 +121,7 @@ def generate(args) -> int:
 BENCHMARKS = {
     "evoformer-attention": "evoformer_attention",
     "evoformer-block": "evoformer_block",
+    "genslm-generate": "genslm_generate",
     "genslm-init": "genslm_init",
     "genslm-memory": "genslm_memory",
     "parallel-scaling": "parallel",
