@@ -92,36 +92,64 @@ def embed(args) -> int:
     from .models.genslm.inference import embed as embed_sequences
     from .train.tasks.genslm import load_model
 
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ValueError(f"--max-tokens={args.max_tokens}; expected >= 1 (or leave it out for whole sequences)")
+    out = Path(args.out)
+    _check_output_file("--out", out)
     model, tokenizer = load_model(args.model)
     records = list(read_fasta(args.fasta, on_bad="error"))
     vectors = embed_sequences(model, tokenizer, [r.sequence for r in records], args.max_tokens)
-    out = Path(args.out)
-    np.save(out, vectors)
+    # Through a file object: np.save(path) would append ".npy" to a name without it, and the
+    # path printed would not be the file written.
+    with out.open("wb") as f:
+        np.save(f, vectors)
     names = out.with_suffix(".names.txt")
     names.write_text("".join(r.name + "\n" for r in records))
     print(f"embedded {len(records)} records -> {out} {tuple(vectors.shape)} (names in {names})")
     return 0
 
 
+def _check_output_file(flag: str, path: Path) -> None:
+    """Before any work: the output must be a file path in an existing directory."""
+    if path.is_dir():
+        raise ValueError(f"{flag}={path} is a directory; expected a file path to write")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{flag}={path}: directory {path.parent} does not exist")
+
+
 def generate(args) -> int:
-    from .models.genslm.inference import generate as generate_sequence
+    import math
+
+    from .models.genslm.inference import generate_batch
     from .train.tasks.genslm import load_model
 
+    # Checked before the model is loaded: a usage error should not cost a load.
+    if args.num < 1:
+        raise ValueError(f"--num={args.num}; expected >= 1 sequences")
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens={args.max_new_tokens}; expected >= 0")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise ValueError(f"--temperature={args.temperature}; expected a finite number > 0")
+    out = Path(args.out)
+    _check_output_file("--out", out)
     model, tokenizer = load_model(args.model)
+    # All sequences in one batch with the KV cache; sequence i samples with seed + i.
+    seeds = [args.seed + i for i in range(args.num)]
+    seqs = generate_batch(model, tokenizer, [args.prompt] * args.num, args.max_new_tokens, top_k=args.top_k,
+                          top_p=args.top_p, temperature=args.temperature, seeds=seeds)
     lines = []
-    for i in range(args.num):
-        seq = generate_sequence(model, tokenizer, args.prompt, args.max_new_tokens, top_k=args.top_k,
-                                top_p=args.top_p, temperature=args.temperature, seed=args.seed + i)
-        lines.append(f">generated_{i} prompt={args.prompt} seed={args.seed + i}\n")
+    for i, seq in enumerate(seqs):
+        lines.append(f">generated_{i} prompt={args.prompt} seed={seeds[i]}\n")
         lines += [seq[j : j + 70] + "\n" for j in range(0, len(seq), 70)]
-    Path(args.out).write_text("".join(lines))
-    print(f"wrote {args.num} sequences to {args.out}")
+    out.write_text("".join(lines))
+    print(f"wrote {args.num} sequences to {out}")
     return 0
 
 
 BENCHMARKS = {
     "evoformer-attention": "evoformer_attention",
     "evoformer-block": "evoformer_block",
+    "genslm-generate": "genslm_generate",
     "genslm-init": "genslm_init",
     "genslm-memory": "genslm_memory",
     "parallel-scaling": "parallel",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import logging
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,15 +41,23 @@ class FastaRecord:
 def _open(path: Path):
     with open(path, "rb") as f:
         gzipped = f.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rt") if gzipped else open(path)
+    # utf-8-sig: a byte-order mark (Windows editors write one) is read as nothing, not as text
+    # before the first '>'.
+    if gzipped:
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
 
 
 def _parse(handle, path: Path):
     try:
         yield from SeqIO.parse(handle, "fasta")
+    except UnicodeDecodeError as err:
+        raise FastaRecordError(f"{path}: not a text FASTA file (byte {err.start} is not UTF-8)") from err
     except ValueError as err:  # e.g. text before the first '>'
         first = str(err).strip().splitlines()[0]
         raise FastaRecordError(f"{path}: not a valid FASTA file: {first}") from err
+    except (EOFError, OSError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        raise FastaRecordError(f"{path}: truncated or corrupt gzip file ({err})") from err
 
 
 def read_fasta(path: str | Path, on_bad: str = "skip") -> Iterator[FastaRecord]:
@@ -60,6 +69,8 @@ def read_fasta(path: str | Path, on_bad: str = "skip") -> Iterator[FastaRecord]:
     if on_bad not in ("skip", "error"):
         raise ValueError(f"read_fasta: on_bad={on_bad!r}; expected 'skip' or 'error'")
     path = Path(path)
+    if path.is_dir():
+        raise FastaRecordError(f"read_fasta: {path} is a directory; expected a FASTA file (plain or .gz)")
     if not path.is_file():
         raise FileNotFoundError(f"read_fasta: no such FASTA file: {path}")
     n_records = 0

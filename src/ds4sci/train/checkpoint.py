@@ -141,16 +141,26 @@ def save_distributed_checkpoint(run_dir: str | Path, step: int, app_state: dict,
 
 def _verify(path: Path) -> dict:
     manifest_path = path / MANIFEST
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
     if not manifest_path.is_file():
         raise CheckpointError(f"{path} is not a ds4sci checkpoint (no {MANIFEST})")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{manifest_path} is corrupt: {err}") from err
-    names = manifest["files"] if manifest.get("distributed") else FILES
+    # Well-formed JSON of the wrong shape (edited by hand, another tool's file) is refused here
+    # rather than as a KeyError deep in the checks below.
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("bytes"), int) and isinstance(e.get("sha256"), str)
+            for e in files.values()):
+        raise CheckpointError(f"{manifest_path} is malformed: expected {{\"step\": ..., \"files\": "
+                              f"{{name: {{\"bytes\": int, \"sha256\": str}}}}}}")
+    names = files if manifest.get("distributed") else FILES
     for name in names:
         file = path / name
-        expected = manifest["files"].get(name)
+        expected = files.get(name)
         if expected is None or not file.is_file():
             raise CheckpointError(f"checkpoint {path}: {name} is missing")
         if file.stat().st_size != expected["bytes"] or _sha256(file) != expected["sha256"]:

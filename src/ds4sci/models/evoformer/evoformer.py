@@ -23,7 +23,7 @@ from .config import BlockConfig, EvoformerStackConfig, ExtraMSAStackConfig, pars
 from .dropout import DropoutRowwise
 from .msa import MSAColumnAttention, MSAColumnGlobalAttention, MSARowAttentionWithPairBias
 from .outer_product_mean import OuterProductMean
-from .primitives import Linear, set_attention_backend
+from .primitives import Linear, check_chunk_size, set_attention_backend
 from .transition import MSATransition, PairTransition
 from .triangle import TriangleAttention, TriangleMultiplicationIncoming, TriangleMultiplicationOutgoing
 
@@ -60,6 +60,7 @@ class MSABlock(nn.Module):
     def __init__(self, cfg: BlockConfig):
         super().__init__()
         self.opm_first = cfg.opm_first
+        self.c_m, self.c_z = cfg.c_m, cfg.c_z
         self.msa_att_row = MSARowAttentionWithPairBias(cfg.c_m, cfg.c_z, cfg.c_hidden_msa_att,
                                                        cfg.no_heads_msa, inf=cfg.inf)
         self.msa_dropout_layer = DropoutRowwise(cfg.msa_dropout)
@@ -77,7 +78,7 @@ class MSABlock(nn.Module):
         at a time, without changing the result: at inference this bounds the working set; while
         training each chunk is also recomputed in backward, so only one chunk's activations are
         alive at a time (more compute, much less memory)."""
-        _check_shapes(type(self).__name__, m, z, msa_mask, pair_mask)
+        _check_shapes(type(self).__name__, m, z, msa_mask, pair_mask, (self.c_m, self.c_z), chunk_size)
         if msa_mask is None:
             msa_mask = m.new_ones(m.shape[:-1])
         if pair_mask is None:
@@ -125,10 +126,15 @@ class ExtraMSABlock(MSABlock):
         set_attention_backend(self, attention_backend)
 
 
-def _check_shapes(owner, m, z, msa_mask, pair_mask) -> None:
+def _check_shapes(owner, m, z, msa_mask, pair_mask, channels, chunk_size) -> None:
+    check_chunk_size(owner, chunk_size)
     if m.dim() < 3 or z.dim() < 3:
         raise ValueError(f"{owner}: m has shape {tuple(m.shape)} and z {tuple(z.shape)}; expected "
                          "m [*, N_seq, N_res, C_m] and z [*, N_res, N_res, C_z]")
+    for name, t, symbol, c in (("m", m, "C_m", channels[0]), ("z", z, "C_z", channels[1])):
+        if t.shape[-1] != c:
+            raise ValueError(f"{owner}: {name} has shape {tuple(t.shape)} with {t.shape[-1]} channels; "
+                             f"this block was built with {symbol}={c}")
     n_res = m.shape[-2]
     if z.shape[-3:-1] != (n_res, n_res) or z.shape[:-3] != m.shape[:-3]:
         raise ValueError(f"{owner}: z has shape {tuple(z.shape)}; expected "

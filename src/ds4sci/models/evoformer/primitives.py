@@ -158,10 +158,11 @@ def set_attention_backend(module: nn.Module, backend: str) -> nn.Module:
     such as ``"torch"``/``"triton"``, or :data:`NAIVE`); returns ``module``."""
     if not isinstance(backend, str):
         raise TypeError(f"set_attention_backend: backend={backend!r}; expected a string")
-    if backend not in ("auto", NAIVE):
-        from ds4sci.ops.evoformer_attention import dispatch
+    from ds4sci.ops.evoformer_attention import dispatch
 
-        dispatch.get(backend)  # raises naming the known backends
+    known = ["auto", NAIVE, *sorted(b.name for b in dispatch.backends())]
+    if backend not in known:
+        raise ValueError(f"set_attention_backend: backend={backend!r} is unknown; expected one of {known}")
     for sub in module.modules():
         if isinstance(sub, (Attention, GlobalAttention)):
             sub.attention_backend = backend
@@ -176,6 +177,13 @@ def run_piece(fn, *args: torch.Tensor) -> torch.Tensor:
     return fn(*args)
 
 
+def check_chunk_size(owner: str, chunk_size) -> None:
+    """``chunk_size`` must be a positive int or None (no chunking)."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{owner}: chunk_size={chunk_size!r}; expected a positive int (slices per chunk) "
+                         f"or None (no chunking)")
+
+
 def chunked(fn, chunk_size: int | None, dim: int | Sequence[int], sliced: Sequence[torch.Tensor],
             shared: Sequence[torch.Tensor] = (), out_dim: int | None = None) -> torch.Tensor:
     """``fn(*sliced, *shared)`` for a function independent along ``dim``, computed
@@ -184,6 +192,7 @@ def chunked(fn, chunk_size: int | None, dim: int | Sequence[int], sliced: Sequen
     ``out_dim`` (default: the first tensor's ``dim``): the same numbers with a working set
     bounded by one chunk. While training, each chunk is recomputed in backward
     (:func:`run_piece`), so that bound holds for the saved activations too."""
+    check_chunk_size("chunked", chunk_size)
     dims = [dim] * len(sliced) if isinstance(dim, int) else list(dim)
     n = sliced[0].shape[dims[0]]
     if chunk_size is None or n <= chunk_size:

@@ -81,9 +81,12 @@ def backends() -> list[Backend]:
 
 def get(name: str) -> Backend:
     if name not in _BACKENDS:
+        # "naive" (stock OpenFold attention) is a choice of the Evoformer modules, not of this op.
+        hint = ("; 'naive' is an Evoformer module option (set_attention_backend), not an op backend"
+                if name == "naive" else "")
         raise ValueError(
             f"evoformer_attention: backend={name!r} is unknown; expected 'auto' or one of "
-            f"{sorted(_BACKENDS)}"
+            f"{sorted(_BACKENDS)}{hint}"
         )
     return _BACKENDS[name]
 

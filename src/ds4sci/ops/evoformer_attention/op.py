@@ -7,6 +7,7 @@ one opaque node â†’ an ``autograd.Function`` that saves the softmax statistics â
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -98,6 +99,9 @@ def _check_inputs(q, k, v, biases) -> None:
             raise TypeError(
                 f"{name}: {arg} has dtype {t.dtype}; expected one of float16, bfloat16, float32, float64"
             )
+        if t.device.type == "meta":
+            raise ValueError(f"{name}: {arg} is a meta tensor (shape only, no data); expected a tensor "
+                             f"on a real device (cpu, cuda)")
         if t.dim() < 3:
             raise ValueError(
                 f"{name}: {arg} has shape {_shape(t)}; expected rank >= 3, layout [*, L, H, D]"
@@ -177,8 +181,14 @@ def evoformer_attention(
     and passes zero gradients (never NaN). Softmax statistics and tile arithmetic are fp32.
     Under autocast, ``q``, ``k``, ``v`` are cast to the autocast dtype (like SDPA).
     """
+    if biases is None:  # DeepSpeed-style callers pass None for "no biases"
+        biases = ()
+    if isinstance(biases, torch.Tensor) or not isinstance(biases, Sequence):
+        raise TypeError(f"evoformer_attention: biases is a {type(biases).__name__}; expected a list or "
+                        f"tuple of tensors (or None entries), e.g. [mask_bias, pair_bias]")
     biases = [b for b in biases if b is not None]
-    if all(isinstance(t, torch.Tensor) for t in (q, k, v)) and torch.is_autocast_enabled(q.device.type):
+    if (all(isinstance(t, torch.Tensor) for t in (q, k, v)) and q.device.type != "meta"
+            and torch.is_autocast_enabled(q.device.type)):
         # Like SDPA under autocast: fp16/bf16/fp32 inputs run in the autocast dtype (not fp64).
         dtype = torch.get_autocast_dtype(q.device.type)
         q, k, v = (t.to(dtype) if t.dtype in (torch.float16, torch.bfloat16, torch.float32) else t
@@ -186,6 +196,9 @@ def evoformer_attention(
         biases = [b.to(dtype) if isinstance(b, torch.Tensor) and b.dtype in (torch.float16, torch.bfloat16)
                   else b for b in biases]
     _check_inputs(q, k, v, biases)
+    if tile_elements is not None and (isinstance(tile_elements, bool) or not isinstance(tile_elements, numbers.Integral)):
+        raise TypeError(f"evoformer_attention: tile_elements={tile_elements!r} ({type(tile_elements).__name__}); "
+                        f"expected an int >= 1 or None")
     tile = DEFAULT_TILE_ELEMENTS if tile_elements is None else int(tile_elements)
     if tile < 1:
         raise ValueError(f"evoformer_attention: tile_elements={tile_elements}; expected >= 1")
