@@ -5,7 +5,8 @@
   :class:`ClimaX`; a position embedding of another grid is interpolated as ClimaX's
   fine-tuning does (:func:`interpolate_pos_embed`), and a model whose ``default_vars`` are a
   subset of the checkpoint's takes those variables' rows.
-- :func:`fit_grid` / :func:`restore_grid`: the crop/pad rule.
+- :func:`fit_grid` / :func:`restore_grid` (defined in ``ds4sci.data.climate``, which applies them
+  to datasets): the crop/pad rule.
 
 Crop/pad rule (``ClimaXConfig.img_size`` must be multiples of ``patch_size``):
 
@@ -30,49 +31,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ...data.climate import GRID_MODES, fit_grid, fitted_size, restore_grid  # noqa: F401 - the rule lives with the data
 from .config import CLIMAX_VARS
 from .model import ClimaX
-
-GRID_MODES = ("crop", "pad")
-
-
-def fitted_size(h: int, w: int, p: int, mode: str = "crop") -> tuple[int, int]:
-    """The grid a model with patch ``p`` runs on for an ``h x w`` field under ``mode``."""
-    if mode not in GRID_MODES:
-        raise ValueError(f"fit_grid: mode={mode!r}; expected one of {GRID_MODES}")
-    if p < 1 or h < p or w < p:
-        raise ValueError(f"fit_grid: grid {h}x{w} with patch_size={p}; expected 1 <= p <= min(H, W)")
-    if mode == "crop":
-        return h // p * p, w // p * p
-    return -(-h // p) * p, -(-w // p) * p
-
-
-def fit_grid(x_VHW: torch.Tensor, lat_H: torch.Tensor, p: int, mode: str = "crop"):
-    """Fields ``[..., H, W]`` and latitudes ``[H]`` on the fitted grid (see the module's rule)."""
-    h, w = x_VHW.shape[-2:]
-    lat_H = torch.as_tensor(lat_H)
-    if lat_H.shape != (h,):
-        raise ValueError(f"fit_grid: lat has shape {tuple(lat_H.shape)}; expected [H={h}]")
-    h2, w2 = fitted_size(h, w, p, mode)
-    if mode == "crop":
-        return x_VHW[..., :h2, :w2], lat_H[:h2]
-    lead = x_VHW.shape[:-2]
-    flat = x_VHW.reshape(-1, 1, h, w)
-    flat = F.pad(flat, (0, w2 - w, 0, 0), mode="circular") if w2 > w else flat
-    flat = F.pad(flat, (0, 0, 0, h2 - h), mode="replicate") if h2 > h else flat
-    step = (lat_H[-1] - lat_H[-2]) if h > 1 else torch.tensor(0.0)
-    extra = lat_H[-1] + step * torch.arange(1, h2 - h + 1, dtype=lat_H.dtype)
-    return flat.reshape(*lead, h2, w2), torch.cat([lat_H, extra.clamp(-90, 90)])
-
-
-def restore_grid(pred: torch.Tensor, size: tuple[int, int], mode: str = "crop") -> torch.Tensor:
-    """Predictions on the fitted grid back to the original ``size``: ``"pad"`` crops the padding
-    off; ``"crop"`` cannot restore the dropped rows/columns and returns the fitted grid (score it
-    with the fitted latitudes)."""
-    if mode not in GRID_MODES:
-        raise ValueError(f"restore_grid: mode={mode!r}; expected one of {GRID_MODES}")
-    return pred[..., : size[0], : size[1]] if mode == "pad" else pred
-
 
 def interpolate_pos_embed(pos_embed_1LD: torch.Tensor, new_grid: tuple[int, int],
                           old_grid: tuple[int, int] | None = None) -> torch.Tensor:
