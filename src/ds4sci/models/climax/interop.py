@@ -78,11 +78,10 @@ def climax_state_dict(state: dict, model: ClimaX, checkpoint_vars: Sequence[str]
             state["token_embeds.proj_weights"] = state["token_embeds.proj_weights"][idx]
             state["token_embeds.proj_biases"] = state["token_embeds.proj_biases"][idx]
         else:
+            embeds = {k: state.pop(k) for k in [k for k in state if k.startswith("token_embeds.")]}
             for new, old in enumerate(idx.tolist()):
                 for leaf in ("weight", "bias"):
-                    state[f"token_embeds.{new}.proj.{leaf}"] = state[f"token_embeds.{old}.proj.{leaf}"]
-            for k in [k for k in state if k.startswith("token_embeds.") and int(k.split(".")[1]) >= len(idx)]:
-                del state[k]
+                    state[f"token_embeds.{new}.proj.{leaf}"] = embeds[f"token_embeds.{old}.proj.{leaf}"]
         last = f"head.{2 * c.decoder_depth}"
         nv_old, p = len(checkpoint_vars), c.patch_size
         for leaf in ("weight", "bias"):  # the head's outputs are laid out (p_row, p_col, V)
