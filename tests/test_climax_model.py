@@ -17,6 +17,15 @@ from ds4sci.models.climax.model import init_parameters, patchify_targets
 VARS = ("v0", "v1", "v2", "v3")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is faster than a pool contending for shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny(**kw) -> ClimaXConfig:
     base = dict(default_vars=VARS, img_size=(8, 12), patch_size=2, embed_dim=32, depth=2, decoder_depth=2,
                 num_heads=4, mlp_ratio=2.0, drop_path=0.0, drop_rate=0.0)
