@@ -74,6 +74,15 @@ def test_forecast_pairs_split_and_collate(sample):
         val[10]
 
 
+def test_sample_datasets_for_the_default_run():
+    d = C.sample_datasets(patch_size=4)
+    assert (len(d["train"]), len(d["val"])) == (20, 10)
+    assert d["climatology"].shape == (4, 60, 120) and d["lat"].shape == (60,)
+    assert d["units"]["geopotential_500"] == "m**2 s**-2"
+    # statistics come from the training times only (0..2), never the validation target (3)
+    np.testing.assert_allclose(d["stats"].mean, C.normalization_stats(d["source"], times=[0, 1, 2]).mean)
+
+
 def _write(path, dims=("time", "level", "lat", "lon"), nan=False, lat=None, calendar=None, var="t", h=4, w=6):
     lat = np.linspace(60, -60, h) if lat is None else lat
     data = np.random.default_rng(0).normal(250, 5, (3, 2, h, w)).astype("float32")

@@ -185,6 +185,15 @@ def test_stages_positions_and_core():
     torch.testing.assert_close(staged, whole)
     positions = torch.tensor([3, 0, 17, 23])
     torch.testing.assert_close(model.tokens(x, lt, variables, positions=positions), tokens[:, positions])
+    # the loss of a sequence-parallel trainer: weighted squared error over patches, any shard split
+    y = torch.randn(2, 2, 8, 12)
+    lat = np.linspace(70, -70, 8)
+    w = model.patch_loss_weights(lat, ["v3", "v1"])
+    target = patchify_targets(torch.cat([torch.zeros(2, 1, 8, 12), y[:, 1:], torch.zeros(2, 1, 8, 12), y[:, :1]], 1), 2)
+    out = model.predict_patches(x, lt, variables)
+    total = sum((w[part] * (out[:, part] - target[:, part]) ** 2).sum() for part in torch.arange(24).split(10))
+    ref = climax_lat_weighted_mse(model.fields(out, ["v3", "v1"]), y, ["v3", "v1"], lat)["loss"]
+    torch.testing.assert_close(total / y.numel(), ref)
     calls = []
 
     def core(q, k, v):

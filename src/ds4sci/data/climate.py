@@ -581,3 +581,23 @@ def write_forecast_netcdf(path: str, forecast, channels: Sequence[str], lat, lon
     ds.to_netcdf(path, engine="scipy", format="NETCDF3_64BIT",
                  encoding={"prediction_timedelta": {"units": "hours", "dtype": "float64"}})
     return ds
+
+
+def sample_datasets(patch_size: int = 4, lead_steps: int | tuple[int, int] = 1, grid_mode: str = "crop",
+                    variables: Sequence[str] = SAMPLE_CHANNELS, out_variables: Sequence[str] = SAMPLE_CHANNELS,
+                    path: str | None = None, seed: int = 0) -> dict:
+    """The default run's data: ``{"train", "val"}`` :class:`ForecastDataset` of the embedded
+    sample (or ``path``) split by :func:`sample_splits`, with ``stats`` and ``climatology``
+    (normalised, ``[V_out, H', W']``) from the training times only, ``lat``/``lon`` of the fitted
+    grid, ``units`` and the ``source``."""
+    source = XarraySource(path or sample_path(), list(dict.fromkeys([*variables, *out_variables])))
+    splits = sample_splits(source)
+    train_times = splits["train"]["target_times"]
+    stats = normalization_stats(source, times=train_times)
+    kw = dict(lead_steps=lead_steps, patch_size=patch_size, grid_mode=grid_mode, seed=seed)
+    train = ForecastDataset(source, variables, out_variables, stats, **kw, **splits["train"])
+    val = ForecastDataset(source, variables, out_variables, stats, **kw, **splits["val"])
+    clim = stats.normalize(climatology(source, times=train_times))[[source.channels.index(v) for v in out_variables]]
+    clim_t, _ = fit_grid(torch.from_numpy(clim), source.lat, patch_size, grid_mode)
+    return {"train": train, "val": val, "stats": stats, "climatology": clim_t, "lat": train.lat,
+            "lon": train.lon, "units": source.units(), "source": source}

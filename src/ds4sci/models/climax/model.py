@@ -227,6 +227,9 @@ class Block(nn.Module):
 class ClimaX(nn.Module):
     """ClimaX: fields ``[B, V_in, H, W]`` + lead times ``[B]`` -> fields ``[B, V_out, H, W]``."""
 
+    fsdp_forward_methods = ("predict_patches",)
+    """Called instead of ``forward`` by sequence-parallel training (``parallel.fsdp``)."""
+
     def __init__(self, config: ClimaXConfig | None = None, *, seed: int | None = None, **climax_kwargs):
         """``ClimaX(config)`` or ``ClimaX(default_vars, img_size=..., ...)`` with ClimaX's own
         arguments. Built and initialised as ClimaX initialises; under ``torch.device("meta")``
@@ -343,6 +346,27 @@ class ClimaX(nn.Module):
     def predict_from_tokens(self, x_BLD: torch.Tensor) -> torch.Tensor:
         """Blocks + norm + head: tokens ``[B, L, D]`` -> ``[B, L, p*p*V]``."""
         return self.project(self.run_blocks(x_BLD))
+
+    def predict_patches(self, x_BVHW, lead_times_B, variables, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Head outputs ``[B, L', p*p*V]`` of the patches ``positions`` (default all): what a
+        sequence shard computes (attention over the whole sequence goes through ``attn.core``)."""
+        return self.project(self.run_blocks(self.tokens(x_BVHW, lead_times_B, variables, positions)))
+
+    def patch_loss_weights(self, lat_H, out_variables: Sequence[str]) -> torch.Tensor:
+        """``[L, p*p*V]`` weights laid out as the head's outputs: ``cos(lat)/mean(cos(lat))`` on
+        the entries of ``out_variables``, 0 elsewhere, so ``sum(w * (out - patchify_targets(y))^2)
+        / (B * V_out * H * W)`` is ClimaX's lat-weighted MSE; rows of a shard's ``positions``
+        give its part."""
+        c = self.config
+        lat = torch.as_tensor(np.asarray(lat_H, dtype=np.float64))
+        if lat.shape != (c.img_size[0],):
+            raise ValueError(f"ClimaX.patch_loss_weights: lat has shape {tuple(lat.shape)}; expected [H={c.img_size[0]}]")
+        w_H = torch.cos(torch.deg2rad(lat))
+        w_H = (w_H / w_H.mean()).float()
+        keep = torch.zeros(len(c.default_vars))
+        keep[self.var_ids(list(out_variables))] = 1.0
+        w_VHW = keep[:, None, None] * w_H[None, :, None].expand(-1, -1, c.img_size[1])
+        return patchify_targets(w_VHW.unsqueeze(0), c.patch_size)[0]
 
     def fields(self, out_BLQ: torch.Tensor, out_variables: Sequence[str]) -> torch.Tensor:
         """Head outputs of all ``L`` patches -> ``[B, V_out, H, W]`` of ``out_variables``."""
