@@ -2,7 +2,8 @@
 
 Readers (lazy: a sample reads one time slice of each variable, never the whole archive):
 
-* :class:`XarraySource`: NetCDF (``.nc``, ``.nc.gz``), GRIB (``.grib``/``.grib2``, through
+* :class:`XarraySource`: NetCDF (``.nc``; ``.nc.gz`` is decompressed into memory once, as gzip
+  has no random access: for small files such as the embedded sample), GRIB (``.grib``/``.grib2``, through
   cfgrib) and zarr (``.zarr``) opened with xarray in the WeatherBench / ERA5 layout: one data
   variable per quantity, dims ``[member,] time, [level,] lat, lon`` (the names cfgrib, CDS and
   WeatherBench use are all accepted: ``latitude``/``lat``, ``isobaricInhPa``/``level``/``plev``,
@@ -28,6 +29,8 @@ The embedded default, :func:`sample_path`, is ERA5 (Copernicus Climate Change Se
 from __future__ import annotations
 
 import glob
+import gzip
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -124,7 +127,15 @@ class XarraySource:
                 raise FileNotFoundError(f"XarraySource: {path!r} does not exist")
             eng = engine or _engine_for(path)
             try:
-                ds = xr.open_zarr(path) if eng == "zarr" else xr.open_dataset(path, engine=eng)
+                if eng == "zarr":
+                    ds = xr.open_zarr(path)
+                elif path.lower().endswith(".gz"):
+                    # gzip has no random access: each slice read would decompress from the start.
+                    # Small files only (the embedded sample): decompress once into memory.
+                    with gzip.open(path, "rb") as fh:
+                        ds = xr.open_dataset(io.BytesIO(fh.read()), engine="scipy")
+                else:
+                    ds = xr.open_dataset(path, engine=eng)
             except Exception as e:  # noqa: BLE001 - re-raised naming the file and the engine
                 raise ValueError(f"XarraySource: cannot open {path!r} with engine {eng or 'auto'}: {e}") from e
             dims = {k: _find(v, ds.dims) for k, v in DIM_ALIASES.items()}
