@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from climax_reference import ReferenceClimaX, climax_lat_weighted_mse, np_1d_sincos, np_2d_sincos
+from ds4sci.models.climax.reference import ReferenceClimaX, climax_lat_weighted_mse, np_1d_sincos, np_2d_sincos
 from ds4sci.models.climax import ClimaX, ClimaXConfig, initial_value, patchify, preset, unpatchify
 from ds4sci.models.climax import interop
 from ds4sci.models.climax.metrics import lat_weighted_mse, lat_weighted_mse_sum
@@ -45,12 +45,12 @@ def inputs(b=2, v=3, h=8, w=12, seed=1):
     return torch.randn(b, v, h, w, generator=g), torch.rand(b, generator=g)
 
 
-@pytest.mark.parametrize("parallel_patch_embed", [False, True])
-def test_parity_with_climax(parallel_patch_embed):
+@pytest.mark.parametrize("parallel_patch_embed,attention", [(False, "eager"), (True, "eager"), (False, "sdpa")])
+def test_parity_with_climax(parallel_patch_embed, attention):
     cfg = tiny(parallel_patch_embed=parallel_patch_embed)
     ours = ClimaX(cfg, seed=0)
     randomize(ours)
-    ref = ReferenceClimaX(**cfg.climax_kwargs())
+    ref = ReferenceClimaX(**cfg.climax_kwargs(), attention=attention, checkpointing=attention == "sdpa")
     ref.load_state_dict(ours.state_dict())
     ours.eval(), ref.eval()
     x, lt = inputs()

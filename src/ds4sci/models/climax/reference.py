@@ -1,12 +1,16 @@
-"""ClimaX v0.3.1 as published (microsoft/ClimaX ``src/climax/arch.py`` with timm 0.6's ViT
-``Block``/``PatchEmbed`` and ``nn.MultiheadAttention`` aggregation), rebuilt here from those
-equations so parity tests need neither timm nor the internet. Only eval-mode semantics matter
-(dropout and drop-path are identities there)."""
+"""ClimaX v0.3.1's own code path (microsoft/ClimaX ``src/climax/arch.py`` with timm 0.6's ViT
+``Block``/``PatchEmbed`` and ``nn.MultiheadAttention`` aggregation), rebuilt from those equations
+so that tests and benchmarks need neither timm nor the internet: the truth the parity tests
+compare with, and the "original" contender of ``bench.climax_memory`` (eager attention that
+materialises ``[B, h, L, L]``, the whole ``[B, V, L, D]`` tensor; ``attention="sdpa"`` and
+``checkpointing=True`` give the original with SDPA and per-block checkpointing). Dropout and
+drop-path are left out: parity is checked in eval mode, where they are identities."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -54,9 +58,9 @@ class RefParallelVarPatchEmbed(nn.Module):
 
 
 class TimmAttention(nn.Module):
-    def __init__(self, dim, num_heads):
+    def __init__(self, dim, num_heads, sdpa=False):
         super().__init__()
-        self.num_heads = num_heads
+        self.num_heads, self.sdpa = num_heads, sdpa
         self.scale = (dim // num_heads) ** -0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
@@ -65,9 +69,12 @@ class TimmAttention(nn.Module):
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        attn = (q @ k.transpose(-2, -1)) * self.scale
-        attn = attn.softmax(dim=-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+        if self.sdpa:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            attn = (q @ k.transpose(-2, -1)) * self.scale
+            out = attn.softmax(dim=-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
 class TimmMlp(nn.Module):
@@ -82,10 +89,10 @@ class TimmMlp(nn.Module):
 
 
 class TimmBlock(nn.Module):
-    def __init__(self, dim, num_heads, mlp_ratio):
+    def __init__(self, dim, num_heads, mlp_ratio, sdpa=False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = TimmAttention(dim, num_heads)
+        self.attn = TimmAttention(dim, num_heads, sdpa)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = TimmMlp(dim, int(dim * mlp_ratio))
 
@@ -96,8 +103,10 @@ class TimmBlock(nn.Module):
 
 class ReferenceClimaX(nn.Module):
     def __init__(self, default_vars, img_size=(32, 64), patch_size=2, embed_dim=1024, depth=8, decoder_depth=2,
-                 num_heads=16, mlp_ratio=4.0, drop_path=0.1, drop_rate=0.1, parallel_patch_embed=False):
+                 num_heads=16, mlp_ratio=4.0, drop_path=0.1, drop_rate=0.1, parallel_patch_embed=False,
+                 attention="eager", checkpointing=False):
         super().__init__()
+        self.checkpointing = checkpointing
         self.img_size, self.patch_size, self.default_vars = list(img_size), patch_size, list(default_vars)
         self.parallel_patch_embed = parallel_patch_embed
         if parallel_patch_embed:
@@ -111,7 +120,7 @@ class ReferenceClimaX(nn.Module):
         self.var_agg = nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, embed_dim))
         self.lead_time_embed = nn.Linear(1, embed_dim)
-        self.blocks = nn.ModuleList(TimmBlock(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(TimmBlock(embed_dim, num_heads, mlp_ratio, attention == "sdpa") for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim)
         head = []
         for _ in range(decoder_depth):
@@ -151,7 +160,10 @@ class ReferenceClimaX(nn.Module):
         x = x + self.pos_embed
         x = x + self.lead_time_embed(lead_times.unsqueeze(-1)).unsqueeze(1)
         for blk in self.blocks:
-            x = blk(x)
+            if self.checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
         return self.norm(x)
 
     def forward(self, x, y, lead_times, variables, out_variables, metric, lat):
