@@ -16,7 +16,8 @@ import torch
 
 from ds4sci.bench.common import machine_info
 from ds4sci.data import climate as C
-from ds4sci.models.climax import ClimaX, metrics as M, preset
+from ds4sci.models.climax import ClimaX, preset
+from ds4sci.models.climax import metrics as M
 
 OUT = Path(__file__).resolve().parents[1] / "benchmarks/results/climax_sample_run.json"
 

@@ -12,7 +12,7 @@ import torch
 
 xr = pytest.importorskip("xarray", reason="xarray is in the climate/test extras")
 
-from ds4sci.data import climate as C  # noqa: E402
+from ds4sci.data import climate as C
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from ds4sci.models.climax.reference import climax_lat_weighted_mse
 from ds4sci.models.climax import metrics as M
+from ds4sci.models.climax.reference import climax_lat_weighted_mse
 
 LAT = np.array([60.0, 0.0, -60.0])  # cos = 0.5, 1, 0.5 -> weights 0.75, 1.5, 0.75
 

@@ -8,11 +8,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ds4sci.models.climax.reference import ReferenceClimaX, climax_lat_weighted_mse, np_1d_sincos, np_2d_sincos
-from ds4sci.models.climax import ClimaX, ClimaXConfig, initial_value, patchify, preset, unpatchify
-from ds4sci.models.climax import interop
+from ds4sci.models.climax import (
+    ClimaX,
+    ClimaXConfig,
+    initial_value,
+    interop,
+    patchify,
+    preset,
+    unpatchify,
+)
 from ds4sci.models.climax.metrics import lat_weighted_mse, lat_weighted_mse_sum
 from ds4sci.models.climax.model import init_parameters, patchify_targets
+from ds4sci.models.climax.reference import (
+    ReferenceClimaX,
+    climax_lat_weighted_mse,
+    np_1d_sincos,
+    np_2d_sincos,
+)
 
 VARS = ("v0", "v1", "v2", "v3")
 

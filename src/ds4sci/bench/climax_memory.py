@@ -30,7 +30,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import limit_address_space, machine_info, peak_rss_bytes, run_worker, write_rows, WORKER_ENV
+from .common import (
+    WORKER_ENV,
+    limit_address_space,
+    machine_info,
+    peak_rss_bytes,
+    run_worker,
+    write_rows,
+)
 
 CONTENDERS = ("ours", "climax", "climax-sdpa-ckpt")
 RESOLUTIONS = {  # name -> (grid rows, grid columns, patch)

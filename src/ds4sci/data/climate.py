@@ -136,7 +136,7 @@ class XarraySource:
                         ds = xr.open_dataset(io.BytesIO(fh.read()), engine="scipy")
                 else:
                     ds = xr.open_dataset(path, engine=eng)
-            except Exception as e:  # noqa: BLE001 - re-raised naming the file and the engine
+            except Exception as e:
                 raise ValueError(f"XarraySource: cannot open {path!r} with engine {eng or 'auto'}: {e}") from e
             dims = {k: _find(v, ds.dims) for k, v in DIM_ALIASES.items()}
             for need in ("lat", "lon"):
@@ -228,7 +228,7 @@ class XarraySource:
         return len(self.lat), len(self.lon)
 
     def units(self) -> dict[str, str]:
-        path, ds, lookup, _, _ = self._files[0]
+        _, ds, lookup, _, _ = self._files[0]
         return {ch: str(ds[var].attrs.get("units", "")) for ch, (var, _) in lookup.items()}
 
     def read(self, member: int, t: int) -> np.ndarray:

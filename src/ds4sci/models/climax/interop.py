@@ -35,6 +35,7 @@ from ...data.climate import GRID_MODES, fit_grid, fitted_size, restore_grid  # n
 from .config import CLIMAX_VARS
 from .model import ClimaX
 
+
 def interpolate_pos_embed(pos_embed_1LD: torch.Tensor, new_grid: tuple[int, int],
                           old_grid: tuple[int, int] | None = None) -> torch.Tensor:
     """A position embedding of ``old_grid`` patches resized to ``new_grid`` by bicubic
@@ -102,7 +103,7 @@ def load_lightning_checkpoint(model: ClimaX, path: str | os.PathLike, *, checkpo
         raise FileNotFoundError(f"load_lightning_checkpoint: path={str(path)!r} is not a file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=not trusted)
-    except Exception as e:  # noqa: BLE001 - re-raised with the remedy
+    except Exception as e:
         raise ValueError(f"load_lightning_checkpoint: {path} could not be read with weights_only=True ({e}); "
                          f"if you trust the file, pass trusted=True") from e
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
