@@ -185,6 +185,16 @@ def test_npz_shards(tmp_path):
     assert isinstance(src, C.NpzSource) and len(src) == 5
     np.testing.assert_array_equal(src.read(0, 4), np.stack([shards[1]["geopotential_500"][1, 0],
                                                             shards[1]["2m_temperature"][1, 0]]))
+    np.savez(root / "normalize_mean.npz", geopotential_500=np.array([5.0]), **{"2m_temperature": np.array([280.0])})
+    np.savez(root / "normalize_std.npz", geopotential_500=np.array([2.0]), **{"2m_temperature": np.array([10.0])})
+    np.savez(root / "train" / "climatology.npz", geopotential_500=np.ones((4, 6)), **{"2m_temperature": np.zeros((4, 6))})
+    assert len(C.NpzSource(str(root), ["2m_temperature"])) == 5  # climatology.npz is not a shard
+    stats = src.climax_stats()
+    assert stats.mean.tolist() == [5.0, 280.0] and stats.std.tolist() == [2.0, 10.0]
+    assert src.climax_climatology().shape == (2, 4, 6)
+    os.remove(root / "train" / "climatology.npz")
+    with pytest.raises(FileNotFoundError, match="climatology.npz"):
+        src.climax_climatology()
     with pytest.raises(ValueError, match=r"2015_0\.npz lacks channels \['temperature_850'\]"):
         C.NpzSource(str(root), ["temperature_850"])
     with pytest.raises(FileNotFoundError, match="no .npz shards"):

@@ -261,7 +261,8 @@ class NpzSource:
 
     def __init__(self, root: str, channels: Sequence[str], split: str = "train"):
         self.channels, self.members, self.calendar = list(channels), 1, "unknown"
-        self.paths = sorted(glob.glob(os.path.join(root, split, "*.npz")))
+        self.paths = sorted(p for p in glob.glob(os.path.join(root, split, "*.npz"))
+                            if os.path.basename(p) != "climatology.npz")
         if not self.paths:
             raise FileNotFoundError(f"NpzSource: no .npz shards in {os.path.join(root, split)!r}")
         for name in ("lat", "lon"):
@@ -287,12 +288,35 @@ class NpzSource:
             self._index += [(k, j) for j in range(n)]
         self.times = np.arange(len(self._index))
 
+        self.root, self.split = root, split
+
     @property
     def shape(self) -> tuple[int, int]:
         return len(self.lat), len(self.lon)
 
     def __len__(self) -> int:
         return len(self._index)
+
+    def _named(self, path: str) -> dict[str, np.ndarray]:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"NpzSource: {path!r} is missing (ClimaX's preprocessing writes it)")
+        with np.load(path) as z:
+            missing = [ch for ch in self.channels if ch not in z.files]
+            if missing:
+                raise ValueError(f"NpzSource: {path} lacks channels {missing}; it has {sorted(z.files)}")
+            return {ch: np.asarray(z[ch], dtype=np.float64) for ch in self.channels}
+
+    def climax_stats(self) -> Stats:
+        """ClimaX's own statistics: ``{root}/normalize_mean.npz`` and ``normalize_std.npz``."""
+        mean = self._named(os.path.join(self.root, "normalize_mean.npz"))
+        std = self._named(os.path.join(self.root, "normalize_std.npz"))
+        return Stats(tuple(self.channels), np.array([mean[c].reshape(-1)[0] for c in self.channels]),
+                     np.array([std[c].reshape(-1)[0] for c in self.channels]))
+
+    def climax_climatology(self) -> np.ndarray:
+        """``[C, H, W]`` from ``{root}/{split}/climatology.npz`` (ClimaX writes it for val/test)."""
+        clim = self._named(os.path.join(self.root, self.split, "climatology.npz"))
+        return np.stack([clim[c].reshape(self.shape) for c in self.channels])
 
     def units(self) -> dict[str, str]:
         return {ch: "" for ch in self.channels}
