@@ -18,7 +18,7 @@ from ds4sci.models.climax import (
     unpatchify,
 )
 from ds4sci.models.climax.metrics import lat_weighted_mse, lat_weighted_mse_sum
-from ds4sci.models.climax.model import init_parameters, patchify_targets
+from ds4sci.models.climax.model import init_parameters, pack_inputs, patchify_targets
 from ds4sci.models.climax.reference import (
     ReferenceClimaX,
     climax_lat_weighted_mse,
@@ -337,3 +337,29 @@ def test_crop_pad_rule():
         interop.fit_grid(x, lat, 4, "stretch")
     with pytest.raises(ValueError, match="lat"):
         interop.fit_grid(x, lat[:5], 4)
+
+
+def test_pipeline_stages_chain_to_climax_loss():
+    model = ClimaX(tiny(depth=3), seed=0)
+    randomize(model)
+    model.eval()
+    x, lt = inputs(b=3)
+    variables, out_vars = ["v0", "v1", "v2"], ["v3", "v1"]
+    lat = np.linspace(70, -70, 8)
+    y = torch.randn(3, 2, 8, 12)
+    with pytest.raises(ValueError, match="set_pipeline_task"):
+        model.pipeline_stage(range(0, 1), True, False)
+    model.set_pipeline_task(variables, out_vars, lat)
+    assert model.pipeline_blocks() == 3
+    first, last = model.pipeline_stage(range(0, 2), True, False), model.pipeline_stage(range(2, 3), False, True)
+    names = {n for st in (first, last) for n, _ in st.named_parameters()}
+    assert names == {n for n, _ in model.named_parameters()}  # the whole model's names, split
+    all_y = torch.zeros(3, 4, 8, 12)
+    all_y[:, 3], all_y[:, 1] = y[:, 0], y[:, 1]
+    inp, tgt = first.fixed_batch(pack_inputs(x, lt, 2), patchify_targets(all_y, 2), 4, 24)
+    assert inp.shape == (4, 24, 3 * 4 + 1) and tgt[3].isnan().all()
+    s, n = last.loss_sum(last(first(inp)), tgt)
+    _, preds = model(x, y, lt, variables, out_vars, None, lat)
+    ref = climax_lat_weighted_mse(preds, y, out_vars, lat)["loss"]
+    assert int(n) == y.numel()
+    torch.testing.assert_close(s / n, ref, atol=1e-6, rtol=1e-5)

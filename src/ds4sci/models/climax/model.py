@@ -247,6 +247,7 @@ class ClimaX(nn.Module):
         self.default_vars, self.parallel_patch_embed = list(c.default_vars), c.parallel_patch_embed
         self.num_patches = c.num_patches
         self.var_map = {name: i for i, name in enumerate(c.default_vars)}
+        self.pipeline_task = None
         nv, dim = len(c.default_vars), c.embed_dim
         if c.parallel_patch_embed:
             self.token_embeds = ParallelVarPatchEmbed(nv, c.patch_size, dim)
@@ -307,14 +308,24 @@ class ClimaX(nn.Module):
         if x_BVHW.dim() != 4 or x_BVHW.shape[1] != len(variables) or tuple(x_BVHW.shape[2:]) != c.img_size:
             raise ValueError(f"ClimaX: x has shape {tuple(x_BVHW.shape)}; expected [B, V={len(variables)} "
                              f"(len(variables)), H={c.img_size[0]}, W={c.img_size[1]}]")
-        ids = self.var_ids(variables, device=x_BVHW.device)
+        patches = patchify(x_BVHW, c.patch_size)  # input-sized, D/(p*p) times smaller than [B, V, L, D]
+        if positions is not None:
+            patches = patches[:, :, positions]
+        return self.tokens_from_patches(patches, lead_times_B, variables, positions)
+
+    def tokens_from_patches(self, patches_BVLP: torch.Tensor, lead_times_B: torch.Tensor, variables: Sequence[str],
+                            positions: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`tokens` of patchified inputs ``[B, V, L', p*p]`` (:func:`patchify`), which are
+        the patches ``positions`` (default all ``L``)."""
+        c = self.config
+        ids = self.var_ids(list(variables), device=patches_BVLP.device)
         w, b = self._embed_weights(ids)
         var_emb = self.var_embed[0, ids]
         query = self.var_query[0, 0]
-        patches = patchify(x_BVHW, c.patch_size)  # input-sized, D/(p*p) times smaller than [B, V, L, D]
-        pos = self.pos_embed[0]
-        if positions is not None:
-            patches, pos = patches[:, :, positions], pos[positions]
+        patches = patches_BVLP
+        pos = self.pos_embed[0] if positions is None else self.pos_embed[0, positions]
+        if patches.shape[2] != pos.shape[0]:
+            raise ValueError(f"ClimaX: {patches.shape[2]} patches for {pos.shape[0]} positions")
         tile = c.agg_tile or patches.shape[2]
         recompute = c.agg_tile is not None and torch.is_grad_enabled()
         outs = []
@@ -368,6 +379,19 @@ class ClimaX(nn.Module):
         w_VHW = keep[:, None, None] * w_H[None, :, None].expand(-1, -1, c.img_size[1])
         return patchify_targets(w_VHW.unsqueeze(0), c.patch_size)[0]
 
+    # ----- the pipeline protocol (parallel.pipeline) -----
+    def set_pipeline_task(self, variables: Sequence[str], out_variables: Sequence[str], lat_H) -> None:
+        """What the pipeline stages compute: inputs ``variables``, loss on ``out_variables`` at
+        latitudes ``lat``."""
+        self.var_ids(list(variables)), self.var_ids(list(out_variables))  # raise on unknown names
+        self.pipeline_task = (list(variables), list(out_variables), np.asarray(lat_H, dtype=np.float64))
+
+    def pipeline_blocks(self) -> int:
+        return len(self.blocks)
+
+    def pipeline_stage(self, block_ids: range, is_first: bool, is_last: bool) -> ClimaXStage:
+        return ClimaXStage(self, block_ids, is_first, is_last)
+
     def fields(self, out_BLQ: torch.Tensor, out_variables: Sequence[str]) -> torch.Tensor:
         """Head outputs of all ``L`` patches -> ``[B, V_out, H, W]`` of ``out_variables``."""
         c = self.config
@@ -384,6 +408,73 @@ class ClimaX(nn.Module):
         preds = self.predict(x, lead_times, variables, out_variables)
         loss = None if metric is None else [m(preds, y, out_variables, lat) for m in metric]
         return loss, preds
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline protocol (parallel.pipeline): one tensor in, one tensor out per stage
+
+
+def pack_inputs(x_BVHW: torch.Tensor, lead_times_B: torch.Tensor, p: int) -> torch.Tensor:
+    """A pipeline's input ``[B, L, V*p*p + 1]``: each token's patch values of every variable
+    (:func:`patchify` order) and the sample's lead time last."""
+    b, v = x_BVHW.shape[:2]
+    patches = patchify(x_BVHW, p)  # [B, V, L, P]
+    lead = lead_times_B.to(x_BVHW.dtype)[:, None, None].expand(b, patches.shape[2], 1)
+    return torch.cat([patches.permute(0, 2, 1, 3).reshape(b, patches.shape[2], -1), lead], dim=-1)
+
+
+class ClimaXStage(nn.Module):
+    """Blocks ``block_ids`` of a ClimaX (a pipeline stage). The first stage also tokenises
+    (input: :func:`pack_inputs` of the task's ``variables``), the last also projects (output:
+    ``[B, L, p*p*V]``; targets: ``patchify_targets`` of all default_vars, other than
+    ``out_variables`` anything finite, NaN rows = padding). Parameter names are the whole
+    model's. The task (``variables``, ``out_variables``, ``lat``) is set on the model with
+    :meth:`ClimaX.set_pipeline_task` before the stages are built."""
+
+    def __init__(self, model: ClimaX, block_ids: range, is_first: bool, is_last: bool):
+        super().__init__()
+        if getattr(model, "pipeline_task", None) is None:
+            raise ValueError("ClimaX.pipeline_stage: call model.set_pipeline_task(variables, out_variables, lat) first")
+        self.config = model.config
+        self.is_first, self.is_last = is_first, is_last
+        self._model = [model]  # not a submodule: its other parts belong to other stages
+        self.variables, self.out_variables, lat = model.pipeline_task
+        if is_first:
+            self.token_embeds, self.var_agg, self.lead_time_embed = model.token_embeds, model.var_agg, model.lead_time_embed
+            self.var_embed, self.var_query, self.pos_embed = model.var_embed, model.var_query, model.pos_embed
+        self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in block_ids})
+        if is_last:
+            self.norm, self.head = model.norm, model.head
+        self._weights = model.patch_loss_weights(lat, self.out_variables) if is_last else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        model = self._model[0]
+        if self.is_first:
+            b, l, _ = x.shape
+            patches = x[..., :-1].reshape(b, l, len(self.variables), -1).permute(0, 2, 1, 3)
+            x = model.tokens_from_patches(patches, x[:, 0, -1], self.variables)
+        x = model.run_blocks(x, self.blocks.values())
+        return model.project(x) if self.is_last else x
+
+    def loss_sum(self, out_BLQ: torch.Tensor, target_BLQ: torch.Tensor):
+        """Lat-weighted summed squared error over the real samples (ClimaX's loss times count)."""
+        real = ~target_BLQ[:, 0, 0].isnan()
+        w = self._weights.to(out_BLQ.device)
+        diff = out_BLQ[real].float() - target_BLQ[real].float()
+        return (w * diff.pow(2)).sum(), self.count(target_BLQ)
+
+    def fixed_batch(self, inputs, targets, batch_size: int, seq_len: int):
+        """Inputs/targets padded to ``batch_size`` samples (zero inputs, NaN targets)."""
+        pad = batch_size - inputs.shape[0]
+        if pad:
+            inputs = torch.cat([inputs, inputs.new_zeros((pad, *inputs.shape[1:]))])
+            targets = torch.cat([targets, targets.new_full((pad, *targets.shape[1:]), float("nan"))])
+        return inputs, targets
+
+    def count(self, targets_BLQ: torch.Tensor) -> torch.Tensor:
+        """Values ClimaX's mean runs over: real samples x V_out x H x W."""
+        h, w = self.config.img_size
+        return (~targets_BLQ[:, 0, 0].isnan()).sum() * len(self.out_variables) * h * w
 
 
 # ----------------------------------------------------------------------------------------------
