@@ -66,6 +66,8 @@ def test_forecast_pairs_split_and_collate(sample):
     assert leads == [rnd.lead_steps(i) for i in range(len(rnd))] and set(leads) <= {1, 2, 3}
     assert len(rnd) == 10  # only start 0 has every lead 1..3 inside the 4 times
     assert rnd.lat.shape == (60,) and len(rnd.lon) == 120
+    padded = C.ForecastDataset(sample, C.SAMPLE_CHANNELS, C.SAMPLE_CHANNELS, stats, 1, patch_size=8, grid_mode="pad")
+    assert padded[0]["x"].shape == (4, 64, 120) and padded.lat[-1] == -90 and len(padded.lon) == 120
     with pytest.raises(ValueError, match="no \\(member, start\\) pair"):
         C.ForecastDataset(sample, C.SAMPLE_CHANNELS, C.SAMPLE_CHANNELS, stats, 4)
     with pytest.raises(ValueError, match="not channels"):

@@ -520,7 +520,12 @@ class ForecastDataset(torch.utils.data.Dataset):
         h, w = source.shape
         self.size = fitted_size(h, w, patch_size, grid_mode)
         _, self.lat = fit_grid(torch.zeros(1, h, w), source.lat, patch_size, grid_mode)
-        self.lon = np.asarray(source.lon)[: self.size[1]] if grid_mode == "crop" else np.asarray(source.lon)
+        lon = np.asarray(source.lon, dtype=np.float64)
+        if grid_mode == "crop":
+            self.lon = lon[: self.size[1]]
+        else:  # padded columns wrap around the globe: their longitudes continue past 360
+            extra = self.size[1] - len(lon)
+            self.lon = np.concatenate([lon, lon[:extra] + 360.0])
         self._vin = [source.channels.index(v) for v in self.variables]
         self._vout = [source.channels.index(v) for v in self.out_variables]
 
