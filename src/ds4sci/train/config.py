@@ -188,7 +188,7 @@ class TrainConfig:
 
     def model_config(self):
         config = self.task_spec.preset(self.model)
-        return config.replace(**self.model_changes) if self.model_changes else config
+        return dataclasses.replace(config, **self.model_changes) if self.model_changes else config
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -37,6 +37,7 @@ publishes checkpoints the others wrote shards into).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -217,7 +218,7 @@ class DistributedTrainer(Trainer):
             # (Each dp rank holds >= 1 record, so this count is >= 1, which Pipeline requires.)
             scaled_count = total_tokens / self.dims.dp_sp
             with _autocast(self.device, self.cfg.precision):
-                mean = self.pipeline.step(batch[0], batch[1], num_tokens=torch.tensor(scaled_count))
+                mean = self.pipeline.step(*self.task.pipeline_batch(batch), num_tokens=torch.tensor(scaled_count))
             # Only last stages know the loss; sum them over dp and pp (for rank 0's log).
             part = mean.float() * scaled_count if mean is not None else torch.zeros((), device=self.device)
             part = self._global_sum(part, "dp_sp")
@@ -267,7 +268,7 @@ class DistributedTrainer(Trainer):
             batch = tuple(t.to(self.device) for t in self.task.collate([self.val_data[min(i, n - 1)]]))
             if self.pipeline is not None:
                 with _autocast(self.device, self.cfg.precision):
-                    result = self.pipeline.evaluate(batch[0], batch[1])  # (sum, count) on the last stage only
+                    result = self.pipeline.evaluate(*self.task.pipeline_batch(batch))  # (sum, count) on the last stage only
                 if result is not None and i < n:
                     stats += torch.stack([t.float().to(self.device) for t in result])
             else:
@@ -295,7 +296,7 @@ class DistributedTrainer(Trainer):
         state = {
             "step": self.step, "scheduler": self.scheduler.state_dict(), "rng": _rng_state(),
             "data_position": vars(self.position), "layout": self.dims.describe(),
-            "config": {"train": self.cfg.to_dict(), "model_config": self.model.config.to_dict()},
+            "config": {"train": self.cfg.to_dict(), "model_config": dataclasses.asdict(self.model.config)},
         }
         path = save_distributed_checkpoint(self.out, self.step, self._app_state(), state,
                                            self.cfg.keep_checkpoints, is_main=self.is_main,

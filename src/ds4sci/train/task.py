@@ -129,6 +129,10 @@ class Task:
         """This rank's ``parallel.pipeline.Pipeline`` (TP and FSDP applied to the stage)."""
         raise ValueError(f"task {self.name!r} does not support pipeline parallelism")
 
+    def pipeline_batch(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inputs, targets)`` of a batch as the pipeline's first and last stages take them."""
+        return batch[0], batch[1]
+
     def pipeline_length(self, records: list) -> int:
         """The fixed sequence length of pipeline steps, from every record (train and val)."""
         return 1
@@ -192,6 +196,7 @@ def finite_or_none(x):
 _BUILTIN = {
     "genslm": "ds4sci.train.tasks.genslm:GenSLMTask",
     "gridvit": "ds4sci.train.tasks.gridvit:GridViTTask",
+    "climax": "ds4sci.train.tasks.climax:ClimaXTask",
 }
 _TASKS: dict[str, Task] = {}
 

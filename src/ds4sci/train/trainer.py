@@ -10,6 +10,7 @@ and epoch), so a resumed run's loss curve equals an uninterrupted one's.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -349,8 +350,9 @@ class Trainer:
                 f"with the same config (only {sorted(_RESUMABLE_CHANGES)} and the parallel layout may change)"
             )
         saved_model = state["config"]["model_config"]
-        if saved_model != model_config.to_dict():
-            diff = {k: (saved_model.get(k), v) for k, v in model_config.to_dict().items() if saved_model.get(k) != v}
+        now_model = dataclasses.asdict(model_config)
+        if saved_model != now_model:
+            diff = {k: (saved_model.get(k), v) for k, v in now_model.items() if saved_model.get(k) != v}
             raise CheckpointError(f"checkpoint {ckpt} was made for another model: (saved, now) = {diff}")
 
     def _load_single_process(self, ckpt: Path, model_state: dict, optim_state: dict) -> None:
@@ -379,7 +381,7 @@ class Trainer:
             "step": self.step, "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "rng": _rng_state(),
             "data_position": vars(self.position),
-            "config": {"train": self.cfg.to_dict(), "model_config": self.model.config.to_dict()},
+            "config": {"train": self.cfg.to_dict(), "model_config": dataclasses.asdict(self.model.config)},
         }
         path = save_checkpoint(self.out, self.step, self.model.state_dict(), state, self.cfg.keep_checkpoints)
         self._drop_replaced()

@@ -227,8 +227,8 @@ class Block(nn.Module):
 class ClimaX(nn.Module):
     """ClimaX: fields ``[B, V_in, H, W]`` + lead times ``[B]`` -> fields ``[B, V_out, H, W]``."""
 
-    fsdp_forward_methods = ("predict_patches",)
-    """Called instead of ``forward`` by sequence-parallel training (``parallel.fsdp``)."""
+    fsdp_forward_methods = ("predict_patches", "predict")
+    """Called instead of ``forward`` by training (``parallel.fsdp`` gathers the root for them)."""
 
     def __init__(self, config: ClimaXConfig | None = None, *, seed: int | None = None, **climax_kwargs):
         """``ClimaX(config)`` or ``ClimaX(default_vars, img_size=..., ...)`` with ClimaX's own
@@ -450,6 +450,10 @@ class ClimaXStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         model = self._model[0]
         if self.is_first:
+            # The bare embedding parameters are registered on this stage too; after to_empty or
+            # FSDP's unshard the stage holds the live tensors, so the model must read those.
+            for name in ("var_embed", "var_query", "pos_embed"):
+                model._parameters[name] = getattr(self, name)
             b, l, _ = x.shape
             patches = x[..., :-1].reshape(b, l, len(self.variables), -1).permute(0, 2, 1, 3)
             x = model.tokens_from_patches(patches, x[:, 0, -1], self.variables)

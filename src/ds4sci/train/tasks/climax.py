@@ -1,0 +1,249 @@
+"""ClimaX as a training task: forecast gridded weather fields at a lead time (``data.climate``:
+NetCDF / GRIB / zarr through xarray; default the embedded ERA5 sample), latitude-weighted MSE
+(summed, with its count, so every layout gives ClimaX's mean), validation lat-weighted MSE, and
+at the end per-variable RMSE and ACC against persistence and climatology with maps of truth,
+forecast and error (``climax_eval.json``, ``climax_maps.png``).
+
+Parallel layouts: sequence parallelism over patch tokens (Ulysses, ring, hybrid; bidirectional,
+contiguous shards, the padded end masked), FSDP over the blocks, and pipeline stages
+(``ClimaX.pipeline_stage``). Tensor parallelism is refused: ClimaX's fused ``qkv`` is laid out
+``[3, heads, d]`` (timm's), so a column split would hand a rank the q of some heads and the k of
+others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..task import Task
+
+
+@dataclass
+class ClimateDataConfig:
+    path: list[str] = field(default_factory=list)
+    """NetCDF / GRIB / zarr files in the ERA5 / WeatherBench layout (several along time); empty =
+    the embedded ERA5 sample (4 variables, 10 members x 4 times, 3 degrees)."""
+    variables: list[str] = field(default_factory=list)
+    """Input channels in ClimaX's names (geopotential_500, 2m_temperature, ...); empty = the
+    model's default_vars."""
+    out_variables: list[str] = field(default_factory=list)
+    """Channels to forecast; empty = the input channels."""
+    lead_steps: int = 1
+    """Lead time in time steps of the data (12 h in the embedded sample)."""
+    grid_mode: str = "crop"
+    """Grids the patch does not divide: crop (drop the last rows/columns) or pad (edge rows,
+    wrapped columns); see data.climate.fit_grid."""
+
+    def __post_init__(self):
+        if self.lead_steps < 1:
+            raise ValueError(f"data.lead_steps={self.lead_steps}; expected >= 1")
+        if self.grid_mode not in ("crop", "pad"):
+            raise ValueError(f"data.grid_mode={self.grid_mode!r}; expected 'crop' or 'pad'")
+
+
+class ClimaXTask(Task):
+    name = "climax"
+    description = "ClimaX weather/climate foundation model on gridded fields; default: embedded ERA5 sample"
+    data_config = ClimateDataConfig
+    default_model = "climax-tiny"
+    defaults = {"optim.lr": 2e-3, "optim.batch_size": 4, "optim.max_steps": 100, "optim.warmup_steps": 5,
+                "eval_every": 25, "checkpoint_every": 50}
+    count_name = "values"
+    run_files = frozenset({"climax_eval.json", "climax_maps.png"})
+
+    def __init__(self):
+        from ...models.climax import ClimaXConfig
+
+        self.model_config = ClimaXConfig
+        self._data = {}
+
+    def preset(self, name: str):
+        from ...models.climax import preset
+
+        return preset(name)
+
+    def config_from_dict(self, data: dict):
+        fields = {f.name: f for f in dataclasses.fields(self.model_config)}
+        return self.model_config(**{k: tuple(v) if isinstance(v, list) and k in fields else v
+                                    for k, v in data.items()})
+
+    def _variables(self, cfg, model_config) -> tuple[list[str], list[str]]:
+        variables = list(cfg.data.variables or model_config.default_vars)
+        return variables, list(cfg.data.out_variables or variables)
+
+    def check(self, cfg, model_config) -> None:
+        variables, out_variables = self._variables(cfg, model_config)
+        unknown = [v for v in {*variables, *out_variables} if v not in model_config.default_vars]
+        if unknown:
+            raise ValueError(f"data.variables/out_variables: {sorted(unknown)} are not among the model's "
+                             f"default_vars {list(model_config.default_vars)}")
+
+    # ----- data -----
+    def data(self, cfg) -> dict:
+        """The datasets and their statistics, built once per config (they are read lazily)."""
+        from ...data.climate import sample_datasets
+
+        model_config = cfg.model_config()
+        variables, out_variables = self._variables(cfg, model_config)
+        key = json.dumps([cfg.to_dict()["data"], model_config.patch_size, cfg.seed], sort_keys=True)
+        if key not in self._data:
+            data = sample_datasets(patch_size=model_config.patch_size, lead_steps=cfg.data.lead_steps,
+                                   grid_mode=cfg.data.grid_mode, variables=variables, out_variables=out_variables,
+                                   path=cfg.data.path or None, seed=cfg.seed)
+            size = tuple(data["train"].size)
+            if size != tuple(model_config.img_size):
+                raise ValueError(f"model.img_size={list(model_config.img_size)} but the data's grid, fitted to "
+                                 f"patch_size={model_config.patch_size} by data.grid_mode={cfg.data.grid_mode!r}, "
+                                 f"is {list(size)}; set --model.img_size=[{size[0]}, {size[1]}]")
+            self._data = {key: data}
+        self.variables, self.out_variables = variables, out_variables
+        self.lat = self._data[key]["lat"]
+        self._model_config, self._model_vars = model_config, list(model_config.default_vars)
+        return self._data[key]
+
+    def datasets(self, cfg, out_dir: Path):
+        data = self.data(cfg)
+        return data["train"], data["val"]
+
+    def collate(self, records: list):
+        return (torch.stack([r["x"] for r in records]), torch.stack([r["y"] for r in records]),
+                torch.stack([r["lead_times"] for r in records]))
+
+    def count(self, records: list) -> int:
+        return sum(r["y"].numel() for r in records)
+
+    def describe_data(self, cfg, train, val) -> str:
+        h, w = train.size
+        return (f"{len(train)} train / {len(val)} val forecast pairs, {len(self.variables)} -> "
+                f"{len(self.out_variables)} variables on {h}x{w}, lead {cfg.data.lead_steps} step(s)")
+
+    def data_label(self, cfg) -> str:
+        return "embedded ERA5 sample" if not cfg.data.path else ", ".join(cfg.data.path)
+
+    # ----- model -----
+    def build_model(self, model_config, seed=None):
+        from ...models.climax import ClimaX
+
+        return ClimaX(model_config, seed=seed)
+
+    def init_parameters(self, module, seed: int) -> None:
+        from ...models.climax import init_parameters
+
+        init_parameters(module, seed)
+
+    def loss_sum(self, model, batch):
+        from ...models.climax.metrics import lat_weighted_mse_sum
+
+        x, y, lead = batch
+        preds = model.predict(x, lead, self.variables, self.out_variables)
+        return lat_weighted_mse_sum(preds, y, self.lat)
+
+    # ----- distributed -----
+    def check_layout(self, dims, model_config) -> None:
+        if dims.tp_enabled:
+            raise ValueError(f"parallel layout {dims.describe()}: ClimaX does not support tensor parallelism "
+                             "(its fused qkv is laid out [3, heads, d], so a column split mixes heads); use "
+                             "--sp, --dp or --pp")
+        if dims.pp_enabled and dims.sp_enabled:
+            raise ValueError(f"parallel layout {dims.describe()}: pipeline x sequence parallelism is not "
+                             "supported for ClimaX (stages pass whole-sequence activations)")
+        if dims.pp_enabled and model_config.depth < dims.pp:
+            raise ValueError(f"parallel layout {dims.describe()}: depth={model_config.depth} < pp={dims.pp}")
+
+    def parallelize(self, model, dims, mesh, parallel, fsdp: dict) -> None:
+        from ...parallel.fsdp import apply_fsdp
+        from ...parallel.sequence import apply_sequence_parallel
+
+        if dims.sp_enabled:
+            apply_sequence_parallel(
+                model, dims.sp_mode, sp_group=mesh.group("sp"),
+                ulysses_group=mesh.group("ulysses") if dims.sp_mode == "hybrid" else None,
+                ring_group=mesh.group("ring") if dims.sp_mode == "hybrid" else None, layout="contiguous")
+        if dims.dp_sp > 1:
+            apply_fsdp(model, mesh.dp_sp, **fsdp)
+
+    def pipeline(self, model, dims, mesh, parallel, fsdp: dict, *, batch_size: int, seq_len: int, device):
+        from ...parallel.fsdp import apply_fsdp
+        from ...parallel.pipeline import build_pipeline
+
+        model.set_pipeline_task(self.variables, self.out_variables, self.lat)
+
+        def parallelize_stage(stage):
+            if dims.dp_sp > 1:
+                apply_fsdp(stage, mesh.dp_sp, **fsdp)
+
+        return build_pipeline(model, mesh.pp, batch_size=batch_size, seq_len=model.config.num_patches,
+                              n_microbatches=parallel.pp_microbatches, schedule=parallel.pp_schedule,
+                              device=device, parallelize_stage=parallelize_stage)
+
+    def pipeline_batch(self, batch):
+        from ...models.climax import pack_inputs, patchify_targets
+
+        x, y, lead = batch
+        return pack_inputs(x, lead, self._patch), patchify_targets(self._all_targets(y), self._patch)
+
+    def _all_targets(self, y_BVHW):
+        """``y`` of the output variables placed among all the model's variables (zeros elsewhere:
+        the loss weights are zero there), the layout of the head's outputs."""
+        model_vars = list(self._model_vars)
+        if list(self.out_variables) == model_vars:
+            return y_BVHW
+        full = y_BVHW.new_zeros((y_BVHW.shape[0], len(model_vars), *y_BVHW.shape[2:]))
+        full[:, [model_vars.index(v) for v in self.out_variables]] = y_BVHW
+        return full
+
+    def sharded_loss_sum(self, model, batch, dims, mesh, parallel):
+        if not dims.sp_enabled:
+            return self.loss_sum(model, batch)
+        from ...models.climax import patchify_targets
+        from ...parallel.sequence import set_valid_length, shard_sequence, valid_mask
+
+        x, y, lead = batch
+        c = model.config
+        layout, ulysses = "contiguous", {"ulysses": dims.sp, "ring": 1, "hybrid": dims.ulysses}[dims.sp_mode]
+        # Patch ids of this shard; end padding gets patch 0 (any real one) and is not counted.
+        ids, pos, valid = shard_sequence(torch.arange(c.num_patches, device=x.device)[None], mesh.sp_rank,
+                                         dims.sp, layout, ulysses, pad_value=0)
+        positions, real = ids[0], valid_mask(pos, valid)
+        set_valid_length(model, valid if valid < positions.numel() * dims.sp else None)
+        out = model.predict_patches(x, lead, self.variables, positions)
+        target = patchify_targets(self._all_targets(y), c.patch_size)[:, positions]
+        w = model.patch_loss_weights(self.lat, self.out_variables).to(out.device)[positions]
+        loss = (w[real] * (out[:, real].float() - target[:, real].float()).pow(2)).sum()
+        # This shard's share of the count B * V_out * H * W: its real patches' grid points.
+        return loss, torch.tensor(y.shape[0] * y.shape[1] * int(real.sum()) * c.patch_size**2)
+
+    @property
+    def _patch(self) -> int:
+        return self._model_config.patch_size
+
+    # ----- evaluation -----
+    def eval_metrics(self, loss_sum: float, count: float) -> dict:
+        return {"val_lat_mse": loss_sum / count if count else None}
+
+    def summary(self, rows: list[dict]) -> str:
+        first, last = rows[0], rows[-1]
+        val = last.get("val_lat_mse")
+        return (f"lat-weighted MSE {first['loss']:.4f} -> {last['loss']:.4f} (normalised units) over "
+                f"{last['step']} steps; validation {'n/a' if val is None else f'{val:.4f}'}; peak memory "
+                f"{last['peak_memory_bytes'] / 2**30:.2f} GiB")
+
+    def plot(self, rows, path: Path, title: str) -> None:
+        from ..metrics import plot_metrics
+
+        renamed = [{**r, "val_loss": r.get("val_lat_mse")} for r in rows]
+        plot_metrics(renamed, path, title=title, unit="", ylabel="latitude-weighted MSE (normalised)")
+
+    def after_fit(self, trainer) -> dict:
+        """RMSE and ACC per variable at the lead time on the validation pairs (physical units),
+        against persistence and climatology; a table, ``climax_eval.json`` and maps."""
+        if not trainer.is_main or hasattr(trainer, "dims"):
+            return {}
+        from .climax_eval import evaluate_run
+
+        return evaluate_run(self, trainer)
