@@ -84,5 +84,5 @@ def test_cli_run_ends_with_the_skill_table_and_maps(tmp_path, capsys):
     assert set(result["model"]) == {"geopotential_500", "geopotential_850", "temperature_500", "temperature_850"}
     assert (tmp_path / "climax_maps.png").stat().st_size > 0
     # A wrong grid is refused naming the fix.
-    assert main(["train", "climax", f"--out_dir={tmp_path / "x"}", *SMALL, "model.img_size=[70, 120]"]) == 2
+    assert main(["train", "climax", f"--out_dir={tmp_path / 'x'}", *SMALL, "model.img_size=[70, 120]"]) == 2
     assert "set --model.img_size=[60, 120]" in capsys.readouterr().err

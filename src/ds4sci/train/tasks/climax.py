@@ -95,12 +95,12 @@ class ClimaXTask(Task):
             data = sample_datasets(patch_size=model_config.patch_size, lead_steps=cfg.data.lead_steps,
                                    grid_mode=cfg.data.grid_mode, variables=variables, out_variables=out_variables,
                                    path=cfg.data.path or None, seed=cfg.seed)
-            size = tuple(data["train"].size)
-            if size != tuple(model_config.img_size):
-                raise ValueError(f"model.img_size={list(model_config.img_size)} but the data's grid, fitted to "
-                                 f"patch_size={model_config.patch_size} by data.grid_mode={cfg.data.grid_mode!r}, "
-                                 f"is {list(size)}; set --model.img_size=[{size[0]}, {size[1]}]")
             self._data = {key: data}
+        size = tuple(self._data[key]["train"].size)
+        if size != tuple(model_config.img_size):
+            raise ValueError(f"model.img_size={list(model_config.img_size)} but the data's grid, fitted to "
+                             f"patch_size={model_config.patch_size} by data.grid_mode={cfg.data.grid_mode!r}, "
+                             f"is {list(size)}; set --model.img_size=[{size[0]}, {size[1]}]")
         self.variables, self.out_variables = variables, out_variables
         self.lat = self._data[key]["lat"]
         self._model_config, self._model_vars = model_config, list(model_config.default_vars)
