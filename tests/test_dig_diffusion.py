@@ -95,13 +95,13 @@ def _chain_molecule(n):
 
 
 def test_trained_tiny_model_matches_radial_double_well():
-    """Train the DiG network itself on a 2-atom molecule whose bond length is bimodal.
+    """Train the DiG network itself (1 layer, 400 Adam steps: ~15 s on one core) on a 2-atom molecule whose bond length is bimodal.
 
     Density of the separation r: isotropic, |r| ~ 0.35 N(1.0, 0.1) + 0.65 N(2.2, 0.1). Both
     samplers must reproduce the mode weights and the 1-D Wasserstein distance of |r|.
     """
     torch.manual_seed(0)
-    cfg = get_config("dig-tiny", d_model=16, d_pair=8, num_layers=1, num_heads=2, d_ffn=16,
+    cfg = get_config("dig-tiny", d_model=32, d_pair=16, num_layers=1, num_heads=2, d_ffn=32,
                      sigma_min=0.01, sigma_max=5.0, sigma_data=1.0, num_rbf=16, num_chiral=2)
     model = build_model(cfg, seed=0)
     mol = {"atom_types": torch.tensor([[2, 2]]), "bonds": torch.tensor([[[0, 1], [1, 0]]]),
@@ -115,19 +115,20 @@ def test_trained_tiny_model_matches_radial_double_well():
         r = direction * length[:, None]
         return torch.stack([r / 2, -r / 2], dim=1)
 
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, 5e-3, total_steps=400, pct_start=0.1)
     for step in range(400):
         loss_sum, count = denoising_loss_sum(model, {"x": draw(128, gen), **mol}, gen)
         opt.zero_grad()
         (loss_sum / count).backward()
         opt.step()
+        schedule.step()
     ref = (draw(4000, torch.Generator().manual_seed(9))).diff(dim=1).norm(dim=-1).squeeze(1)
     for sampler, steps in (("ancestral", 100), ("heun", 15)):
         x = sample(model, mol, 1000, sampler=sampler, steps=steps, seed=5)
         length = (x[:, 0] - x[:, 1]).norm(dim=-1)
         w1 = _wasserstein_1d(length.numpy(), ref.numpy())
         frac_short = (length < 1.6).float().mean().item()
-        print(sampler, w1, frac_short)
         assert w1 < 0.1, (sampler, w1)
         assert abs(frac_short - 0.35) < 0.06, (sampler, frac_short)
 
