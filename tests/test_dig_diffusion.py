@@ -1,6 +1,5 @@
 """DiG diffusion maths: exact samplers on an analytic density, training, determinism."""
 
-import math
 
 import numpy as np
 import pytest

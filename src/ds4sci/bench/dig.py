@@ -19,8 +19,15 @@ from pathlib import Path
 
 import torch
 
-from .common import (WORKER_ENV, current_rss_bytes, machine_info, peak_rss_bytes,
-                     reset_peak_rss, run_worker, write_rows)
+from .common import (
+    WORKER_ENV,
+    current_rss_bytes,
+    machine_info,
+    peak_rss_bytes,
+    reset_peak_rss,
+    run_worker,
+    write_rows,
+)
 
 CONTENDERS = ("ds4sci", "naive")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

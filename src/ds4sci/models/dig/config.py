@@ -79,7 +79,7 @@ class DiGConfig:
         if self.sigma_data <= 0:
             raise ValueError(f"DiGConfig.sigma_data = {self.sigma_data}; expected > 0")
 
-    def replace(self, **changes) -> "DiGConfig":
+    def replace(self, **changes) -> DiGConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 

@@ -21,7 +21,7 @@ Samplers (all batched over samples, seeded by a ``torch.Generator``, no Python p
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
