@@ -53,8 +53,8 @@ def test_samplers_reproduce_analytic_density_with_exact_score(sampler, steps):
     assert torch.allclose(mean0, MU[0].float(), atol=0.03)
 
 
-def test_wrong_ancestral_variance_would_fail():
-    """The bound above can fail: doubling the noise of every ancestral step broadens modes."""
+def test_wrong_score_scale_would_fail():
+    """The bound above can fail: a score off by a factor 1/2 (double temperature) broadens modes."""
     cfg = get_config("dig-tiny", sigma_min=0.005, sigma_max=10.0)
     mask = torch.ones(1, 2, dtype=torch.bool)
 
