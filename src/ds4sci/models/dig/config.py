@@ -1,0 +1,104 @@
+"""Configuration of the DiG-style conformation diffusion model (Distributional Graphormer).
+
+Presets: ``dig-tiny`` (tests and the default CPU run on alanine dipeptide) and ``dig-protein``
+(the protein configuration of DiG, Zheng et al. 2024, Nat. Mach. Intell.: d_model 768,
+d_pair 256, 12 layers, 32 heads; conditioning on AlphaFold-style single (384) and pair (128)
+representations).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass
+class DiGConfig:
+    """Hyper-parameters of :class:`ds4sci.models.dig.model.DiGModel` and its diffusion."""
+
+    d_model: int = 64
+    """Width of the per-node single features s_i."""
+    d_pair: int = 32
+    """Width of the pair features z_ij."""
+    num_layers: int = 3
+    """Number of pair-biased transformer layers."""
+    num_heads: int = 4
+    """Attention heads; d_model must be divisible by it."""
+    d_ffn: int = 128
+    """Hidden width of the per-node feed-forward block."""
+    max_atoms: int = 64
+    """Largest number of nodes (atoms, or residues for proteins) a molecule may have."""
+    atom_vocab_size: int = 16
+    """Number of node types (elements for small molecules, amino acids for proteins)."""
+    bond_vocab_size: int = 5
+    """Number of bond types, index 0 meaning "no bond" (none, single, double, triple, aromatic)."""
+    max_path_length: int = 8
+    """Graph shortest-path distances are clipped to this (Graphormer's spatial encoding)."""
+    num_rbf: int = 32
+    """Gaussian radial basis functions expanding pair distances of the scaled coordinates."""
+    num_chiral: int = 4
+    """Channels of the pseudoscalar (triple-product) pair features that make the model chiral."""
+    d_single_in: int = 0
+    """Width of an external single representation to condition on (proteins: 384); 0 = none."""
+    d_pair_in: int = 0
+    """Width of an external pair representation to condition on (proteins: 128); 0 = none."""
+    relpos_bins: int = 0
+    """Relative sequence-position buckets for proteins (|i-j| clipped); 0 = no positions."""
+    sigma_min: float = 0.01
+    """Smallest noise std of the VE schedule, in coordinate units (Angstrom)."""
+    sigma_max: float = 10.0
+    """Largest noise std of the VE schedule; must exceed the molecule's size."""
+    sigma_data: float = 1.5
+    """Typical per-coordinate std of the data, for input scaling c_in = 1/sqrt(sigma^2+sd^2)."""
+    num_steps: int = 500
+    """Steps of DiG's ancestral sampler (DiG uses 500)."""
+    fast_steps: int = 40
+    """Steps of the deterministic Heun (probability-flow ODE) sampler."""
+    naive_attention: bool = False
+    """Materialise the attention logits (stock PyTorch) instead of ds4sci.evoformer_attention."""
+    attention_backend: str = "auto"
+    """Backend name passed to ds4sci.evoformer_attention ("auto", "torch", "triton"...)."""
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "d_pair", "num_layers", "num_heads", "d_ffn", "max_atoms",
+                     "atom_vocab_size", "bond_vocab_size", "max_path_length", "num_rbf",
+                     "num_steps", "fast_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"DiGConfig.{name} = {value!r}; expected a positive integer")
+        for name in ("num_chiral", "d_single_in", "d_pair_in", "relpos_bins"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"DiGConfig.{name} = {value!r}; expected an integer >= 0")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"DiGConfig.d_model = {self.d_model} is not divisible by "
+                             f"num_heads = {self.num_heads}")
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(f"DiGConfig sigma_min = {self.sigma_min}, sigma_max = "
+                             f"{self.sigma_max}; expected 0 < sigma_min < sigma_max")
+        if self.sigma_data <= 0:
+            raise ValueError(f"DiGConfig.sigma_data = {self.sigma_data}; expected > 0")
+
+    def replace(self, **changes) -> DiGConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, DiGConfig] = {
+    "dig-tiny": DiGConfig(),
+    # DiG's protein model: 768/256/12/32, conditioned on AlphaFold single/pair representations,
+    # relative positions in 64 buckets, translations' sigma from 0.1 to 35 Angstrom.
+    "dig-protein": DiGConfig(
+        d_model=768, d_pair=256, num_layers=12, num_heads=32, d_ffn=1024, max_atoms=2048,
+        atom_vocab_size=21, bond_vocab_size=2, max_path_length=1, num_rbf=32, num_chiral=4,
+        d_single_in=384, d_pair_in=128, relpos_bins=64, sigma_min=0.1, sigma_max=35.0,
+        sigma_data=10.0,
+    ),
+}
+
+
+def get_config(name: str, **overrides) -> DiGConfig:
+    """A named preset, optionally with fields overridden."""
+    if name not in PRESETS:
+        raise ValueError(f"DiG preset {name!r} is unknown; expected one of {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides)

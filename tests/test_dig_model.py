@@ -1,0 +1,122 @@
+"""DiG network: pair-biased attention vs naive, symmetries, init, bad inputs."""
+
+import pytest
+import torch
+
+from ds4sci.data.conformations import shortest_paths
+from ds4sci.models.dig import DiGConfig, build_model, get_config, initial_value
+
+CFG = get_config("dig-tiny", d_model=32, d_pair=16, num_layers=2, num_heads=4, d_ffn=32,
+                 num_rbf=8, num_chiral=3)
+
+
+def molecule(n=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bonds = torch.zeros(n, n, dtype=torch.long)
+    for i in range(1, n):  # a random tree
+        j = int(torch.randint(0, i, (1,), generator=g))
+        bonds[i, j] = bonds[j, i] = int(torch.randint(1, 3, (1,), generator=g))
+    return {"atom_types": torch.randint(1, 5, (1, n), generator=g), "bonds": bonds[None],
+            "path": shortest_paths(bonds)[None], "mask": torch.ones(1, n, dtype=torch.bool)}
+
+
+def random_rotation(seed):
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(seed),
+                                       dtype=torch.float64))
+    return (q * torch.linalg.det(q)).float()  # det +1
+
+
+def test_pair_biased_attention_matches_naive_values_and_gradients():
+    mol = molecule(9)
+    ours = build_model(CFG, seed=1)
+    naive = build_model(CFG.replace(naive_attention=True), seed=1)
+    x = torch.randn(3, 9, 3)
+    sigma = torch.tensor([0.1, 1.0, 5.0])
+    out_a, out_b = ours(x, sigma, mol), naive(x, sigma, mol)
+    torch.testing.assert_close(out_a, out_b, rtol=1e-4, atol=1e-5)
+    out_a.square().sum().backward()
+    out_b.square().sum().backward()
+    grads_b = dict(naive.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, grads_b[name].grad, rtol=1e-3, atol=1e-5,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_padding_does_not_change_real_nodes():
+    mol = molecule(6)
+    model = build_model(CFG, seed=2)
+    x = torch.randn(2, 6, 3)
+    sigma = torch.tensor([0.5, 2.0])
+    ref = model(x, sigma, mol)
+    pad = {"atom_types": torch.cat([mol["atom_types"], torch.zeros(1, 3, dtype=torch.long)], 1),
+           "bonds": torch.nn.functional.pad(mol["bonds"], (0, 3, 0, 3)),
+           "path": torch.nn.functional.pad(mol["path"], (0, 3, 0, 3), value=9),
+           "mask": torch.cat([mol["mask"], torch.zeros(1, 3, dtype=torch.bool)], 1)}
+    xp = torch.cat([x, 7 * torch.randn(2, 3, 3)], 1)
+    out = model(xp, sigma, pad)
+    torch.testing.assert_close(out[:, :6], ref, rtol=1e-4, atol=1e-5)
+    assert out[:, 6:].abs().max() == 0
+
+
+def test_rotation_translation_permutation_equivariance_and_chirality():
+    mol = molecule(8)
+    model = build_model(CFG, seed=3)
+    x = torch.randn(4, 8, 3) * 1.5
+    sigma = torch.tensor([0.05, 0.3, 1.0, 4.0])
+    eps = model(x, sigma, mol)
+    assert eps.sum(1).abs().max() < 1e-4  # zero centre of mass
+    R = random_rotation(0)
+    torch.testing.assert_close(model(x @ R.T + torch.tensor([3.0, -2.0, 5.0]), sigma, mol),
+                               eps @ R.T, rtol=1e-3, atol=2e-4)
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(1))
+    pmol = {"atom_types": mol["atom_types"][:, perm], "mask": mol["mask"][:, perm],
+            "bonds": mol["bonds"][:, perm][:, :, perm], "path": mol["path"][:, perm][:, :, perm]}
+    torch.testing.assert_close(model(x[:, perm], sigma, pmol), eps[:, perm], rtol=1e-3,
+                               atol=2e-4)
+    # A mirror image is a different molecule for a chiral model: not reflection-equivariant...
+    mirrored = model(-x, sigma, mol)
+    assert (mirrored - (-eps)).abs().max() > 1e-3
+    # ...and without the pseudoscalar features it is E(3)-equivariant (the racemic model).
+    achiral = build_model(CFG.replace(num_chiral=0), seed=3)
+    torch.testing.assert_close(achiral(-x, sigma, mol), -achiral(x, sigma, mol), rtol=1e-3,
+                               atol=2e-4)
+
+
+def test_initial_value_is_deterministic_and_covers_every_parameter():
+    model = build_model(CFG, seed=0)
+    again = build_model(CFG, seed=0)
+    for (name, p), (_, q) in zip(model.named_parameters(), again.named_parameters()):
+        assert torch.equal(p, q), name
+        v = initial_value(name, p.shape, torch.Generator().manual_seed(0))
+        assert v.shape == p.shape
+    with pytest.raises(ValueError, match="no rule for parameter 'foo.weird'"):
+        initial_value("foo.weird", (3,), torch.Generator())
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = build_model(CFG.replace(max_atoms=8), seed=0)
+    x = torch.randn(1, 9, 3)
+    with pytest.raises(ValueError, match="9 nodes; this model's max_atoms is 8"):
+        model(x, torch.ones(1), molecule(9))
+    mol = molecule(5)
+    mol["atom_types"] = mol["atom_types"].clone()
+    mol["atom_types"][0, 0] = 99
+    with pytest.raises(ValueError, match=r"atom_types in \[.*99\]; expected \[0, 16\)"):
+        model(torch.randn(1, 5, 3), torch.ones(1), mol)
+    with pytest.raises(ValueError, match="d_model = 30 is not divisible by num_heads = 4"):
+        DiGConfig(d_model=30, num_heads=4)
+    with pytest.raises(ValueError, match="preset 'dig-huge' is unknown"):
+        get_config("dig-huge")
+
+
+def test_protein_preset_shapes():
+    cfg = get_config("dig-protein")
+    assert (cfg.d_model, cfg.d_pair, cfg.num_layers, cfg.num_heads) == (768, 256, 12, 32)
+    small = cfg.replace(d_model=32, d_pair=8, num_layers=1, num_heads=4, d_ffn=16,
+                        d_single_in=6, d_pair_in=4, relpos_bins=4)
+    model = build_model(small)
+    L = 5
+    mol = {"atom_types": torch.randint(1, 21, (1, L)), "bonds": torch.zeros(1, L, L).long(),
+           "path": torch.full((1, L, L), 2), "mask": torch.ones(1, L, dtype=torch.bool),
+           "single_repr": torch.randn(1, L, 6), "pair_repr": torch.randn(1, L, L, 4)}
+    assert model(torch.randn(2, L, 3), torch.ones(2), mol).shape == (2, L, 3)
