@@ -49,7 +49,7 @@ import torch.distributed as dist
 
 from .checkpoint import save_distributed_checkpoint
 from .config import TrainConfig
-from .trainer import Trainer, _autocast, _device, _flat, _rng_state
+from .trainer import Trainer, _autocast, _device, _flat, _rng_state, to_device
 
 FAULT_ENV = "DS4SCI_FAULT"
 
@@ -197,7 +197,7 @@ class DistributedTrainer(Trainer):
             records = [self.train_data[i] for i in indices]
             total += self.task.count(records)
             mine = records[dp_rank * share : (dp_rank + 1) * share]
-            micro.append(tuple(t.to(self.device) for t in self.task.collate(mine)))
+            micro.append(to_device(self.task.collate(mine), self.device))
         return micro, total
 
     def _local_loss_sum(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,7 +265,7 @@ class DistributedTrainer(Trainer):
         # without a record left runs the first one and does not count it.
         for start in range(0, n, dp):
             i = start + dp_rank
-            batch = tuple(t.to(self.device) for t in self.task.collate([self.val_data[min(i, n - 1)]]))
+            batch = to_device(self.task.collate([self.val_data[min(i, n - 1)]]), self.device)
             if self.pipeline is not None:
                 with _autocast(self.device, self.cfg.precision):
                     result = self.pipeline.evaluate(*self.task.pipeline_batch(batch))  # (sum, count) on the last stage only

@@ -14,8 +14,8 @@ order is a pure function of seed and epoch, and resume is exact), then asks the 
 runs: every loss is a ``(sum, count)`` pair, and the trainer divides by the global count, so one
 process, accumulation and every parallel layout give the same mean.
 
-Batches are tuples of tensors; their first two entries are the pipeline's ``(inputs, targets)``
-(``parallel.pipeline``).
+Batches are tensors, or tuples / lists / dicts of them (moved to the device by the trainer); a
+task that pipelines says which are the pipeline's ``(inputs, targets)`` (``pipeline_batch``).
 """
 
 from __future__ import annotations
@@ -197,6 +197,7 @@ _BUILTIN = {
     "genslm": "ds4sci.train.tasks.genslm:GenSLMTask",
     "gridvit": "ds4sci.train.tasks.gridvit:GridViTTask",
     "climax": "ds4sci.train.tasks.climax:ClimaXTask",
+    "dig": "ds4sci.train.tasks.dig:DiGTask",
 }
 _TASKS: dict[str, Task] = {}
 

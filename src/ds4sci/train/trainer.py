@@ -132,6 +132,17 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def to_device(batch, device: torch.device):
+    """A batch (a tensor, or tuples / lists / dicts of them) on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
 def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
@@ -142,7 +153,7 @@ def evaluate(task, model, data, precision: str, device: torch.device) -> tuple[f
     model.eval()
     total, count = 0.0, 0
     for i in range(len(data)):
-        batch = tuple(t.to(device) for t in task.collate([data[i]]))
+        batch = to_device(task.collate([data[i]]), device)
         with _autocast(device, precision):
             loss_sum, n = task.loss_sum(model, batch)
         mean = loss_sum / n.clamp_min(1)
@@ -267,7 +278,7 @@ class Trainer:
             indices, self.position = self.sampler.take(self.position, o.batch_size)
             records = [self.train_data[i] for i in indices]
             total += self.task.count(records)
-            micro.append(tuple(t.to(self.device) for t in self.task.collate(records)))
+            micro.append(to_device(self.task.collate(records), self.device))
         return micro, total
 
     def _micro_step(self, batch: tuple, total_count: int) -> float:
