@@ -7,6 +7,16 @@ from ds4sci.md.neighbors import VerletList, pad_neighbors, unpad_neighbors
 from ds4sci.ops.neighbors import neighbor_list
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny graphs: one thread avoids oversubscription on small shared CPUs (much faster).
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+
 def brute_force(pos, cutoff, cell=None):
     """All (j, i, S) with |x_j - x_i + S cell| < cutoff, S in {-1,0,1}^3 (minimum image)."""
     n = pos.shape[0]

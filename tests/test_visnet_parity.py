@@ -8,6 +8,16 @@ from ds4sci.models.visnet import ViSNet, ViSNetConfig, energy_forces, load_pyg_s
 pyg_visnet = pytest.importorskip("torch_geometric.nn.models.visnet")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny graphs: one thread avoids oversubscription on small shared CPUs (much faster).
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+
 def _brute_radius_graph(pos, r, batch=None, loop=False, max_num_neighbors=32, **_):
     # PyG's radius_graph needs pyg-lib/torch_cluster; an exact O(N^2) graph with the same
     # convention (row = source j, col = target i, self loops when loop=True) replaces it.
