@@ -148,3 +148,12 @@ def test_reset_parameters_deterministic_and_errors():
         ViSNetConfig(hidden_channels=10, num_heads=4)
     with pytest.raises(ValueError, match="lmax=3"):
         ViSNetConfig(lmax=3)
+
+
+def test_activation_checkpointing_gives_identical_forces():
+    m = _model()
+    z, pos = _mol(9)
+    ref = energy_forces(m, z, pos)
+    m.cfg = CFG.replace(activation_checkpointing=True)
+    out = energy_forces(m, z, pos)
+    assert torch.equal(out.energy, ref.energy) and torch.allclose(out.forces, ref.forces, atol=1e-13)

@@ -46,6 +46,10 @@ class ViSNetConfig:
     """Scale of the atomic outputs before reduction (None = 1)."""
     derivative: bool = True
     """Whether forward() also returns forces F = -dE/dx."""
+    activation_checkpointing: bool = False
+    """Recompute each ViS-MP layer during the force backward instead of storing its edge
+    activations (not in PyG): peak memory ~ one layer's edge tensors + the carried edge features,
+    for large systems; results are identical."""
     elements: tuple[int, ...] | None = field(default=None)
     """Atomic numbers the model was trained on (None = any Z < max_z); inputs with other elements
     are rejected by the MD engine."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.nn import functional as fn
 
@@ -291,7 +292,11 @@ class ViSNet(nn.Module):
         f_EF = (x_NF[dst_E] + x_NF[src_E]) * self.edge_proj(rbf_ER)
         vec_NSF = x_NF.new_zeros(N, cfg.num_sh, cfg.hidden_channels)
         for layer in self.layers:
-            dx, dvec, df = layer(x_NF, vec_NSF, src_E, dst_E, r_E, f_EF, d_ES)
+            if cfg.activation_checkpointing and torch.is_grad_enabled():
+                dx, dvec, df = torch.utils.checkpoint.checkpoint(
+                    layer, x_NF, vec_NSF, src_E, dst_E, r_E, f_EF, d_ES, use_reentrant=False)
+            else:
+                dx, dvec, df = layer(x_NF, vec_NSF, src_E, dst_E, r_E, f_EF, d_ES)
             x_NF, vec_NSF = x_NF + dx, vec_NSF + dvec
             if df is not None:
                 f_EF = f_EF + df
