@@ -77,6 +77,27 @@ def worker(contender: str, sys_name: str, preset_name: str, steps: int, threads:
 
     v0 = maxwell_boltzmann(masses, 300.0, torch.Generator().manual_seed(0))
     warm = 3
+    if contender in ("ours-eval", "ours-eval-ckpt"):
+        # One energy+force evaluation: peak memory of large systems (with/without per-layer
+        # activation checkpointing), extrapolated linearly in N by the reader.
+        from ds4sci.md.potential import Potential
+
+        if contender == "ours-eval-ckpt":
+            model.cfg = model.cfg.replace(activation_checkpointing=True)
+        periodic = bool(atoms.pbc.any())
+        pot = Potential(model, torch.as_tensor(atoms.numbers),
+                        torch.as_tensor(np.asarray(atoms.cell)) if periodic else None,
+                        torch.as_tensor(atoms.pbc) if periodic else None, skin=0.0)
+        pos = torch.as_tensor(atoms.positions)
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        t0 = time.perf_counter()
+        pot.compute(pos)
+        wall = time.perf_counter() - t0
+        n_edges = int(pot.nlist.within_cutoff(pos)[0].shape[1])
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return {"status": "ok", "n_atoms": len(atoms), "n_edges": n_edges, "eval_s": wall,
+                "peak_rss_mib": peak, "rss_before_eval_mib": rss0,
+                "peak_minus_before_mib": peak - rss0}
     if contender == "ours":
         from ds4sci.md.potential import Potential
 
@@ -147,6 +168,8 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="visnet-tiny")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--memory", action="store_true",
+                    help="only: peak memory of one force evaluation, water-10k-pbc, +/- checkpointing")
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -158,9 +181,12 @@ def main(argv=None) -> int:
     else:
         cases = [("ala2", 2000), ("water-1k", 50), ("water-1k-pbc", 50), ("water-10k", 5),
                  ("water-10k-pbc", 5)]
+    contenders = ("ours", "pyg-ase")
+    if args.memory:
+        cases, contenders = [("water-10k-pbc", 1)], ("ours-eval", "ours-eval-ckpt")
     rows = []
     for sys_name, steps in cases:
-        for contender in ("ours", "pyg-ase"):
+        for contender in contenders:
             if contender == "pyg-ase" and sys_name.endswith("-pbc"):
                 continue
             res = run_worker("ds4sci.bench.md", ["--worker", contender, sys_name, args.preset,
@@ -174,7 +200,7 @@ def main(argv=None) -> int:
         if "ours" in by and "pyg-ase" in by:
             by["ours"]["speedup_vs_pyg_ase"] = by["ours"]["steps_per_s"] / by["pyg-ase"]["steps_per_s"]
     meta = {**machine_info(), "quick": args.quick}
-    stem = "md_cpu_quick" if args.quick else "md_cpu"
+    stem = "md_cpu_memory" if args.memory else "md_cpu_quick" if args.quick else "md_cpu"
     paths = write_rows(rows, meta, Path(args.out), stem)
     print("wrote", *paths)
     return 0
