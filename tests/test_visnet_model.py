@@ -157,3 +157,16 @@ def test_activation_checkpointing_gives_identical_forces():
     m.cfg = CFG.replace(activation_checkpointing=True)
     out = energy_forces(m, z, pos)
     assert torch.equal(out.energy, ref.energy) and torch.allclose(out.forces, ref.forces, atol=1e-13)
+
+
+def test_edge_chunking_matches_unchunked():
+    m = _model()
+    z, pos = _mol(9)
+    ref = energy_forces(m, z, pos)
+    for layer in m.layers:
+        layer.edge_chunk_size = 7  # several chunks, last one partial
+    out = energy_forces(m, z, pos)
+    assert torch.allclose(out.energy, ref.energy, atol=1e-12, rtol=0)
+    assert torch.allclose(out.forces, ref.forces, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="edge_chunk_size=0"):
+        CFG.replace(edge_chunk_size=0)

@@ -57,7 +57,8 @@ def system(name: str):
     if name == "ala2":
         ds = default_dataset()
         return Atoms(numbers=ds.z[0], positions=ds.pos[0])
-    n_atoms = {"water-1k": 1000, "water-10k": 10000}[name.removesuffix("-pbc")]
+    n_atoms = {"water-1k": 1000, "water-10k": 10000,
+               "water-100k": 100000}[name.removesuffix("-pbc")]
     atoms = water_box(n_atoms // 3)
     if not name.endswith("-pbc"):
         atoms.pbc = False
@@ -77,13 +78,17 @@ def worker(contender: str, sys_name: str, preset_name: str, steps: int, threads:
 
     v0 = maxwell_boltzmann(masses, 300.0, torch.Generator().manual_seed(0))
     warm = 3
-    if contender in ("ours-eval", "ours-eval-ckpt"):
+    if contender in ("ours-eval", "ours-eval-ckpt", "ours-eval-chunk"):
         # One energy+force evaluation: peak memory of large systems (with/without per-layer
         # activation checkpointing), extrapolated linearly in N by the reader.
         from ds4sci.md.potential import Potential
 
         if contender == "ours-eval-ckpt":
             model.cfg = model.cfg.replace(activation_checkpointing=True)
+        if contender == "ours-eval-chunk":  # edge chunks of 32k, each recomputed in backward
+            model.cfg = model.cfg.replace(activation_checkpointing=True, edge_chunk_size=32768)
+            for layer in model.layers:
+                layer.edge_chunk_size = 32768
         periodic = bool(atoms.pbc.any())
         pot = Potential(model, torch.as_tensor(atoms.numbers),
                         torch.as_tensor(np.asarray(atoms.cell)) if periodic else None,
@@ -169,7 +174,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--memory", action="store_true",
-                    help="only: peak memory of one force evaluation, water-10k-pbc, +/- checkpointing")
+                    help="only: peak memory of one force evaluation of periodic water boxes")
+    ap.add_argument("--memory-systems", default="water-10k-pbc",
+                    help="comma-separated systems for --memory (water-100k-pbc: ~10 min)")
+    ap.add_argument("--memory-contenders", default="ours-eval,ours-eval-ckpt,ours-eval-chunk")
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -183,7 +191,8 @@ def main(argv=None) -> int:
                  ("water-10k-pbc", 5)]
     contenders = ("ours", "pyg-ase")
     if args.memory:
-        cases, contenders = [("water-10k-pbc", 1)], ("ours-eval", "ours-eval-ckpt")
+        cases = [(name, 1) for name in args.memory_systems.split(",")]
+        contenders = tuple(args.memory_contenders.split(","))
     rows = []
     for sys_name, steps in cases:
         for contender in contenders:

@@ -52,7 +52,7 @@ def check_cell(cell_33: Tensor | None, pbc_3: Tensor | None, cutoff: float) -> N
 
 def neighbor_list(pos_N3: Tensor, cutoff: float, cell_33: Tensor | None = None,
                   pbc_3: Tensor | None = None, batch_N: Tensor | None = None,
-                  chunk_size: int = 16384) -> tuple[Tensor, Tensor]:
+                  chunk_size: int = 2048) -> tuple[Tensor, Tensor]:
     """All directed pairs within ``cutoff`` (no self pairs at zero shift).
 
     Args:

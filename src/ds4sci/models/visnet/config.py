@@ -50,6 +50,10 @@ class ViSNetConfig:
     """Recompute each ViS-MP layer during the force backward instead of storing its edge
     activations (not in PyG): peak memory ~ one layer's edge tensors + the carried edge features,
     for large systems; results are identical."""
+    edge_chunk_size: int | None = None
+    """Process each ViS-MP layer's edges in chunks of this many, recomputing each chunk in the
+    force backward (not in PyG): memory ~ one chunk's edge activations, for 100k-atom systems.
+    None = all edges at once. Results equal the unchunked model up to summation order."""
     elements: tuple[int, ...] | None = field(default=None)
     """Atomic numbers the model was trained on (None = any Z < max_z); inputs with other elements
     are rejected by the MD engine."""
@@ -59,6 +63,9 @@ class ViSNetConfig:
                      "max_num_neighbors"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ViSNetConfig: {name}={getattr(self, name)}; expected >= 1")
+        if self.edge_chunk_size is not None and self.edge_chunk_size < 1:
+            raise ValueError(f"ViSNetConfig: edge_chunk_size={self.edge_chunk_size}; expected "
+                             ">= 1 or None")
         if self.lmax not in (1, 2):
             raise ValueError(f"ViSNetConfig: lmax={self.lmax}; expected 1 or 2")
         if self.vecnorm_type not in ("none", "max_min"):

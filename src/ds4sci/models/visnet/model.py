@@ -98,6 +98,7 @@ class ViSMP(nn.Module):
         F = cfg.hidden_channels
         self.F, self.H, self.Dh = F, cfg.num_heads, F // cfg.num_heads
         self.cutoff, self.vertex, self.last_layer = cfg.cutoff, cfg.vertex, last_layer
+        self.edge_chunk_size = cfg.edge_chunk_size
         self.layernorm = nn.LayerNorm(F)
         self.vec_layernorm = VecLayerNorm(F, cfg.trainable_vecnorm, cfg.vecnorm_type, cfg.lmax)
         self.vec_proj = nn.Linear(F, 3 * F, bias=False)
@@ -130,38 +131,71 @@ class ViSMP(nn.Module):
         q_NHD = self.q_proj(x_NF).view(N, H, Dh)
         k_NHD = self.k_proj(x_NF).view(N, H, Dh)
         v_NHD = self.v_proj(x_NF).view(N, H, Dh)
-        dk_EHD = fn.silu(self.dk_proj(f_EF)).view(E, H, Dh)
-        dv_EHD = fn.silu(self.dv_proj(f_EF)).view(E, H, Dh)
         vec1, vec2, vec3 = self.vec_proj(vec_NSF).split(F, dim=-1)
         vec_dot_NF = (vec1 * vec2).sum(dim=1)
 
+        # Linear maps without bias commute with the gather: project on atoms, gather per edge.
+        if self.last_layer:
+            proj = ()
+        elif self.vertex:
+            proj = (self.w_trg_proj(vec_NSF), self.w_src_proj(vec_NSF), self.t_trg_proj(vec_NSF),
+                    self.t_src_proj(vec_NSF))
+        else:
+            proj = (self.w_trg_proj(vec_NSF), self.w_src_proj(vec_NSF))
+        nodes = (q_NHD, k_NHD, v_NHD, vec_NSF) + proj
+        chunk = self.edge_chunk_size
+        if chunk is None or E <= chunk:
+            x_agg, vec_agg, df_EF = self._edges(nodes, src_E, dst_E, r_E, f_EF, d_ES)
+        else:
+            # Memory-lean path: each edge chunk is recomputed in the backward (only its inputs
+            # are kept), so peak memory is one chunk's activations instead of the layer's.
+            x_agg, vec_agg, dfs = 0, 0, []
+            use_ckpt = torch.is_grad_enabled()
+            for c0 in range(0, E, chunk):
+                sl = slice(c0, c0 + chunk)
+                args = (nodes, src_E[sl], dst_E[sl], r_E[sl], f_EF[sl], d_ES[sl])
+                xa, va, df = (torch.utils.checkpoint.checkpoint(self._edges, *args,
+                                                                use_reentrant=False)
+                              if use_ckpt else self._edges(*args))
+                x_agg, vec_agg = x_agg + xa, vec_agg + va
+                dfs.append(df)
+            df_EF = None if self.last_layer else torch.cat(dfs)
+
+        o1, o2, o3 = self.o_proj(x_agg).split(F, dim=1)
+        dx_NF = vec_dot_NF * o2 + o3
+        dvec_NSF = vec3 * o1.unsqueeze(1) + vec_agg
+        return dx_NF, dvec_NSF, df_EF
+
+    def _edges(self, nodes: tuple[Tensor, ...], src_E: Tensor, dst_E: Tensor, r_E: Tensor,
+               f_EF: Tensor, d_ES: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Per-edge part of the layer: messages aggregated at targets and edge updates."""
+        q_NHD, k_NHD, v_NHD, vec_NSF = nodes[:4]
+        N, E, F, H, Dh = vec_NSF.shape[0], src_E.shape[0], self.F, self.H, self.Dh
+        dk_EHD = fn.silu(self.dk_proj(f_EF)).view(E, H, Dh)
+        dv_EHD = fn.silu(self.dv_proj(f_EF)).view(E, H, Dh)
         # messages j -> i
         attn_EH = (q_NHD[dst_E] * k_NHD[src_E] * dk_EHD).sum(dim=-1)
         attn_EH = fn.silu(attn_EH) * cosine_cutoff(r_E, self.cutoff).unsqueeze(1)
         m_EF = (v_NHD[src_E] * dv_EHD * attn_EH.unsqueeze(2)).reshape(E, F)
         s1_EF, s2_EF = fn.silu(self.s_proj(m_EF)).split(F, dim=1)
         mvec_ESF = vec_NSF[src_E] * s1_EF.unsqueeze(1) + s2_EF.unsqueeze(1) * d_ES.unsqueeze(2)
-        x_agg = x_NF.new_zeros(N, F).index_add_(0, dst_E, m_EF)
-        vec_agg = vec_NSF.new_zeros(vec_NSF.shape).index_add_(0, dst_E, mvec_ESF)
-
-        o1, o2, o3 = self.o_proj(x_agg).split(F, dim=1)
-        dx_NF = vec_dot_NF * o2 + o3
-        dvec_NSF = vec3 * o1.unsqueeze(1) + vec_agg
+        x_agg = m_EF.new_zeros(N, F).index_add_(0, dst_E, m_EF)
+        vec_agg = mvec_ESF.new_zeros(vec_NSF.shape).index_add_(0, dst_E, mvec_ESF)
         if self.last_layer:
-            return dx_NF, dvec_NSF, None
+            return x_agg, vec_agg, None
 
-        # Geometry refiner: w_trg/w_src are linear without bias, so project on atoms, then gather.
-        w1 = self._reject(self.w_trg_proj(vec_NSF)[dst_E], d_ES)
-        w2 = self._reject(self.w_src_proj(vec_NSF)[src_E], -d_ES)
+        # Runtime geometry refiner (edge update from vector rejections).
+        w1 = self._reject(nodes[4][dst_E], d_ES)
+        w2 = self._reject(nodes[5][src_E], -d_ES)
         w_dot_EF = (w1 * w2).sum(dim=1)
         if not self.vertex:
-            return dx_NF, dvec_NSF, fn.silu(self.f_proj(f_EF)) * w_dot_EF
+            return x_agg, vec_agg, fn.silu(self.f_proj(f_EF)) * w_dot_EF
         # PyG's ViS_MP_Vertex projects vec_i (the target) for both t terms; kept as published.
-        t1 = self._reject(self.t_trg_proj(vec_NSF)[dst_E], d_ES)
-        t2 = self._reject(self.t_src_proj(vec_NSF)[dst_E], -d_ES)
+        t1 = self._reject(nodes[6][dst_E], d_ES)
+        t2 = self._reject(nodes[7][dst_E], -d_ES)
         t_dot_EF = (t1 * t2).sum(dim=1)
         f1, f2 = fn.silu(self.f_proj(f_EF)).split(F, dim=-1)
-        return dx_NF, dvec_NSF, f1 * w_dot_EF + f2 * t_dot_EF
+        return x_agg, vec_agg, f1 * w_dot_EF + f2 * t_dot_EF
 
 
 class GatedEquivariantBlock(nn.Module):
