@@ -32,6 +32,7 @@ def build_parser(prog: str = "ds4sci md") -> argparse.ArgumentParser:
     r.add_argument("--max-force", type=float, default=1e3, help="stop if any force exceeds (eV/A)")
     r.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 is fastest for small molecules on a busy machine)")
+    r.add_argument("--compile", action="store_true", help="torch.compile the model (dynamic shapes)")
     r.add_argument("--no-plot", action="store_true")
     r.add_argument("--no-progress", action="store_true")
     return ap
@@ -52,7 +53,8 @@ def main(argv=None) -> int:
         summary = run_md(args.structure, args.model, args.ensemble, args.dt, args.temperature,
                          args.steps, args.out, args.traj_format, args.traj_every, args.log_every,
                          args.friction, args.seed, args.dtype, args.device, args.skin,
-                         args.max_force, plot=not args.no_plot, progress=not args.no_progress)
+                         args.max_force, plot=not args.no_plot, progress=not args.no_progress,
+                         compile=args.compile)
     except (ValueError, FileNotFoundError, MDInstabilityError) as e:
         print(f"ds4sci md run: error: {e}", file=sys.stderr)
         return 2

@@ -69,15 +69,20 @@ class Potential:
         batch_N: molecule index per atom for batched replicas (open boundaries).
         skin: Verlet skin (A).
         dtype: model dtype (float32 default; positions/velocities stay float64 in integrators).
+        compile: run the model through ``torch.compile(dynamic=True)`` (first steps compile).
     """
 
     def __init__(self, model: ViSNet, numbers_N: Tensor, cell_33: Tensor | None = None,
                  pbc_3: Tensor | None = None, batch_N: Tensor | None = None, skin: float = 1.0,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 compile: bool = False):
         self.model = model.to(device=device, dtype=dtype).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.dtype, self.device = dtype, torch.device(device)
+        # torch.compile with dynamic shapes (the edge count changes every step): fuses the many
+        # small ops that dominate small molecules; the backward is compiled too (AOTAutograd).
+        self.net = torch.compile(self.model, dynamic=True) if compile else self.model
         self.numbers = torch.as_tensor(numbers_N, dtype=torch.long, device=device)
         self.check_elements(self.numbers)
         n = self.numbers.shape[0]
@@ -117,7 +122,7 @@ class Potential:
         """Energy, forces (and stress) at ``pos`` (any float dtype; computed in ``self.dtype``)."""
         ei, sh = self.nlist.within_cutoff(pos_N3)
         cell = None if self.cell is None else self.cell.to(self.dtype)[None]
-        out = energy_forces(self.model, self.numbers, pos_N3.to(self.dtype), self.batch,
+        out = energy_forces(self.net, self.numbers, pos_N3.to(self.dtype), self.batch,
                             self.num_graphs, ei, sh if self.cell is not None else None, cell,
                             forces=True, stress=stress and self.cell is not None)
         return Evaluation(out.energy.detach(), out.forces.detach(),

@@ -65,7 +65,7 @@ def run_md(structure, model="preset:visnet-tiny", ensemble: str = "nvt", dt_fs: 
            traj_format: str = "extxyz", traj_every: int = 10, log_every: int = 10,
            friction_per_fs: float = 0.01, seed: int = 0, dtype: str = "float32",
            device: str = "cpu", skin: float = 1.0, max_force: float = 1e3, plot: bool = True,
-           progress: bool = False) -> dict:
+           progress: bool = False, compile: bool = False) -> dict:
     """Run MD; returns a summary dict (also written to ``out_dir/summary.json``).
 
     Raises ValueError / FileNotFoundError for bad input and ``MDInstabilityError`` (with
@@ -88,7 +88,7 @@ def run_md(structure, model="preset:visnet-tiny", ensemble: str = "nvt", dt_fs: 
     pot = Potential(net, torch.as_tensor(atoms.numbers),
                     torch.as_tensor(np.asarray(atoms.cell), dtype=torch.float64) if periodic else None,
                     torch.as_tensor(atoms.pbc) if periodic else None, skin=skin,
-                    dtype=getattr(torch, dtype), device=device)
+                    dtype=getattr(torch, dtype), device=device, compile=compile)
     pos = torch.as_tensor(atoms.positions, dtype=torch.float64)
     pot.check_overlap(pos)
     masses = torch.as_tensor(atoms.get_masses(), dtype=torch.float64)
