@@ -162,3 +162,47 @@ def test_nan_forces_stop_with_step_and_keep_trajectory(tmp_path, monkeypatch):
     frames = ase.io.read(tmp_path / "o" / "trajectory.extxyz", index=":")
     assert len(frames) == 3  # steps 0, 5, 10 written and readable
     assert '"status": "unstable"' in (tmp_path / "o" / "summary.json").read_text()
+
+
+class _FreeParticles:
+    """Zero forces: the Langevin thermostat alone sets the temperature."""
+
+    def compute(self, pos, stress=False):
+        from ds4sci.md.potential import Evaluation
+        return Evaluation(torch.zeros(1, dtype=torch.float64), torch.zeros_like(pos), None)
+
+
+def test_langevin_baoab_samples_the_bath_temperature():
+    from ds4sci.md.integrators import LangevinBAOAB
+
+    n = 400
+    masses = torch.full((n,), 12.0, dtype=torch.float64)
+    integ = LangevinBAOAB(_FreeParticles(), torch.zeros(n, 3, dtype=torch.float64), masses, None,
+                          1.0, 300.0, friction_per_fs=0.2,
+                          generator=torch.Generator().manual_seed(0))
+    temps = []
+    for _ in range(150):
+        integ.run(1)
+        temps.append(integ.temperature)
+    assert abs(np.mean(temps[50:]) / 300.0 - 1.0) < 0.03
+
+
+def test_training_steps_reduce_force_error():
+    from ds4sci.data.molecules import collate, default_dataset
+    from ds4sci.models.visnet import (energy_force_loss_sum, energy_force_metric_sums,
+                                      finish_metrics, preset)
+
+    ds = default_dataset()
+    batch = collate([ds[i] for i in range(0, 800, 200)]).to(dtype=torch.float32)
+    m = ViSNet(preset("visnet-tiny").replace(mean=float(ds.energy.mean())))
+    m.reset_parameters(torch.Generator().manual_seed(0))
+    before = finish_metrics(energy_force_metric_sums(m.eval(), batch))["force_rmse"]
+    opt = torch.optim.Adam(m.parameters(), lr=5e-3)
+    m.train()
+    for _ in range(6):
+        opt.zero_grad()
+        loss, count = energy_force_loss_sum(m, batch, 1.0, 10.0)
+        (loss / count).backward()
+        opt.step()
+    after = finish_metrics(energy_force_metric_sums(m.eval(), batch))["force_rmse"]
+    assert after < 0.85 * before, (before, after)
