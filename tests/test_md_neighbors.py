@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ds4sci.md.neighbors import VerletList, pad_neighbors, unpad_neighbors
-from ds4sci.ops.neighbors import neighbor_list
+from ds4sci.ops.neighbors import neighbor_list, vesin_available
 
 
 @pytest.fixture(autouse=True)
@@ -48,23 +48,28 @@ CELLS = {
 }
 
 
+BACKENDS = ["torch"] + (["vesin"] if vesin_available() else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(CELLS))
 @pytest.mark.parametrize("cutoff", [2.5, 3.4])
-def test_periodic_matches_brute_force(name, cutoff):
+def test_periodic_matches_brute_force(name, cutoff, backend):
     cell = CELLS[name]
     g = torch.Generator().manual_seed(1)
     frac = torch.rand(60, 3, generator=g, dtype=torch.float64) * 1.6 - 0.3  # some atoms outside
     pos = frac @ cell
-    ei, sh = neighbor_list(pos, cutoff, cell, torch.tensor([True, True, True]))
+    ei, sh = neighbor_list(pos, cutoff, cell, torch.tensor([True, True, True]), backend=backend)
     got = as_set(ei, sh, pos, cell)
     assert len(got) == ei.shape[1]  # no duplicates
     assert got == brute_force(pos, cutoff, cell)
 
 
-def test_open_boundaries_and_batches():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_open_boundaries_and_batches(backend):
     g = torch.Generator().manual_seed(2)
     pos = torch.randn(50, 3, generator=g, dtype=torch.float64) * 3
-    ei, sh = neighbor_list(pos, 2.0)
+    ei, sh = neighbor_list(pos, 2.0, backend=backend)
     assert as_set(ei, sh, pos, None) == brute_force(pos, 2.0)
     batch = torch.tensor([0] * 20 + [1] * 30)
     ei, _ = neighbor_list(pos, 2.0, batch_N=batch)
