@@ -2,7 +2,7 @@
 
 Contenders (same ViSNet weights and size, float32, same thread count):
   ours-compiled  the same with torch.compile(dynamic=True) (compile time excluded: warm-up).
-  ours        ds4sci.md: Verlet list (cell list + skin), velocity Verlet in float64 state,
+  ours        ds4sci.md: Verlet list (vesin when installed, else the torch cell list; + skin), velocity Verlet in float64 state,
               forces from one backward without graph.
   pyg-ase     torch_geometric.nn.models.ViSNet(derivative=True) in an ASE Calculator driven by
               ASE's VelocityVerlet, the natural user's path. PyG's radius_graph needs pyg-lib or
@@ -169,6 +169,28 @@ def worker(contender: str, sys_name: str, preset_name: str, steps: int, threads:
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **extra}
 
 
+def neighbor_rows(repeats: int = 3) -> list[dict]:
+    """Time one neighbour-list build (r = 6 A = cutoff + skin) per backend on periodic water."""
+    from ds4sci.ops.neighbors import neighbor_list, vesin_available
+
+    rows = []
+    for name in ("water-1k-pbc", "water-10k-pbc"):
+        atoms = system(name)
+        pos = torch.as_tensor(atoms.positions)
+        cell = torch.as_tensor(np.asarray(atoms.cell))
+        pbc = torch.tensor([True] * 3)
+        for backend in ["torch"] + (["vesin"] if vesin_available() else []):
+            neighbor_list(pos, 6.0, cell, pbc, backend=backend)
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                ei, _ = neighbor_list(pos, 6.0, cell, pbc, backend=backend)
+                times.append(time.perf_counter() - t0)
+            rows.append({"system": name, "backend": backend, "n_atoms": len(atoms),
+                         "n_pairs": int(ei.shape[1]), "build_s": min(times)})
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="ala2 + water-1k, few steps (< 1 min)")
@@ -180,11 +202,20 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-systems", default="water-10k-pbc",
                     help="comma-separated systems for --memory (water-100k-pbc: ~10 min)")
     ap.add_argument("--memory-contenders", default="ours-eval,ours-eval-ckpt,ours-eval-chunk")
+    ap.add_argument("--neighbors", action="store_true",
+                    help="only: neighbour-list build time, torch cell list vs vesin")
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         c, s, p, n, t = args.worker
         print(json.dumps(worker(c, s, p, int(n), int(t))))
+        return 0
+    if args.neighbors:
+        torch.set_num_threads(args.threads)
+        rows = neighbor_rows()
+        for r in rows:
+            print(json.dumps(r))
+        print("wrote", *write_rows(rows, machine_info(), Path(args.out), "md_cpu_neighbors"))
         return 0
     if args.quick:
         cases = [("ala2", 200), ("water-1k", 5), ("water-1k-pbc", 5)]
