@@ -13,7 +13,7 @@ def build_parser(prog: str = "ds4sci md") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description="Molecular dynamics with a ds4sci force field")
     sub = ap.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run MD on a structure file (xyz/extxyz/pdb/cif)")
-    r.add_argument("structure", help="structure file read by ase.io")
+    r.add_argument("structure", help="structure file read by ase.io, or builtin:ala2")
     r.add_argument("--model", default="preset:visnet-tiny",
                    help="checkpoint (ds4sci.md.potential.save_model) or preset:<name>[:seed] (untrained)")
     r.add_argument("--ensemble", choices=["nve", "nvt"], default="nvt")

@@ -24,8 +24,16 @@ TRAJ_FORMATS = ("extxyz", "traj")
 
 
 def read_structure(path):
+    """A structure via ``ase.io.read``, or ``builtin:ala2`` (frame 0 of the embedded alanine
+    dipeptide data)."""
     import ase.io
 
+    if str(path) == "builtin:ala2":
+        from ase import Atoms
+
+        from ds4sci.data.molecules import default_dataset
+        ds = default_dataset()
+        return Atoms(numbers=ds.z[0], positions=ds.pos[0])
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"structure file {str(path)!r} does not exist")
