@@ -1,0 +1,129 @@
+"""A force-field potential for MD: model + Verlet list + input checks, energies/forces/stress.
+
+One ``Potential`` holds the model (eval mode, fixed dtype), the system's atomic numbers, cell
+and a ``VerletList``; ``compute(pos)`` returns energy, forces (one backward, no graph kept) and,
+for periodic cells, stress. Several molecules/replicas can share one call via ``batch``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ds4sci.md.neighbors import VerletList
+from ds4sci.models.visnet import ViSNet, ViSNetConfig, energy_forces, preset
+from ds4sci.ops.neighbors import neighbor_list
+
+MIN_DISTANCE = 0.1
+"""Atoms closer than this (A) are reported as overlapping."""
+
+
+def save_model(path, model: ViSNet) -> None:
+    """Checkpoint = {"config": ViSNetConfig dict, "state_dict": ...} (what ``load_model`` reads)."""
+    torch.save({"format": "ds4sci-visnet-1", "config": model.cfg.to_dict(),
+                "state_dict": model.state_dict()}, path)
+
+
+def load_model(spec: str) -> ViSNet:
+    """A model from a checkpoint path, or ``preset:<name>[:seed]`` (random init; tests/benchmarks)."""
+    if spec.startswith("preset:"):
+        parts = spec.split(":")
+        m = ViSNet(preset(parts[1]))
+        m.reset_parameters(torch.Generator().manual_seed(int(parts[2]) if len(parts) > 2 else 0))
+        return m.eval()
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"model checkpoint {spec!r} does not exist (expected a file "
+                                "written by ds4sci.md.potential.save_model or 'preset:<name>')")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        cfg = ViSNetConfig.from_dict(ckpt["config"])
+        m = ViSNet(cfg)
+        m.load_state_dict(ckpt["state_dict"])
+    except Exception as e:
+        raise ValueError(f"model checkpoint {spec!r} is corrupt or not a ds4sci ViSNet "
+                         f"checkpoint ({type(e).__name__}: {e})") from e
+    return m.eval()
+
+
+@dataclass
+class Evaluation:
+    energy: Tensor
+    """[B] eV."""
+    forces: Tensor
+    """[N, 3] eV/A."""
+    stress: Tensor | None
+    """[3, 3] eV/A^3 (periodic single system) or None."""
+
+
+class Potential:
+    """Model + neighbour list for one (possibly batched) system.
+
+    Args:
+        model: energy model (ViSNet).
+        numbers_N: atomic numbers.
+        cell_33, pbc_3: periodic cell and flags (None = open boundaries).
+        batch_N: molecule index per atom for batched replicas (open boundaries).
+        skin: Verlet skin (A).
+        dtype: model dtype (float32 default; positions/velocities stay float64 in integrators).
+        compile: run the model through ``torch.compile(dynamic=True)`` (first steps compile).
+    """
+
+    def __init__(self, model: ViSNet, numbers_N: Tensor, cell_33: Tensor | None = None,
+                 pbc_3: Tensor | None = None, batch_N: Tensor | None = None, skin: float = 1.0,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 compile: bool = False):
+        self.model = model.to(device=device, dtype=dtype).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.dtype, self.device = dtype, torch.device(device)
+        # torch.compile with dynamic shapes (the edge count changes every step): fuses the many
+        # small ops that dominate small molecules; the backward is compiled too (AOTAutograd).
+        self.net = torch.compile(self.model, dynamic=True) if compile else self.model
+        self.numbers = torch.as_tensor(numbers_N, dtype=torch.long, device=device)
+        self.check_elements(self.numbers)
+        n = self.numbers.shape[0]
+        self.batch = (torch.zeros(n, dtype=torch.long, device=device) if batch_N is None
+                      else torch.as_tensor(batch_N, dtype=torch.long, device=device))
+        self.num_graphs = int(self.batch.max()) + 1 if n else 0
+        periodic = cell_33 is not None and pbc_3 is not None and bool(torch.as_tensor(pbc_3).any())
+        self.cell = torch.as_tensor(cell_33, dtype=torch.float64, device=device) if periodic else None
+        self.pbc = torch.as_tensor(pbc_3, dtype=torch.bool, device=device) if periodic else None
+        self.cutoff = float(model.cfg.cutoff)
+        self.nlist = VerletList(self.cutoff, skin, self.cell, self.pbc,
+                                None if self.num_graphs <= 1 else self.batch)
+
+    def check_elements(self, numbers_N: Tensor) -> None:
+        cfg = self.model.cfg
+        allowed = set(cfg.elements) if cfg.elements is not None else None
+        bad = sorted({int(v) for v in numbers_N.unique().tolist()
+                      if not 0 < v < cfg.max_z or (allowed is not None and v not in allowed)})
+        if bad:
+            from ase.data import chemical_symbols
+            names = [chemical_symbols[b] if 0 <= b < len(chemical_symbols) else str(b) for b in bad]
+            raise ValueError(f"structure contains elements {names} (Z={bad}) the model was not "
+                             f"trained on; expected only Z in {sorted(allowed) if allowed else f'1..{cfg.max_z - 1}'}")
+
+    def check_overlap(self, pos_N3: Tensor) -> None:
+        ei, sh = neighbor_list(pos_N3.detach().double(), MIN_DISTANCE, self.cell, self.pbc,
+                               None if self.num_graphs <= 1 else self.batch)
+        if ei.shape[1]:
+            j, i = int(ei[0, 0]), int(ei[1, 0])
+            vec = pos_N3[j].double() - pos_N3[i].double()
+            if self.cell is not None:
+                vec = vec + sh[0].double() @ self.cell
+            raise ValueError(f"atoms {i} and {j} overlap: distance {float(vec.norm()):.4f} A < "
+                             f"{MIN_DISTANCE} A; expected a physical structure")
+
+    def compute(self, pos_N3: Tensor, stress: bool = False) -> Evaluation:
+        """Energy, forces (and stress) at ``pos`` (any float dtype; computed in ``self.dtype``)."""
+        ei, sh = self.nlist.within_cutoff(pos_N3)
+        cell = None if self.cell is None else self.cell.to(self.dtype)[None]
+        out = energy_forces(self.net, self.numbers, pos_N3.to(self.dtype), self.batch,
+                            self.num_graphs, ei, sh if self.cell is not None else None, cell,
+                            forces=True, stress=stress and self.cell is not None)
+        return Evaluation(out.energy.detach(), out.forces.detach(),
+                          None if out.stress is None else out.stress[0].detach())
