@@ -1,4 +1,5 @@
-"""The ``ds4sci`` command: ``train``, ``embed``, ``generate``, ``info``, ``demo`` and ``bench``."""
+"""The ``ds4sci`` command: ``train``, ``embed``, ``generate``, ``forecast``, ``md``, ``sample``,
+``info``, ``demo`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -147,11 +148,14 @@ def generate(args) -> int:
 
 
 BENCHMARKS = {
+    "climax-memory": "climax_memory",
+    "dig": "dig",
     "evoformer-attention": "evoformer_attention",
     "evoformer-block": "evoformer_block",
     "genslm-generate": "genslm_generate",
     "genslm-init": "genslm_init",
     "genslm-memory": "genslm_memory",
+    "md": "md",
     "parallel-scaling": "parallel",
 }
 """``ds4sci bench NAME`` -> module in ``ds4sci.bench`` (its ``main(argv)`` takes the rest)."""
@@ -194,6 +198,69 @@ class _TaskHelp(argparse.Action):
         parser.exit()
 
 
+def _option(argv: list[str], name: str) -> tuple[int, str] | None:
+    """``(index, value)`` of ``--name VALUE`` or ``--name=VALUE`` in ``argv``."""
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return i, argv[i + 1]
+        if arg.startswith(name + "="):
+            return i, arg.split("=", 1)[1]
+    return None
+
+
+def _replace_option(argv: list[str], name: str, new_name: str, value: str) -> list[str]:
+    i, _ = _option(argv, name)
+    argv = list(argv)
+    if argv[i] == name:
+        argv[i:i + 2] = [new_name, value]
+    else:
+        argv[i] = f"{new_name}={value}"
+    return argv
+
+
+def md(rest: list[str]) -> int:
+    """``ds4sci md run ...``: a trained ``ds4sci train forcefield`` run directory given as
+    ``--model`` is exported to ``RUN/model.pt`` (absolute energies) first."""
+    from .md.cli import main as md_main
+
+    found = _option(rest, "--model")
+    if found is not None and Path(found[1]).is_dir():
+        from .md.potential import save_model
+        from .train.tasks.forcefield import load_model
+
+        exported = Path(found[1]) / "model.pt"
+        save_model(exported, load_model(found[1]))
+        rest = _replace_option(rest, "--model", "--model", str(exported))
+    return md_main(rest)
+
+
+def sample(rest: list[str]) -> int:
+    """``ds4sci sample --model RUN ...``: conformations from a trained DiG (``models.dig.sample``;
+    ``--model`` is a ``ds4sci train dig`` run or checkpoint directory, or a DiG .pt file)."""
+    from .models.dig.sample import main as sample_main
+
+    found = _option(rest, "--model")
+    if found is not None:
+        from .models.dig.sample import save_checkpoint
+        from .train.tasks.dig import load_model
+
+        path = Path(found[1])
+        if path.is_dir():
+            exported = path / "dig_model.pt"
+            save_checkpoint(load_model(path), exported)
+            path = exported
+        rest = _replace_option(rest, "--model", "--checkpoint", str(path))
+    return sample_main(rest)
+
+
+def forecast(args) -> int:
+    from .train.tasks.climax_eval import forecast as climax_forecast
+
+    path = climax_forecast(args.model, args.steps, args.out, num_inits=args.inits)
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="ds4sci", description="DeepSpeed4Science technologies on plain PyTorch")
@@ -231,18 +298,31 @@ def main(argv: list[str] | None = None) -> int:
     ge.add_argument("--temperature", type=float, default=1.0)
     ge.add_argument("--seed", type=int, default=0)
     ge.add_argument("--out", default="generated.fasta")
+    fc = sub.add_parser("forecast", help="roll a trained ClimaX run out to a lead time -> NetCDF")
+    fc.add_argument("--model", required=True, help="a ds4sci train climax run or checkpoint directory")
+    fc.add_argument("--steps", type=int, default=2, help="autoregressive steps of the run's lead time")
+    fc.add_argument("--inits", type=int, default=1, help="validation initial states to forecast from")
+    fc.add_argument("--out", default="forecast.nc", help="output NetCDF file")
+    sub.add_parser("md", help="molecular dynamics with a force field (md run --help)", add_help=False)
+    sub.add_parser("sample", help="sample conformations from a trained DiG (sample --help)", add_help=False)
     sub.add_parser("info", help="versions, devices and which op backends run here")
     sub.add_parser("demo", help="Evoformer attention demo: exactness and memory vs naive PyTorch")
     # No -h of its own: `ds4sci bench NAME --help` reaches the benchmark's parser (its options).
     bench = sub.add_parser("bench", help="run a benchmark (see benchmarks/); NAME --help for its options",
                            add_help=False)
     bench.add_argument("name", nargs="?", choices=sorted(BENCHMARKS))
+    if argv and argv[0] in ("md", "sample"):  # their own parsers take the rest
+        try:
+            return md(argv[1:]) if argv[0] == "md" else sample(argv[1:])
+        except (ValueError, FileNotFoundError) as err:
+            print(f"ds4sci {argv[0]}: error: {err}", file=sys.stderr)
+            return 2
     args, rest = parser.parse_known_args(argv)
     if args.command not in ("bench", "train") and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "train" and args.task is None:
         tr.error(f"the task is required: ds4sci train TASK, TASK one of {', '.join(task_names())}")
-    if args.command in ("train", "embed", "generate"):
+    if args.command in ("train", "embed", "generate", "forecast"):
         from .train.checkpoint import CheckpointError
         from .train.run_dir import EXIT_STOPPED, RunStopped
         from .train.trainer import NonFiniteError
@@ -257,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
 
                     return record(train)(args, rest)
                 return train(args, rest)
+            if args.command == "forecast":
+                return forecast(args)
             return embed(args) if args.command == "embed" else generate(args)
         except RunStopped as stopped:
             print(f"ds4sci {args.command}: {stopped}", file=sys.stderr)

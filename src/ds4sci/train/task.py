@@ -198,6 +198,7 @@ _BUILTIN = {
     "gridvit": "ds4sci.train.tasks.gridvit:GridViTTask",
     "climax": "ds4sci.train.tasks.climax:ClimaXTask",
     "dig": "ds4sci.train.tasks.dig:DiGTask",
+    "forcefield": "ds4sci.train.tasks.forcefield:ForceFieldTask",
 }
 _TASKS: dict[str, Task] = {}
 

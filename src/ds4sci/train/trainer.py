@@ -140,6 +140,8 @@ def to_device(batch, device: torch.device):
         return {k: to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
         return type(batch)(to_device(v, device) for v in batch)
+    if hasattr(batch, "to"):  # a batch class of its own (e.g. data.molecules.MoleculeBatch)
+        return batch.to(device)
     return batch
 
 

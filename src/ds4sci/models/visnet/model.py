@@ -225,7 +225,7 @@ class ViSNet(nn.Module):
 
     def __init__(self, cfg: ViSNetConfig):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = self.config = cfg
         F, R = cfg.hidden_channels, cfg.num_rbf
         self.embedding = nn.Embedding(cfg.max_z, F)
         # Exponential-normal RBF (PhysNet): exp(-beta (exp(-alpha r) - mu)^2) phi(r)

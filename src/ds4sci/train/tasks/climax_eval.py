@@ -76,3 +76,53 @@ def _maps(pred, truth, variables, units, lat, lon, path, lead_hours) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+@torch.no_grad()
+def forecast(run: str, steps: int, out: str, num_inits: int = 1):
+    """Roll the model of a ``ds4sci train climax`` run out ``steps`` times its lead time from the
+    first ``num_inits`` validation initial states, and write the forecast (physical units) to
+    NetCDF with coordinates, units and attributes (``data.climate.write_forecast_netcdf``).
+    Autoregressive: each step's forecast is the next step's input, so the run must forecast the
+    variables it reads."""
+    from pathlib import Path
+
+    from ...data.climate import write_forecast_netcdf
+    from ...parallel.init import load_parameters
+    from ..config import TrainConfig
+    from ..task import get_task
+
+    if steps < 1 or num_inits < 1:
+        raise ValueError(f"forecast: --steps={steps}, --inits={num_inits}; expected >= 1")
+    if Path(out).is_dir():
+        raise ValueError(f"forecast: --out={out!r} is a directory; expected a .nc file path")
+    task = get_task("climax")
+    weights, config, train_cfg = task.load_weights(run)
+    if train_cfg.get("task") != "climax":
+        raise ValueError(f"forecast: {run} is a run of task {train_cfg.get('task')!r}, not climax")
+    cfg = TrainConfig(task="climax", model=train_cfg["model"], model_changes=train_cfg["model_changes"],
+                      data=train_cfg["data"], seed=train_cfg["seed"])
+    data = task.data(cfg)
+    if list(task.variables) != list(task.out_variables):
+        raise ValueError(f"forecast: the run maps {task.variables} to {task.out_variables}; an autoregressive "
+                         "rollout needs the same input and output variables")
+    with torch.device("meta"):
+        model = task.build_model(config)
+    load_parameters(model.to_empty(device="cpu"), weights)
+    model.eval()
+    val, stats = data["val"], data["stats"]
+    num_inits = min(num_inits, len(val))
+    frames, inits = [], []
+    for i in range(num_inits):
+        x, _, lead = task.collate([val[i]])
+        lead_frames = []
+        for _ in range(steps):
+            x = model.predict(x, lead, task.variables, task.out_variables)
+            lead_frames.append(stats.denormalize(x[0], task.out_variables))
+        frames.append(torch.stack(lead_frames))
+        inits.append(np.asarray(data["source"].times)[val.pairs[i][1]])
+    hours = round(float(lead[0]) * 100.0, 4)  # lead_times are hours / 100 in fp32
+    write_forecast_netcdf(out, torch.stack(frames), task.out_variables, data["lat"], data["lon"],
+                          np.array(inits), [hours * (k + 1) for k in range(steps)], units=data["units"],
+                          attrs={"model_run": str(run), "lead_time_hours_per_step": str(hours)})
+    return out

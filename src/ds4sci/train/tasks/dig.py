@@ -57,7 +57,7 @@ class DiGTask(Task):
     defaults = {"optim.lr": 1e-3, "optim.batch_size": 64, "optim.max_steps": 300, "optim.warmup_steps": 20,
                 "eval_every": 100, "checkpoint_every": 100}
     count_name = "coordinates"
-    run_files = frozenset({"samples", "ramachandran.png", "sample_metrics.json"})
+    run_files = frozenset({"ramachandran.png", "sample_metrics.json", "dig_model.pt"})
 
     def __init__(self):
         from ...models.dig import DiGConfig
