@@ -216,17 +216,14 @@ def load_model(path: str | Path):
     cfg = TrainConfig(task="forcefield", model=train_cfg["model"], model_changes=train_cfg["model_changes"],
                       data=train_cfg["data"], seed=train_cfg["seed"])
     task.datasets(cfg, Path(path))  # the run's e0
-    shift = tuple([task.e0] * config.max_z) if config.atomref is None else tuple(
-        a + task.e0 for a in config.atomref)
-    config = config.replace(atomref=shift)
     from ...models.visnet.model import ViSNet
 
     with torch.device("meta"):
         model = ViSNet(config)
     model.to_empty(device="cpu")
-    load_parameters(model, {k: v for k, v in weights.items()} | {n: model.initial_value(n, p.shape)
-                                                                 for n, p in model.named_parameters()
-                                                                 if n not in weights})
-    for name, buf in model.named_buffers():
-        buf.copy_(model.initial_value(name, buf.shape))
+    load_parameters(model, weights)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            buf.copy_(model.initial_value(name, buf.shape))
+        model.atomref.weight.add_(task.e0)  # energies relative to n_atoms * e0 -> absolute
     return model.eval()
