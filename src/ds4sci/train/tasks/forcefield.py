@@ -114,8 +114,7 @@ class ForceFieldTask(Task):
         from ...parallel.init import load_parameters
 
         load_parameters(module, weights)
-        for name, buf in module.named_buffers():  # fixed by the config, not stored as weights
-            buf.copy_(module.initial_value(name, buf.shape))
+        _load_buffers(module, weights)
 
     def loss_sum(self, model, batch):
         from ...models.visnet.loss import energy_force_loss_sum
@@ -222,8 +221,14 @@ def load_model(path: str | Path):
         model = ViSNet(config)
     model.to_empty(device="cpu")
     load_parameters(model, weights)
+    _load_buffers(model, weights)
     with torch.no_grad():
-        for name, buf in model.named_buffers():
-            buf.copy_(model.initial_value(name, buf.shape))
         model.atomref.weight.add_(task.e0)  # energies relative to n_atoms * e0 -> absolute
     return model.eval()
+
+
+@torch.no_grad()
+def _load_buffers(model, weights) -> None:
+    """Buffers (RBF grid, mean, std) from the checkpoint when it has them, else from the config."""
+    for name, buf in model.named_buffers():
+        buf.copy_(weights[name] if name in weights else model.initial_value(name, buf.shape))
