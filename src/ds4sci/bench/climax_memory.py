@@ -12,7 +12,7 @@ p4 (64,800), p2 (259,200). Model: the published 48-variable configuration (embed
 16 heads, about 108M parameters) unless ``--width/--depth/--heads`` say otherwise.
 
 Contenders: ``ours`` (tiled tokenisation + aggregation, SDPA, per-block checkpointing, tiled
-MLP), ``climax`` (ClimaX's code path as published: ``models.climax.reference`` with eager
+MLP), ``ours-plain`` (SDPA only: every switch off, for resolutions the original fits), ``climax`` (ClimaX's code path as published: ``models.climax.reference`` with eager
 attention and ``nn.MultiheadAttention`` over the whole ``[B, V, L, D]``), ``climax-sdpa-ckpt``
 (that path with SDPA and per-block checkpointing).
 
@@ -34,12 +34,13 @@ from .common import (
     WORKER_ENV,
     limit_address_space,
     machine_info,
+    merge_rows,
     peak_rss_bytes,
     run_worker,
     write_rows,
 )
 
-CONTENDERS = ("ours", "climax", "climax-sdpa-ckpt")
+CONTENDERS = ("ours", "ours-plain", "climax", "climax-sdpa-ckpt")
 RESOLUTIONS = {  # name -> (grid rows, grid columns, patch)
     "5.625deg-p2": (32, 64, 2),
     "1.40625deg-p4": (128, 256, 4),
@@ -72,8 +73,8 @@ def worker(contender: str, resolution: str, width: int, depth: int, heads: int, 
     config = _config(resolution, width, depth, heads)
     limit_address_space(budget)
     try:
-        if contender == "ours":
-            model = ClimaX(config.with_(**OUR_SETTINGS), seed=0)
+        if contender.startswith("ours"):
+            model = ClimaX(config.with_(**OUR_SETTINGS) if contender == "ours" else config, seed=0)
         else:
             model = ReferenceClimaX(**config.climax_kwargs(), attention="eager" if contender == "climax" else "sdpa",
                                     checkpointing=contender == "climax-sdpa-ckpt")
@@ -112,6 +113,7 @@ def run(resolutions, contenders, width, depth, heads, budget_gib, out_dir: Path,
             progress(f"{contender:<17} {res:<14} L={rows[-1]['tokens']:>7}  peak {peak}{extra}")
             if r["status"] != "ok":
                 break  # finer resolutions will not fit either
+    rows = merge_rows(out_dir / f"{stem}.json", rows, lambda r: (r["contender"], r["resolution"]), meta)
     json_path, _ = write_rows(rows, meta, out_dir, stem)
     progress(f"wrote {json_path}")
     return rows

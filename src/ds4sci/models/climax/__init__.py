@@ -7,8 +7,16 @@ checkpoints, position-embedding interpolation, crop/pad of grids), :func:`.io.wr
 """
 
 from .config import CLIMAX_VARS, PRESETS, SAMPLE_VARS, ClimaXConfig, preset
-from .model import (ClimaX, ClimaXStage, init_parameters, initial_value, pack_inputs, patchify, patchify_targets,
-                    unpatchify)
+from .model import (
+                    ClimaX,
+                    ClimaXStage,
+                    init_parameters,
+                    initial_value,
+                    pack_inputs,
+                    patchify,
+                    patchify_targets,
+                    unpatchify,
+)
 
 __all__ = ["CLIMAX_VARS", "PRESETS", "SAMPLE_VARS", "ClimaX", "ClimaXConfig", "ClimaXStage", "init_parameters",
            "initial_value", "pack_inputs", "patchify", "patchify_targets", "preset", "unpatchify"]

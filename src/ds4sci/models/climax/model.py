@@ -121,20 +121,27 @@ class VariableAggregation(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim)
 
     def forward(self, query_D: torch.Tensor, x_BVtD: torch.Tensor) -> torch.Tensor:
-        """Aggregate ``[B, V, t, D]`` to ``[B, t, D]`` with the query ``[D]``."""
+        """Aggregate ``[B, V, t, D]`` to ``[B, t, D]`` with the query ``[D]``.
+
+        The same function as ``nn.MultiheadAttention(query, x, x)``, computed in another order:
+        the query is one vector, so each head's score ``q_h . (W_k,h x + b_k,h)`` is ``x . u_h +
+        c_h`` with ``u_h = W_k,h^T q_h``, and, the weights summing to 1 over the variables, the
+        value side is ``W_v,h (sum_v a_v,h x_v) + b_v,h``. Keys and values ``[B, V, t, D]`` are
+        never formed and their projections cost ``t D^2`` instead of ``V t D^2``.
+        """
         b, nv, t, dim = x_BVtD.shape
         h = self.num_heads
+        d = dim // h
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        # The query is one vector: project it once, fold the 1/sqrt(d) scale into it.
-        q_hd = (F.linear(query_D, w_q, b_q) * (dim // h) ** -0.5).view(h, dim // h)
-        k = F.linear(x_BVtD, w_k, b_k).view(b, nv, t, h, dim // h)
-        scores_BthV = torch.einsum("bvthd,hd->bthv", k, q_hd)
-        del k
-        attn = scores_BthV.softmax(dim=-1)
-        v = F.linear(x_BVtD, w_v, b_v).view(b, nv, t, h, dim // h)
-        out_BtD = torch.einsum("bthv,bvthd->bthd", attn, v).reshape(b, t, dim)
-        return self.out_proj(out_BtD)
+        q_hd = (F.linear(query_D, w_q, b_q) * d**-0.5).view(h, d)
+        u_hD = torch.einsum("hd,hde->he", q_hd, w_k.view(h, d, dim))
+        c_h = (b_k.view(h, d) * q_hd).sum(-1)
+        scores_BtHV = torch.einsum("bvte,he->bthv", x_BVtD, u_hD) + c_h[:, None]
+        attn_BtHV = scores_BtHV.softmax(dim=-1)
+        z_BtHD = torch.einsum("bthv,bvte->bthe", attn_BtHV, x_BVtD)  # per head, weighted mean of x
+        out_BtHd = torch.einsum("bthe,hde->bthd", z_BtHD, w_v.view(h, d, dim)) + b_v.view(h, d)
+        return self.out_proj(out_BtHd.reshape(b, t, dim))
 
 
 def full_attention(q_BhLd: torch.Tensor, k_BhLd: torch.Tensor, v_BhLd: torch.Tensor) -> torch.Tensor:
