@@ -68,6 +68,19 @@ def run_version(python: Path, version: str, timeout: float) -> dict:
     return row
 
 
+def _write(rows, meta, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "triton_matrix.json").write_text(json.dumps({"machine": meta, "results": rows}, indent=2) + "\n")
+    lines = [f"`{TESTS}` per triton version: torch {meta['torch']}, numpy {meta['numpy']}, python {meta['python']}, "
+             f"{'CUDA' if meta['cuda'] else 'no GPU (CPU cases in the interpreter + offline sm_90 compilation)'}, "
+             f"{meta['date'][:10]}, commit {meta['git_commit']}.", "",
+             "| triton | passed | failed | skipped | time (s) | status |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['triton']} | {r.get('passed', '-')} | {r.get('failed', '-')} | {r.get('skipped', '-')} | "
+                     f"{r.get('seconds', '-')} | {r['status']} |")
+    (out / "triton_matrix.md").write_text("\n".join(lines) + "\n")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--versions", nargs="+", default=VERSIONS)
@@ -90,16 +103,7 @@ def main(argv=None) -> int:
             row = {"triton": version, "status": "install failed", "error": str(err)[-300:]}
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "failed_tests"}), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "triton_matrix.json").write_text(json.dumps({"machine": meta, "results": rows}, indent=2) + "\n")
-    lines = [f"`{TESTS}` per triton version: torch {meta['torch']}, numpy {meta['numpy']}, python {meta['python']}, "
-             f"{'CUDA' if meta['cuda'] else 'no GPU (CPU cases in the interpreter + offline sm_90 compilation)'}, "
-             f"{meta['date'][:10]}, commit {commit}.", "",
-             "| triton | passed | failed | skipped | time (s) | status |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['triton']} | {r.get('passed', '-')} | {r.get('failed', '-')} | {r.get('skipped', '-')} | "
-                     f"{r.get('seconds', '-')} | {r['status']} |")
-    (args.out / "triton_matrix.md").write_text("\n".join(lines) + "\n")
+        _write(rows, meta, args.out)  # after each version: a long matrix keeps what it has done
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
