@@ -36,7 +36,9 @@ def _venv(root: Path, version: str) -> Path:
     python = venv / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", f"triton=={version}"], check=True)
+    # --ignore-installed: the system's triton may already be this version; it must be the venv's.
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--ignore-installed", "--no-deps",
+                    f"triton=={version}"], check=True)
     seen = subprocess.run([str(python), "-c", "import triton; print(triton.__version__, triton.__file__)"],
                           capture_output=True, text=True, check=True).stdout.split()
     if seen[0] != version or not seen[1].startswith(str(venv)):
@@ -69,7 +71,16 @@ def run_version(python: Path, version: str, timeout: float) -> dict:
 
 
 def _write(rows, meta, out: Path) -> None:
+    """Results of this run, with those of earlier runs for other versions kept (by version)."""
     out.mkdir(parents=True, exist_ok=True)
+    old = out / "triton_matrix.json"
+    if old.is_file():
+        mine = {r["triton"] for r in rows}
+        earlier = json.loads(old.read_text())
+        kept = [{"run_date": earlier["machine"]["date"], "run_commit": earlier["machine"]["git_commit"], **r}
+                for r in earlier["results"] if r["triton"] not in mine]
+        rows = sorted(kept + [{"run_date": meta["date"], "run_commit": meta["git_commit"], **r} for r in rows],
+                      key=lambda r: tuple(int(x) for x in r["triton"].split(".")))
     (out / "triton_matrix.json").write_text(json.dumps({"machine": meta, "results": rows}, indent=2) + "\n")
     lines = [f"`{TESTS}` per triton version: torch {meta['torch']}, numpy {meta['numpy']}, python {meta['python']}, "
              f"{'CUDA' if meta['cuda'] else 'no GPU (CPU cases in the interpreter + offline sm_90 compilation)'}, "
