@@ -22,6 +22,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -50,6 +51,8 @@ def run_version(python: Path, version: str, timeout: float) -> dict:
     junit = ROOT / f".triton_matrix_{version}.xml"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("TRITON_INTERPRET", None)  # the suite sets it per test, as in CI
+    # A fresh kernel cache: a cached cubin would hide a kernel that no longer compiles.
+    env["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"ds4sci-triton-{version}-cache-")
     start = time.perf_counter()
     try:
         proc = subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",

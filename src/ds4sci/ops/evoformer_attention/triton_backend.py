@@ -327,7 +327,41 @@ def backward(grad_out, q, k, v, biases, out, stats, bias_needs_grad, tile_elemen
 
 
 def _on(device: torch.device):
-    """Launch on the tensors' GPU (Triton launches on the current device)."""
+    """Launch on the tensors' GPU (Triton launches on the current device); interpreter launches
+    leave ``triton.language`` as they found it."""
+    if _interpreted(device):
+        return _language_restored()
     if device.type == "cuda":
         return torch.cuda.device(device)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _language_restored():
+    """Undo what an interpreter launch does to ``triton.language``.
+
+    Before triton 3.6 the interpreter rebinds ``tl``'s builtins (``tl.program_id``,
+    ``tensor.__floordiv__``...) to its own builder at each launch and never restores them, so
+    compiling any kernel later in the same process fails (``'block_argument' object has no
+    attribute 'dtype'``); 3.6 restores them itself. Here the namespaces it patches are saved
+    before and restored after.
+    """
+    import triton.language as tl
+
+    spaces = [tl, tl.core, tl.tensor, tl.math]
+    spaces += [getattr(tl.core, name) for name in ("_experimental_tensor_descriptor_base", "tensor_descriptor_base")
+               if isinstance(getattr(tl.core, name, None), type)]
+    saved = [(space, dict(vars(space))) for space in spaces]
+    try:
+        yield
+    finally:
+        for space, before in saved:
+            now = vars(space)
+            for name in [n for n in now if n not in before]:
+                delattr(space, name)
+            for name, value in before.items():
+                if now.get(name, _MISSING) is not value:
+                    setattr(space, name, value)
+
+
+_MISSING = object()
