@@ -179,3 +179,13 @@ def test_embed_writes_the_path_it_prints(tmp_path, hf_model_dir, capsys):
     assert "--max-tokens=-1; expected >= 1" in capsys.readouterr().err
     assert main(["embed", "--model", str(tmp_path / "gone"), "--fasta", str(fasta), "--out", str(tmp_path / "x.npy")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_demo_states_the_rule_the_tests_use():
+    from evoformer_helpers import FLOOR
+
+    from ds4sci.demo import ERROR_FLOOR, _accuracy_rows
+
+    assert ERROR_FLOOR == FLOOR
+    _, rows = _accuracy_rows(shape=(1, 2, 17, 2, 8))
+    assert [r[0] for r in rows] == ["float32", "bfloat16", "float16"] and all(r[3] for r in rows)

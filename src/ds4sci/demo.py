@@ -39,10 +39,18 @@ def _accuracy_rows(shape=(1, 8, 97, 4, 32)):
         ours = _grads(lambda q, k, v, m, p: evoformer_attention(q, k, v, [m, p]), leaves(dtype), grad_out)
         plain = _grads(lambda q, k, v, m, p: evoformer_attention_naive(q, k, v, [m, p]),
                        leaves(dtype), grad_out)
-        errs = [max((o.double() - t).abs().max().item() for o, t in zip(res, truth))
-                for res in (ours, plain)]
-        rows.append((str(dtype).removeprefix("torch."), *errs))
+        errs = [[(o.double() - t).abs().max().item() for o, t in zip(res, truth)] for res in (ours, plain)]
+        # The tests' rule, per tensor: error <= 2 x plain torch's + floor x max(1, |truth|).
+        within = all(e <= 2 * p + ERROR_FLOOR[dtype] * max(1.0, t.abs().max().item())
+                     for e, p, t in zip(*errs, truth))
+        rows.append((str(dtype).removeprefix("torch."), max(errs[0]), max(errs[1]), within))
     return shape, rows
+
+
+ERROR_FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+"""Per-dtype error floor of the exactness rule, relative to max(1, largest |true value|): the
+values the tests use (``tests/evoformer_helpers.FLOOR``). In fp32 plain torch's own error is
+~1e-7, so the floor, not the 2x, decides: a ratio like 2.5x there is within the rule."""
 
 
 def main() -> int:
@@ -53,9 +61,11 @@ def main() -> int:
     shape, rows = _accuracy_rows()
     print(f"1. Exactness: out and grads of q, k, v, pair bias vs an fp64 reference, shape "
           f"[B,N,L,H,D]={list(shape)}, 20% of keys masked with -1e9")
-    print(f"   {'dtype':<9} {'ds4sci max err':>15} {'plain torch max err':>20}")
-    for name, ours, plain in rows:
-        print(f"   {name:<9} {ours:>15.2e} {plain:>20.2e}")
+    print(f"   {'dtype':<9} {'ds4sci max err':>15} {'plain torch max err':>20}  within the rule*")
+    for name, ours, plain, within in rows:
+        print(f"   {name:<9} {ours:>15.2e} {plain:>20.2e}  {'yes' if within else 'NO'}")
+    print("   * per tensor: error <= 2 x plain torch's + floor x max(1, |true|), floor fp32 2e-6, "
+          "bf16 8e-3, fp16 1e-3 (the tests' rule)")
     key = "ds-test-256"
     shape, origin = SHAPES[key]
     print(f"\n2. Forward+backward at {origin} {list(shape)}, float32, each in a fresh process")

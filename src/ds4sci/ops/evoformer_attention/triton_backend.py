@@ -71,6 +71,8 @@ def _kernels(device: torch.device):
         # interpreter functions for the rest of the process (breaking every compiled kernel).
         import triton.language  # noqa: F401
 
+        if interpret:
+            _fix_interpreter_index()
         name = f"{__package__}.triton_kernels" + ("_interpreted" if interpret else "")
         spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("triton_kernels.py"))
         module = importlib.util.module_from_spec(spec)
@@ -86,6 +88,30 @@ def _kernels(device: torch.device):
         sys.modules[name] = module
         _KERNEL_MODULES[interpret] = module
     return _KERNEL_MODULES[interpret]
+
+
+def _fix_interpreter_index() -> None:
+    """Let a kernel's scalar arguments bound Python loops (``range(0, L_k, BK)``) in the
+    interpreter of triton < 3.7 under NumPy >= 2.4.
+
+    Those interpreters hold a scalar argument as a 1-element array and give it
+    ``__index__ = int(array)``, which NumPy 2.4 refuses ("only 0-dimensional arrays can be
+    converted to Python scalars"); triton 3.7 squeezes the array first. This does the same for
+    older versions, on the interpreter's own patching hook (called at each launch, so it also
+    survives 3.6's restoring of patched attributes). A no-op where the hook does not exist.
+    """
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "ds4sci_index_fix", False):
+        return
+
+    def patch_lang_tensor(tensor, *args, **kwargs):
+        original(tensor, *args, **kwargs)
+        tensor.__index__ = lambda self: int(self.handle.data.item())
+
+    patch_lang_tensor.ds4sci_index_fix = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
 
 
 # (BQ, BK, warps) per kernel and padded head dim, fp16/bf16: the largest blocks that compile
@@ -301,7 +327,41 @@ def backward(grad_out, q, k, v, biases, out, stats, bias_needs_grad, tile_elemen
 
 
 def _on(device: torch.device):
-    """Launch on the tensors' GPU (Triton launches on the current device)."""
+    """Launch on the tensors' GPU (Triton launches on the current device); interpreter launches
+    leave ``triton.language`` as they found it."""
+    if _interpreted(device):
+        return _language_restored()
     if device.type == "cuda":
         return torch.cuda.device(device)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _language_restored():
+    """Undo what an interpreter launch does to ``triton.language``.
+
+    Before triton 3.6 the interpreter rebinds ``tl``'s builtins (``tl.program_id``,
+    ``tensor.__floordiv__``...) to its own builder at each launch and never restores them, so
+    compiling any kernel later in the same process fails (``'block_argument' object has no
+    attribute 'dtype'``); 3.6 restores them itself. Here the namespaces it patches are saved
+    before and restored after.
+    """
+    import triton.language as tl
+
+    spaces = [tl, tl.core, tl.tensor, tl.math]
+    spaces += [getattr(tl.core, name) for name in ("_experimental_tensor_descriptor_base", "tensor_descriptor_base")
+               if isinstance(getattr(tl.core, name, None), type)]
+    saved = [(space, dict(vars(space))) for space in spaces]
+    try:
+        yield
+    finally:
+        for space, before in saved:
+            now = vars(space)
+            for name in [n for n in now if n not in before]:
+                delattr(space, name)
+            for name, value in before.items():
+                if now.get(name, _MISSING) is not value:
+                    setattr(space, name, value)
+
+
+_MISSING = object()

@@ -89,8 +89,10 @@ def _probs(s, Stats, row, Lq, rq, mq):
     """Recomputed probabilities; rows past L_q and fully -inf rows (log denominator +inf) give 0."""
     base = Stats + (row * Lq + rq) * 2
     m = tl.load(base, mask=mq, other=0.0)
-    log_denom = tl.load(base + 1, mask=mq, other=float("inf"))
-    return tl.exp((s - m[:, None]) - log_denom[:, None])
+    log_denom = tl.load(base + 1, mask=mq, other=0.0)
+    # Rows past L_q zeroed by a 2-D select, not by other=inf in the load above: triton 3.2's
+    # layout pass rejects that load's select here (inside the dK/dV loop over query blocks).
+    return tl.where(mq[:, None], tl.exp((s - m[:, None]) - log_denom[:, None]), 0.0)
 
 
 @triton.jit
