@@ -1,7 +1,7 @@
 """Run the Triton backend's tests under each Triton version, each in its own environment.
 
-torch releases pin triton exactly (torch 2.6 -> 3.2, 2.7 -> 3.3, 2.8 -> 3.4, 2.9 -> 3.5, 2.10 ->
-3.6, ...), so GPU users run older tritons than the newest. For each version this makes a venv
+torch releases pin triton exactly (torch 2.6 pins 3.2; each later release a later one), so GPU
+users often run older tritons than the newest. For each version this makes a venv
 (``--system-site-packages``: the installed torch, numpy, pytest and hypothesis are reused; the
 venv's own ``triton==X`` comes first on ``sys.path`` and shadows the system one, which is
 checked before the tests run), then runs ``pytest tests/test_evoformer_attention_triton.py``

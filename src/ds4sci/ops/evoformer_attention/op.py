@@ -99,7 +99,7 @@ def _check_inputs(q, k, v, biases) -> None:
             raise TypeError(
                 f"{name}: {arg} has dtype {t.dtype}; expected one of float16, bfloat16, float32, float64"
             )
-        if t.device.type == "meta":
+        if arg == "q" and t.device.type == "meta":  # k, v, biases: "on meta but q is on cpu" below
             raise ValueError(f"{name}: {arg} is a meta tensor (shape only, no data); expected a tensor "
                              f"on a real device (cpu, cuda)")
         if t.dim() < 3:
