@@ -273,3 +273,22 @@ def test_the_default_corpus_run_ends_with_the_lineage_comparison(tmp_path, capsy
     assert "lineages (" in out and "vs" in out and "(codon frequencies)" in out
     result = json.loads((tmp_path / "lineages.json").read_text())
     assert 0 <= result["embedding"]["knn1_accuracy"] <= 1 and (tmp_path / "lineages.png").stat().st_size > 0
+
+
+def test_disk_full_while_tokenising_is_one_line_and_leaves_no_tmp(tmp_path, monkeypatch):
+    import ds4sci.data.dataset as dataset
+
+    real_open = open
+
+    def full_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if str(path).endswith(".tokens.tmp"):
+            def write(_):
+                raise OSError(28, "No space left on device")
+            f.write = write
+        return f
+
+    monkeypatch.setattr(dataset, "open", full_open, raising=False)
+    with pytest.raises(ValueError, match=r"could not write the token files .* No space left on device"):
+        Trainer(_cfg(tmp_path))
+    assert not list((tmp_path / "data").glob("*.tmp"))

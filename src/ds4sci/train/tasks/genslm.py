@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -138,7 +139,14 @@ def prepare_data(cfg, tokenizer: CodonTokenizer, resume: bool = False) -> Path:
         print(f"data: {', '.join(changed) or 'the inputs'} changed since the tokens in {token_dir} were "
               "built; tokenising again", file=sys.stderr)
     stamp_file.unlink(missing_ok=True)  # a build that dies half-way is redone next time
-    build_token_dir(_records(cfg), tokenizer, token_dir, cfg.data.val_fraction, cfg.data.frame)
+    try:
+        build_token_dir(_records(cfg), tokenizer, token_dir, cfg.data.val_fraction, cfg.data.frame)
+    except OSError as err:  # disk full, quota, read-only: no half-written token files left
+        for tmp in token_dir.glob("*.tmp"):
+            tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(token_dir).free if token_dir.exists() else 0
+        raise ValueError(f"data: could not write the token files in {token_dir}: {err.strerror or err} "
+                         f"({free / 2**20:.1f} MiB free; they need about 1 byte per codon)") from None
     stamp_file.write_text(json.dumps({"config": config, "inputs": inputs}))
     return token_dir
 
