@@ -20,6 +20,8 @@ from ds4sci.models.climax import (
 from ds4sci.models.climax.metrics import lat_weighted_mse, lat_weighted_mse_sum
 from ds4sci.models.climax.model import init_parameters, pack_inputs, patchify_targets
 from ds4sci.models.climax.reference import (
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
     ReferenceClimaX,
     climax_lat_weighted_mse,
     np_1d_sincos,
@@ -27,15 +29,6 @@ from ds4sci.models.climax.reference import (
 )
 
 VARS = ("v0", "v1", "v2", "v3")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster than a pool contending for shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny(**kw) -> ClimaXConfig:

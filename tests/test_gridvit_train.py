@@ -113,7 +113,7 @@ def test_cli_trains_gridvit_in_one_process_and_under_torchrun(tmp_path):
     one = subprocess.run([sys.executable, "-m", "ds4sci.cli", "train", "gridvit", f"--out_dir={tmp_path / 'one'}",
                           *SMALL], capture_output=True, text=True, timeout=120, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
-    assert "ds4sci train gridvit: gridvit-tiny" in one.stdout and "validation mse" in one.stdout
+    assert "ds4sci train gridvit: gridvit-tiny" in one.stdout and "mean squared error" in one.stdout
     dist = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            "-m", "ds4sci.cli", "train", "gridvit", f"--out_dir={tmp_path / 'dist'}", *SMALL,
                            "--sp=2", "--sp-mode=ring"], capture_output=True, text=True, timeout=180, env=env)

@@ -16,13 +16,7 @@ from ds4sci.md.run import run_md  # noqa: E402
 from ds4sci.md.units import FS  # noqa: E402
 from ds4sci.models.visnet import ViSNet, ViSNetConfig, energy_forces  # noqa: E402
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny graphs: one thread avoids oversubscription on small shared CPUs (much faster).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 CFG = ViSNetConfig(num_heads=2, num_layers=2, hidden_channels=16, num_rbf=8, cutoff=5.0,

@@ -6,15 +6,7 @@ import torch
 from ds4sci.md.neighbors import VerletList, pad_neighbors, unpad_neighbors
 from ds4sci.ops.neighbors import neighbor_list, vesin_available
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny graphs: one thread avoids oversubscription on small shared CPUs (much faster).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def brute_force(pos, cutoff, cell=None):

@@ -10,14 +10,7 @@ from ds4sci.models.visnet import (ViSNet, ViSNetConfig, energy_force_loss_sum,
                                   energy_force_metric_sums, energy_forces, finish_metrics, preset)
 from ds4sci.ops.neighbors import neighbor_list
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny graphs: one thread avoids oversubscription on small shared CPUs (much faster).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 CFG = ViSNetConfig(lmax=2, vecnorm_type="max_min", trainable_vecnorm=True, vertex=True,

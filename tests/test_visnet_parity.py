@@ -5,17 +5,9 @@ import torch
 
 from ds4sci.models.visnet import ViSNet, ViSNetConfig, energy_forces, load_pyg_state_dict, pyg_kwargs
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
 pyg_visnet = pytest.importorskip("torch_geometric.nn.models.visnet")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny graphs: one thread avoids oversubscription on small shared CPUs (much faster).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 
 def _brute_radius_graph(pos, r, batch=None, loop=False, max_num_neighbors=32, **_):

@@ -52,6 +52,10 @@ class Task:
     """What the loss counts, for metrics (``tokens``: ``tokens`` and ``tokens_per_s`` columns)."""
     run_files: frozenset = frozenset()
     """Files the task writes at the top of the run directory, besides the trainer's."""
+    val_metric: str = "val_loss"
+    """Name of the validation loss (summed loss / count over the validation set) in metrics."""
+    loss_label: str = "loss"
+    """What the loss is, for the final summary and the plot's axis."""
 
     # ----- config -----
     def preset(self, name: str):
@@ -146,18 +150,21 @@ class Task:
     def eval_metrics(self, loss_sum: float, count: float) -> dict:
         """Validation metrics from the summed validation loss and its count (``metrics.jsonl``
         values must be finite or None: they are written as JSON)."""
-        return {"val_loss": loss_sum / count if count else None}
+        return {self.val_metric: loss_sum / count if count else None}
 
     def summary(self, rows: list[dict]) -> str:
         """The line printed at the end of a run."""
         first, last = rows[0], rows[-1]
-        return (f"loss {first['loss']:.4g} -> {last['loss']:.4g} over {last['step']} steps; "
-                f"validation loss {_fmt(last.get('val_loss'))}")
+        val = last.get(self.val_metric)
+        return (f"{self.loss_label} {first['loss']:.4g} -> {last['loss']:.4g} over {last['step']} steps; "
+                f"validation {'n/a' if val is None else f'{val:.4g}'}; peak memory "
+                f"{last['peak_memory_bytes'] / 2**30:.2f} GiB")
 
     def plot(self, rows: list[dict], path: Path, title: str) -> None:
         from .metrics import plot_metrics
 
-        plot_metrics(rows, path, title=title)
+        renamed = [{**r, "val_loss": r.get(self.val_metric)} for r in rows]
+        plot_metrics(renamed, path, title=title, unit="", ylabel=self.loss_label)
 
     def after_fit(self, trainer) -> dict:
         """Task-specific evaluation once training is done (main rank of a finished run); returns
@@ -180,10 +187,6 @@ class Task:
         """Refuse weights that do not fit this run (architecture, vocabulary, ...)."""
         if theirs_config != model_config:
             raise ValueError(f"init_from={path!r}: its model config differs from this run's")
-
-
-def _fmt(x) -> str:
-    return "n/a" if x is None else f"{x:.4g}"
 
 
 def finite_or_none(x):

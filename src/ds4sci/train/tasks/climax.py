@@ -54,6 +54,8 @@ class ClimaXTask(Task):
     defaults = {"optim.lr": 2e-3, "optim.batch_size": 4, "optim.max_steps": 100, "optim.warmup_steps": 5,
                 "eval_every": 25, "checkpoint_every": 50}
     count_name = "values"
+    val_metric = "val_lat_mse"
+    loss_label = "latitude-weighted MSE (normalised units)"
     run_files = frozenset({"climax_eval.json", "climax_maps.png"})
 
     def __init__(self):
@@ -223,22 +225,6 @@ class ClimaXTask(Task):
         return self._model_config.patch_size
 
     # ----- evaluation -----
-    def eval_metrics(self, loss_sum: float, count: float) -> dict:
-        return {"val_lat_mse": loss_sum / count if count else None}
-
-    def summary(self, rows: list[dict]) -> str:
-        first, last = rows[0], rows[-1]
-        val = last.get("val_lat_mse")
-        return (f"lat-weighted MSE {first['loss']:.4f} -> {last['loss']:.4f} (normalised units) over "
-                f"{last['step']} steps; validation {'n/a' if val is None else f'{val:.4f}'}; peak memory "
-                f"{last['peak_memory_bytes'] / 2**30:.2f} GiB")
-
-    def plot(self, rows, path: Path, title: str) -> None:
-        from ..metrics import plot_metrics
-
-        renamed = [{**r, "val_loss": r.get("val_lat_mse")} for r in rows]
-        plot_metrics(renamed, path, title=title, unit="", ylabel="latitude-weighted MSE (normalised)")
-
     def after_fit(self, trainer) -> dict:
         """RMSE and ACC per variable at the lead time on the validation pairs (physical units),
         against persistence and climatology; a table, ``climax_eval.json`` and maps."""

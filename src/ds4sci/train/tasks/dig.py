@@ -57,6 +57,7 @@ class DiGTask(Task):
     defaults = {"optim.lr": 1e-3, "optim.batch_size": 64, "optim.max_steps": 300, "optim.warmup_steps": 20,
                 "eval_every": 100, "checkpoint_every": 100}
     count_name = "coordinates"
+    loss_label = "denoising loss (noise MSE)"
     run_files = frozenset({"ramachandran.png", "sample_metrics.json", "dig_model.pt"})
 
     def __init__(self):
@@ -128,21 +129,6 @@ class DiGTask(Task):
 
         if dims.dp_sp > 1:
             apply_fsdp(model, mesh.dp_sp, **fsdp)
-
-    def eval_metrics(self, loss_sum: float, count: float) -> dict:
-        return {"val_loss": loss_sum / count if count else None}
-
-    def summary(self, rows: list[dict]) -> str:
-        first, last = rows[0], rows[-1]
-        val = last.get("val_loss")
-        return (f"denoising loss {first['loss']:.4f} -> {last['loss']:.4f} over {last['step']} steps; "
-                f"validation {'n/a' if val is None else f'{val:.4f}'}; peak memory "
-                f"{last['peak_memory_bytes'] / 2**30:.2f} GiB")
-
-    def plot(self, rows, path: Path, title: str) -> None:
-        from ..metrics import plot_metrics
-
-        plot_metrics(rows, path, title=title, unit=" (noise MSE)", ylabel="denoising loss")
 
     def after_fit(self, trainer) -> dict:
         """Sample the trained model and compare with the MD (alanine dipeptide only)."""

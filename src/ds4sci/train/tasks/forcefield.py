@@ -53,6 +53,7 @@ class ForceFieldTask(Task):
     defaults = {"optim.lr": 1e-3, "optim.batch_size": 8, "optim.max_steps": 200, "optim.warmup_steps": 10,
                 "eval_every": 50, "checkpoint_every": 100, "optim.weight_decay": 0.0}
     count_name = "molecules"
+    loss_label = "energy + force loss"
     run_files = frozenset({"parity.png", "forcefield_eval.json", "model.pt"})
 
     def __init__(self):
@@ -142,20 +143,6 @@ class ForceFieldTask(Task):
             for k, v in energy_force_metric_sums(model, batch).items():
                 sums[k] = sums.get(k, 0.0) + v
         return finish_metrics(sums)
-
-    def eval_metrics(self, loss_sum: float, count: float) -> dict:
-        return {"val_loss": loss_sum / count if count else None}
-
-    def summary(self, rows: list[dict]) -> str:
-        first, last = rows[0], rows[-1]
-        val = last.get("val_loss")
-        return (f"energy+force loss {first['loss']:.4g} -> {last['loss']:.4g} over {last['step']} steps; "
-                f"validation {'n/a' if val is None else f'{val:.4g}'}")
-
-    def plot(self, rows, path: Path, title: str) -> None:
-        from ..metrics import plot_metrics
-
-        plot_metrics(rows, path, title=title, unit="", ylabel="energy + force loss")
 
     def after_fit(self, trainer) -> dict:
         """Validation energy MAE per atom and force MAE/RMSE; parity plots; the model exported for

@@ -264,6 +264,11 @@ class GenSLMTask(Task):
         mean = loss_sum / count
         return {"val_perplexity": math.exp(mean) if mean < 700 else math.inf}
 
+    def plot(self, rows: list[dict], path: Path, title: str) -> None:
+        from ..metrics import plot_metrics
+
+        plot_metrics(rows, path, title=title)  # cross-entropy in nats/token, perplexity as its log
+
     def summary(self, rows: list[dict]) -> str:
         first, last = rows[0], rows[-1]
         val = last.get("val_perplexity")

@@ -45,6 +45,8 @@ class GridViTTask(Task):
     default_model = "gridvit-tiny"
     defaults = {"optim.lr": 1e-3, "optim.batch_size": 8, "optim.max_steps": 60, "eval_every": 20}
     count_name = "values"
+    val_metric = "val_mse"
+    loss_label = "mean squared error"
 
     def preset(self, name: str) -> GridViTConfig:
         return preset(name)
@@ -100,18 +102,3 @@ class GridViTTask(Task):
         from ...models.gridvit.parallelize import sharded_loss_sum
 
         return sharded_loss_sum(model, *batch, dims, mesh)
-
-    def eval_metrics(self, loss_sum: float, count: float) -> dict:
-        return {"val_mse": loss_sum / count if count else None}
-
-    def summary(self, rows: list[dict]) -> str:
-        first, last = rows[0], rows[-1]
-        val = last.get("val_mse")
-        return (f"mse {first['loss']:.4f} -> {last['loss']:.4f} over {last['step']} steps; validation mse "
-                f"{'n/a' if val is None else f'{val:.4f}'}; peak memory {last['peak_memory_bytes'] / 2**30:.2f} GiB")
-
-    def plot(self, rows, path: Path, title: str) -> None:
-        from ..metrics import plot_metrics
-
-        renamed = [{**r, "val_loss": r.get("val_mse")} for r in rows]
-        plot_metrics(renamed, path, title=title, unit=" (MSE)", ylabel="mean squared error")
