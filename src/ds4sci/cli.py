@@ -78,7 +78,9 @@ def train(args, overrides: list[str]) -> int:
         print(task.summary(rows) + (" (largest rank)" if distributed else ""))
         task.after_fit(trainer)
     if main_rank:
-        print(f"run directory {cfg.out_dir}: metrics.jsonl, loss_curve.png, checkpoints/")
+        extra = sorted(f for f in task.run_files if (Path(cfg.out_dir) / f).exists())
+        print(f"run directory {cfg.out_dir}: metrics.jsonl, loss_curve.png, checkpoints/"
+              + "".join(f", {f}" for f in extra))
     if distributed:
         import torch.distributed as dist
 
