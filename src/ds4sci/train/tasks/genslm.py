@@ -157,6 +157,10 @@ class GenSLMTask(Task):
     data_config = DataConfig
     model_config = GenSLMConfig
     default_model = "genslm-tiny"
+    # 200 steps: at 80 the embeddings separated the simulated lineages slightly worse than codon
+    # frequencies (1-NN 0.87 vs 0.89); at 200, slightly better (0.93 vs 0.89). A few minutes on
+    # two CPU cores.
+    defaults = {"optim.max_steps": 200, "eval_every": 50, "checkpoint_every": 50}
     count_name = "tokens"
 
     def preset(self, name: str) -> GenSLMConfig:
