@@ -57,3 +57,23 @@ def test_climax_forecast_writes_netcdf_with_coordinates_and_units(tmp_path, caps
     assert ds["temperature_850"].shape == (1, 2, 60, 120) and ds["temperature_850"].attrs["units"] == "K"
     assert ds["prediction_timedelta"].values[1].astype("timedelta64[h]").astype(int) == 24
     assert main(["forecast", "--model", str(tmp_path / "nothing"), "--out", str(out)]) == 2
+
+
+def test_every_task_builds_on_the_meta_device_as_it_does_eagerly():
+    """What resume, init_from and distributed runs do (meta -> to_empty -> init_parameters)
+    gives the model an eager build gives: no buffer left uninitialised."""
+    import torch
+
+    from ds4sci.train.task import get_task, task_names
+
+    for name in task_names():
+        task = get_task(name)
+        config = task.preset(task.default_model)
+        eager = task.build_model(config, seed=3)
+        with torch.device("meta"):
+            lazy = task.build_model(config)
+        lazy.to_empty(device="cpu")
+        task.init_parameters(lazy, 3)
+        for (n, a), (_, b) in zip(eager.state_dict().items(), lazy.state_dict().items()):
+            assert torch.equal(a, b), f"{name}: {n}"
+        assert not any(b.is_meta for b in lazy.buffers())

@@ -92,6 +92,7 @@ class GracefulStop:
 
     def __init__(self):
         self.requested: str | None = None
+        self._first = 0.0
         self._old = {}
 
     def __enter__(self) -> GracefulStop:
@@ -103,11 +104,17 @@ class GracefulStop:
         return self
 
     def _handle(self, signum, frame):
+        import time
+
         name = signal.Signals(signum).name
+        # torchrun and batch schedulers forward the signal they received to every worker, so the
+        # same signal may arrive twice at once: only a later one (or a second Ctrl-C) means "now".
+        if self.requested == name and time.monotonic() - self._first < 5.0 and signum != signal.SIGINT:
+            return
         if self.requested is not None:
             print(f"\n{name} again: stopping now, without a checkpoint", file=sys.stderr, flush=True)
             os._exit(128 + signum)
-        self.requested = name
+        self.requested, self._first = name, time.monotonic()
         print(f"\n{name}: finishing this step and writing a checkpoint (send it again to stop at once)",
               file=sys.stderr, flush=True)
 

@@ -156,8 +156,8 @@ class Task:
         """The line printed at the end of a run."""
         first, last = rows[0], rows[-1]
         val = last.get(self.val_metric)
-        return (f"{self.loss_label} {first['loss']:.4g} -> {last['loss']:.4g} over {last['step']} steps; "
-                f"validation {'n/a' if val is None else f'{val:.4g}'}; peak memory "
+        return (f"{self.loss_label} {_num(first['loss'])} -> {_num(last['loss'])} over {last['step']} steps; "
+                f"validation {_num(val)}; peak memory "
                 f"{last['peak_memory_bytes'] / 2**30:.2f} GiB")
 
     def plot(self, rows: list[dict], path: Path, title: str) -> None:
@@ -187,6 +187,11 @@ class Task:
         """Refuse weights that do not fit this run (architecture, vocabulary, ...)."""
         if theirs_config != model_config:
             raise ValueError(f"init_from={path!r}: its model config differs from this run's")
+
+
+def _num(x, spec: str = ".4g") -> str:
+    """A metric for a message: None (a skipped or undefined value) reads "n/a"."""
+    return "n/a" if x is None else format(x, spec)
 
 
 def finite_or_none(x):

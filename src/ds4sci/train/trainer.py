@@ -94,7 +94,9 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # As many devices as are visible now (a run resumed on fewer GPUs than it was saved on).
+        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
 
 
 def load_plain_state(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -171,6 +173,8 @@ class Trainer:
 
     is_main = True
     """Whether this process writes metrics, plots and the run's config (rank 0)."""
+    _lock = None
+    """The run directory's lock (``close`` releases it; set before anything can fail)."""
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, config_path: str | Path | None = None):
         """``config_path``: the YAML file the config came from, never overwritten by the run's
@@ -458,9 +462,17 @@ class Trainer:
         stop = cfg.optim.max_steps if until_step is None else min(until_step, cfg.optim.max_steps)
         bar = tqdm(total=cfg.optim.max_steps, initial=self.step, disable=not (cfg.progress and self.is_main),
                    desc=f"train {self.task.name}", unit="step", dynamic_ncols=True)
-        row = {}
         self.model.train()
         rate = f"{self.task.count_name}_per_s"
+        try:
+            return self._fit(stop, bar, rate)
+        except BaseException:
+            self.close()  # an error ends the run: the directory is free again
+            raise
+
+    def _fit(self, stop: int, bar, rate: str) -> dict:
+        cfg = self.cfg
+        row = {}
         with GracefulStop() as signals:
             while self.step < stop:
                 row = self.train_step()

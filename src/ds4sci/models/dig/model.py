@@ -48,13 +48,15 @@ class NoiseEmbedding(nn.Module):
 
     def __init__(self, dim: int, num_freqs: int = 16):
         super().__init__()
-        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(64), num_freqs)),
-                             persistent=False)
+        # Constants computed where used, not buffers: a model built on the meta device and made
+        # real with to_empty would hold garbage in them.
+        self.num_freqs = num_freqs
         self.proj_in = nn.Linear(2 * num_freqs, dim)
         self.proj_out = nn.Linear(dim, dim)
 
     def forward(self, sigma_B: torch.Tensor) -> torch.Tensor:
-        angle = (sigma_B.log() / 4).unsqueeze(-1) * self.freqs
+        freqs = torch.exp(torch.linspace(0, math.log(64), self.num_freqs, device=sigma_B.device))
+        angle = (sigma_B.log() / 4).unsqueeze(-1) * freqs.to(sigma_B.dtype)
         feats = torch.cat([angle.sin(), angle.cos()], dim=-1)
         return self.proj_out(torch.nn.functional.silu(self.proj_in(feats)))
 
@@ -126,8 +128,7 @@ class DiGModel(nn.Module):
         self.relpos_embed = (nn.Embedding(2 * cfg.relpos_bins + 1, C_z)
                              if cfg.relpos_bins else None)
         self.noise_embed = NoiseEmbedding(C_s)
-        self.register_buffer("rbf_centres", torch.linspace(0.0, 6.0, cfg.num_rbf),
-                             persistent=False)
+        self.num_rbf = cfg.num_rbf  # centres linspace(0, 6, num_rbf) A, computed where used
         self.rbf_proj = nn.Linear(cfg.num_rbf, C_z)
         self.chiral_weight = nn.Linear(C_s, cfg.num_chiral) if cfg.num_chiral else None
         self.chiral_proj = nn.Linear(cfg.num_chiral, C_z) if cfg.num_chiral else None
@@ -182,8 +183,9 @@ class DiGModel(nn.Module):
         x_BN3 = centre(x_BN3, mask_BN) * c_in_B[:, None, None]
         diff_BNN3 = x_BN3.unsqueeze(2) - x_BN3.unsqueeze(1)
         dist_BNN = diff_BNN3.pow(2).sum(-1).add(1e-8).sqrt()
-        width = self.rbf_centres[1] - self.rbf_centres[0]
-        rbf = torch.exp(-((dist_BNN.unsqueeze(-1) - self.rbf_centres) / width).pow(2))
+        centres = torch.linspace(0.0, 6.0, self.num_rbf, device=dist_BNN.device, dtype=dist_BNN.dtype)
+        width = centres[1] - centres[0]
+        rbf = torch.exp(-((dist_BNN.unsqueeze(-1) - centres) / width).pow(2))
         s_BNC = (s0 + self.noise_embed(sigma_B)[:, None, :]).expand(B, N, -1)
         z_BNNC = z0 + self.rbf_proj(rbf)
         if self.chiral_weight is not None:

@@ -270,8 +270,9 @@ class ViSNet(nn.Module):
             if self.cfg.atomref is not None:
                 ref[: len(self.cfg.atomref), 0] = torch.tensor(self.cfg.atomref)
             return ref
-        if name in ("mean", "std"):
-            return getattr(self, name).detach().clone()
+        if name in ("mean", "std"):  # from the config (not the buffer: garbage after to_empty)
+            value = getattr(self.cfg, name)
+            return torch.tensor((0.0 if name == "mean" else 1.0) if value is None else float(value))
         if name.endswith("embedding.weight"):
             return torch.randn(shape, generator=generator)
         if "norm" in name:  # LayerNorm weight/bias and vector-norm weight

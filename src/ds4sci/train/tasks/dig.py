@@ -4,9 +4,9 @@ count) and validation loss; the run ends by sampling the trained model and compa
 reference (Jensen-Shannon divergence of the (phi, psi) histogram, basins, valid bond lengths,
 Ramachandran plot). ``ds4sci sample --model RUN`` samples a trained run.
 
-Layouts: one process, or data parallelism (FSDP over ``--dp``): each rank draws the diffusion
-noise of its share from torch's generator, so a dp run is statistically, not bitwise, the one-
-process run. Sequence, tensor and pipeline parallelism are refused.
+Layouts: one process. torchrun layouts are refused: every rank seeds torch's generator alike,
+so data-parallel ranks would draw the same diffusion noise (noise drawn per record would lift
+this).
 """
 
 from __future__ import annotations
@@ -120,9 +120,10 @@ class DiGTask(Task):
         return denoising_loss_sum(model, batch)
 
     def check_layout(self, dims, model_config) -> None:
-        if dims.sp_enabled or dims.tp_enabled or dims.pp_enabled:
-            raise ValueError(f"parallel layout {dims.describe()}: DiG training supports data parallelism "
-                             "(--dp) only")
+        # Every rank seeds torch's generator alike, so dp ranks would draw the same diffusion
+        # noise for different records: refused until noise is drawn per record.
+        raise ValueError(f"parallel layout {dims.describe()}: DiG training runs in one process (under data "
+                         "parallelism every rank would draw the same diffusion noise)")
 
     def parallelize(self, model, dims, mesh, parallel, fsdp: dict) -> None:
         from ...parallel.fsdp import apply_fsdp

@@ -26,7 +26,7 @@ from ...data.tokenizer import CodonTokenizer
 from ...models.genslm import GenSLM, GenSLMConfig, init_parameters, load_parameters
 from ...models.genslm.config import preset
 from ...models.genslm.model import IGNORE_INDEX
-from ..task import Task
+from ..task import Task, _num
 
 
 @dataclass
@@ -128,10 +128,16 @@ def prepare_data(cfg, tokenizer: CodonTokenizer, resume: bool = False) -> Path:
     if cached and stamp["inputs"] is None:  # an older run's cache: adopt it, stamped from now on
         stamp_file.write_text(json.dumps({"config": config, "inputs": inputs}))
         return token_dir
-    if cached and stamp["inputs"] == inputs:
+    def contents(entries):  # the modification time alone (touch, cp, checkout) changes nothing
+        return [{k: v for k, v in e.items() if k != "mtime_ns"} for e in entries]
+
+    if cached and contents(stamp["inputs"]) == contents(inputs):
+        if stamp["inputs"] != inputs:  # re-stamp the new times: no re-hash next start
+            stamp_file.write_text(json.dumps({"config": config, "inputs": inputs}))
         return token_dir
     if cached:
-        changed = [i.get("path", "embedded corpus") for i, j in zip(inputs, stamp["inputs"]) if i != j]
+        changed = [i.get("path", "embedded corpus") for i, j in zip(contents(inputs), contents(stamp["inputs"]))
+                   if i != j]
         if resume:
             raise ValueError(f"data: {', '.join(changed) or 'the inputs'} changed since this run tokenised "
                              f"them (contents differ); --resume would continue on other data. Restore the "
@@ -276,7 +282,7 @@ class GenSLMTask(Task):
     def summary(self, rows: list[dict]) -> str:
         first, last = rows[0], rows[-1]
         val = last.get("val_perplexity")
-        return (f"loss {first['loss']:.3f} -> {last['loss']:.3f} nats/token over {last['step']} steps; "
+        return (f"loss {_num(first['loss'], '.3f')} -> {_num(last['loss'], '.3f')} nats/token over {last['step']} steps; "
                 f"validation perplexity {float('nan') if val is None else val:.2f}; "
                 f"{last['tokens_per_s']:.0f} tokens/s; peak memory {last['peak_memory_bytes'] / 2**30:.2f} GiB")
 
