@@ -77,8 +77,8 @@ def check_out_dir(out_dir: Path, extra_files: set[str] = frozenset()) -> None:
     """Refuse an ``out_dir`` that is a file, or a non-empty directory that is not a ds4sci run."""
     if out_dir.exists() and not out_dir.is_dir():
         raise RunDirError(f"out_dir={str(out_dir)!r} is a file; expected a directory (new, empty, or a ds4sci run)")
-    if not out_dir.is_dir():
-        return
+    if not out_dir.is_dir() or (out_dir / ".lock").is_file() or (out_dir / "checkpoints").is_dir():
+        return  # new, or a ds4sci run (of any task: --overwrite and --resume decide what happens)
     foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in RUN_FILES | set(extra_files))
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
