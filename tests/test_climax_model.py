@@ -20,13 +20,13 @@ from ds4sci.models.climax import (
 from ds4sci.models.climax.metrics import lat_weighted_mse, lat_weighted_mse_sum
 from ds4sci.models.climax.model import init_parameters, pack_inputs, patchify_targets
 from ds4sci.models.climax.reference import (
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
     ReferenceClimaX,
     climax_lat_weighted_mse,
     np_1d_sincos,
     np_2d_sincos,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 VARS = ("v0", "v1", "v2", "v3")
 
