@@ -119,7 +119,8 @@ def _setup(contender: str, preset_name: str):
     import torch.distributed as dist
 
     from ..models.genslm import GenSLM, preset
-    from ..models.genslm.parallelize import parallelize_genslm, sequence_layout
+    from ..models.genslm.parallelize import parallelize_genslm
+    from ..parallel.sequence import sequence_layout
     from ..parallel import ParallelDims
     from ..models.genslm.parallelize import shard_batch
 

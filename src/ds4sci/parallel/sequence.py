@@ -250,6 +250,29 @@ def apply_sequence_parallel(model, mode: str, *, sp_group=None, ulysses_group=No
     return model
 
 
+def sequence_layout(dims, ring_layout: str = "contiguous") -> tuple[str, int]:
+    """``(layout, ulysses_size)`` of the token shards under ``dims`` (a ``ParallelDims``): Ulysses
+    is contiguous over all sp ranks; ring and hybrid use ``ring_layout`` at the ring level
+    (bidirectional models pass ``contiguous``)."""
+    if dims.sp_mode == "ulysses":
+        return "contiguous", dims.sp
+    if dims.sp_mode == "ring":
+        return ring_layout, 1
+    return ring_layout, dims.ulysses
+
+
+def apply_sequence_parallel_mesh(model, dims, mesh, ring_layout: str = "contiguous",
+                                 head_chunk: int | None = None):
+    """:func:`apply_sequence_parallel` with the mode and groups of a layout (``dims``) and its
+    ``ParallelMesh``."""
+    hybrid = dims.sp_mode == "hybrid"
+    return apply_sequence_parallel(
+        model, dims.sp_mode, sp_group=mesh.group("sp"),
+        ulysses_group=mesh.group("ulysses") if hybrid else None,
+        ring_group=mesh.group("ring") if hybrid else None,
+        layout=sequence_layout(dims, ring_layout)[0], head_chunk=head_chunk)
+
+
 def set_valid_length(model, valid_length: int | None) -> None:
     """Tell the sequence-parallel cores of ``model`` the real length of the next batch's
     sequences (None: no padding). Bidirectional attention then ignores the padded keys."""

@@ -21,7 +21,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 from ...parallel.dims import ParallelDims, ParallelMesh
 from ...parallel.fsdp import apply_fsdp
 from ...parallel.pipeline import build_pipeline
-from ...parallel.sequence import apply_sequence_parallel, shard_sequence
+from ...parallel.sequence import apply_sequence_parallel_mesh, shard_sequence
 from ...parallel.tensor import apply_tensor_parallel, check_divisible, megatron_block_plan
 from .config import GenSLMConfig
 from .model import IGNORE_INDEX
@@ -109,15 +109,6 @@ def check_layout(dims: ParallelDims, config: GenSLMConfig) -> None:
                              "needs at least one layer")
 
 
-def sequence_layout(dims: ParallelDims, ring_layout: str) -> tuple[str, int]:
-    """``(layout, ulysses_size)`` for :func:`shard_batch` under ``dims``."""
-    if dims.sp_mode == "ulysses":
-        return "contiguous", dims.sp
-    if dims.sp_mode == "ring":
-        return ring_layout, 1
-    return ring_layout, dims.ulysses
-
-
 def parallelize_genslm(model, dims: ParallelDims, mesh: ParallelMesh, *, ring_layout: str = "zigzag",
                        cpu_offload: bool = False, reshard_after_forward: bool = True,
                        tp_embeddings: bool = True, param_dtype: torch.dtype | None = None):
@@ -125,7 +116,7 @@ def parallelize_genslm(model, dims: ParallelDims, mesh: ParallelMesh, *, ring_la
     in place; returns it. Pipeline layouts go through :func:`pipeline_genslm`.
 
     Afterwards feed each rank :func:`shard_batch` of its data-parallel share
-    with ``sequence_layout(dims, ring_layout)``, call ``model.hidden_states(ids,
+    with ``parallel.sequence.sequence_layout(dims, ring_layout)``, call ``model.hidden_states(ids,
     positions=...)`` and ``model.loss_sum``, and scale the local loss sum by
     ``dims.dp_sp / global_token_count`` (FSDP averages gradients over dp x sp).
     """
@@ -135,12 +126,8 @@ def parallelize_genslm(model, dims: ParallelDims, mesh: ParallelMesh, *, ring_la
                          "pipeline_genslm for pipeline layouts")
     # SP only swaps attention cores; it must be set before FSDP wraps the layers.
     if dims.sp_enabled:
-        layout, _ = sequence_layout(dims, ring_layout)
-        apply_sequence_parallel(
-            model, dims.sp_mode, sp_group=mesh.group("sp"),
-            ulysses_group=mesh.group("ulysses") if dims.sp_mode == "hybrid" else None,
-            ring_group=mesh.group("ring") if dims.sp_mode == "hybrid" else None, layout=layout,
-            head_chunk=model.config.attention_head_chunk)
+        apply_sequence_parallel_mesh(model, dims, mesh, ring_layout,
+                                     head_chunk=model.config.attention_head_chunk)
     return _tp_then_fsdp(model, dims, mesh, cpu_offload=cpu_offload, tp_embeddings=tp_embeddings,
                          reshard_after_forward=reshard_after_forward, param_dtype=param_dtype)
 

@@ -15,7 +15,8 @@ import torch
 from ...parallel.dims import ParallelDims, ParallelMesh
 from ...parallel.fsdp import apply_fsdp
 from ...parallel.pipeline import build_pipeline
-from ...parallel.sequence import apply_sequence_parallel, set_valid_length, shard_sequence, valid_mask
+from ...parallel.sequence import (apply_sequence_parallel_mesh, sequence_layout, set_valid_length, shard_sequence,
+                                  valid_mask)
 from ...parallel.tensor import apply_tensor_parallel, check_divisible, megatron_block_plan
 from .config import GridViTConfig
 from .model import GridViT, patchify, squared_error_sum
@@ -36,11 +37,6 @@ def check_layout(dims: ParallelDims, config: GridViTConfig) -> None:
                          f"pp={dims.pp}; each stage needs at least one block")
 
 
-def sequence_layout(dims: ParallelDims) -> tuple[str, int]:
-    """``(layout, ulysses_size)`` of the patch shards: always contiguous (bidirectional)."""
-    return "contiguous", {"ulysses": dims.sp, "ring": 1, "hybrid": dims.ulysses}[dims.sp_mode]
-
-
 def _tp_then_fsdp(module, dims: ParallelDims, mesh: ParallelMesh, **fsdp):
     if dims.tp_enabled:
         apply_tensor_parallel(module, mesh.tp, megatron_block_plan(*BLOCK_PLAN))
@@ -53,10 +49,7 @@ def parallelize_gridvit(model: GridViT, dims: ParallelDims, mesh: ParallelMesh, 
     """Apply SP, TP and FSDP to ``model`` in place (pipeline layouts: :func:`pipeline_gridvit`)."""
     check_layout(dims, model.config)
     if dims.sp_enabled:
-        apply_sequence_parallel(
-            model, dims.sp_mode, sp_group=mesh.group("sp"),
-            ulysses_group=mesh.group("ulysses") if dims.sp_mode == "hybrid" else None,
-            ring_group=mesh.group("ring") if dims.sp_mode == "hybrid" else None, layout="contiguous")
+        apply_sequence_parallel_mesh(model, dims, mesh)  # bidirectional: contiguous shards
     return _tp_then_fsdp(model, dims, mesh, **fsdp)
 
 
@@ -75,7 +68,7 @@ def sharded_loss_sum(model: GridViT, x_BCHW: torch.Tensor, y_BCHW: torch.Tensor,
     x, y = patchify(x_BCHW, p), patchify(y_BCHW, p)
     if not dims.sp_enabled:
         return squared_error_sum(model.predict_patches(x), y), torch.tensor(y.numel())
-    layout, ulysses = sequence_layout(dims)
+    layout, ulysses = sequence_layout(dims)  # contiguous
     x, positions, valid = shard_sequence(x, mesh.sp_rank, dims.sp, layout, ulysses)
     y, _, _ = shard_sequence(y, mesh.sp_rank, dims.sp, layout, ulysses)
     set_valid_length(model, valid if valid < positions.numel() * dims.sp else None)

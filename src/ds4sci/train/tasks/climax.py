@@ -159,13 +159,10 @@ class ClimaXTask(Task):
 
     def parallelize(self, model, dims, mesh, parallel, fsdp: dict) -> None:
         from ...parallel.fsdp import apply_fsdp
-        from ...parallel.sequence import apply_sequence_parallel
+        from ...parallel.sequence import apply_sequence_parallel_mesh
 
         if dims.sp_enabled:
-            apply_sequence_parallel(
-                model, dims.sp_mode, sp_group=mesh.group("sp"),
-                ulysses_group=mesh.group("ulysses") if dims.sp_mode == "hybrid" else None,
-                ring_group=mesh.group("ring") if dims.sp_mode == "hybrid" else None, layout="contiguous")
+            apply_sequence_parallel_mesh(model, dims, mesh)  # bidirectional: contiguous shards
         if dims.dp_sp > 1:
             apply_fsdp(model, mesh.dp_sp, **fsdp)
 
@@ -203,11 +200,11 @@ class ClimaXTask(Task):
         if not dims.sp_enabled:
             return self.loss_sum(model, batch)
         from ...models.climax import patchify_targets
-        from ...parallel.sequence import set_valid_length, shard_sequence, valid_mask
+        from ...parallel.sequence import sequence_layout, set_valid_length, shard_sequence, valid_mask
 
         x, y, lead = batch
         c = model.config
-        layout, ulysses = "contiguous", {"ulysses": dims.sp, "ring": 1, "hybrid": dims.ulysses}[dims.sp_mode]
+        layout, ulysses = sequence_layout(dims)
         # Patch ids of this shard; end padding gets patch 0 (any real one) and is not counted.
         ids, pos, valid = shard_sequence(torch.arange(c.num_patches, device=x.device)[None], mesh.sp_rank,
                                          dims.sp, layout, ulysses, pad_value=0)

@@ -253,7 +253,8 @@ class GenSLMTask(Task):
     def sharded_loss_sum(self, model, batch, dims, mesh, parallel):
         ids, labels = batch
         if dims.sp_enabled:
-            from ...models.genslm.parallelize import sequence_layout, shard_batch
+            from ...models.genslm.parallelize import shard_batch
+            from ...parallel.sequence import sequence_layout
 
             layout, ulysses = sequence_layout(dims, parallel.sp_layout)
             ids, targets, positions = shard_batch(ids, labels, mesh.sp_rank, dims.sp, layout, ulysses,
