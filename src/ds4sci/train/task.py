@@ -183,6 +183,24 @@ class Task:
         weights, state = checkpoint_weights(ckpt)
         return weights, self.config_from_dict(dict(state["config"]["model_config"])), state["config"]["train"]
 
+    def load_model(self, path: str):
+        """``(model, run config)`` of a trained run of this task (run or checkpoint directory):
+        the model built on the meta device and filled one weight at a time (``load_parameters``),
+        in eval mode on the CPU; the run's ``TrainConfig`` (its data settings, for tasks whose
+        inference needs them)."""
+        from .config import TrainConfig
+
+        weights, config, train_cfg = self.load_weights(str(path))
+        if train_cfg.get("task", "genslm") != self.name:
+            raise ValueError(f"{path}: a run of task {train_cfg.get('task', 'genslm')!r}, not {self.name}")
+        cfg = TrainConfig(task=self.name, model=train_cfg["model"], model_changes=train_cfg["model_changes"],
+                          data=train_cfg["data"], seed=train_cfg["seed"])
+        with torch.device("meta"):
+            model = self.build_model(config)
+        model.to_empty(device="cpu")
+        self.load_parameters(model, weights)
+        return model.eval(), cfg
+
     def check_init_from(self, path: str, theirs_config, extra, cfg, model_config) -> None:
         """Refuse weights that do not fit this run (architecture, vocabulary, ...)."""
         if theirs_config != model_config:

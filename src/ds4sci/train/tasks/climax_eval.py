@@ -88,8 +88,6 @@ def forecast(run: str, steps: int, out: str, num_inits: int = 1):
     from pathlib import Path
 
     from ...data.climate import write_forecast_netcdf
-    from ...parallel.init import load_parameters
-    from ..config import TrainConfig
     from ..task import get_task
 
     if steps < 1 or num_inits < 1:
@@ -97,19 +95,14 @@ def forecast(run: str, steps: int, out: str, num_inits: int = 1):
     if Path(out).is_dir():
         raise ValueError(f"forecast: --out={out!r} is a directory; expected a .nc file path")
     task = get_task("climax")
-    weights, config, train_cfg = task.load_weights(run)
-    if train_cfg.get("task") != "climax":
-        raise ValueError(f"forecast: {run} is a run of task {train_cfg.get('task')!r}, not climax")
-    cfg = TrainConfig(task="climax", model=train_cfg["model"], model_changes=train_cfg["model_changes"],
-                      data=train_cfg["data"], seed=train_cfg["seed"])
+    try:
+        model, cfg = task.load_model(run)
+    except ValueError as err:
+        raise ValueError(f"forecast: {err}") from None
     data = task.data(cfg)
     if list(task.variables) != list(task.out_variables):
         raise ValueError(f"forecast: the run maps {task.variables} to {task.out_variables}; an autoregressive "
                          "rollout needs the same input and output variables")
-    with torch.device("meta"):
-        model = task.build_model(config)
-    load_parameters(model.to_empty(device="cpu"), weights)
-    model.eval()
     val, stats = data["val"], data["stats"]
     num_inits = min(num_inits, len(val))
     frames, inits = [], []

@@ -167,14 +167,6 @@ def load_model(path: str | Path):
         from ...models.dig.sample import load_checkpoint
 
         return load_checkpoint(path)
-    from ...parallel.init import load_parameters
     from ..task import get_task
 
-    task = get_task("dig")
-    weights, config, train_cfg = task.load_weights(str(path))
-    if train_cfg.get("task") != "dig":
-        raise ValueError(f"{path}: a run of task {train_cfg.get('task')!r}, not dig")
-    with torch.device("meta"):
-        model = task.build_model(config)
-    load_parameters(model.to_empty(device="cpu"), weights)
-    return model.eval()
+    return get_task("dig").load_model(path)[0]

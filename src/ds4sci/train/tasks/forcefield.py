@@ -190,28 +190,14 @@ class ForceFieldTask(Task):
 def load_model(path: str | Path):
     """A trained ViSNet for MD from a run directory (or checkpoint directory), with absolute
     energies: the run's energy reference ``e0`` per atom becomes ViSNet's ``atomref``."""
-    from ...parallel.init import load_parameters
     from ..task import get_task
 
     task = get_task("forcefield")
-    weights, config, train_cfg = task.load_weights(str(path))
-    if train_cfg.get("task") != "forcefield":
-        raise ValueError(f"{path}: a run of task {train_cfg.get('task')!r}, not forcefield")
-    from ..config import TrainConfig
-
-    cfg = TrainConfig(task="forcefield", model=train_cfg["model"], model_changes=train_cfg["model_changes"],
-                      data=train_cfg["data"], seed=train_cfg["seed"])
+    model, cfg = task.load_model(path)  # buffers too: the task's load_parameters
     task.datasets(cfg, Path(path))  # the run's e0
-    from ...models.visnet.model import ViSNet
-
-    with torch.device("meta"):
-        model = ViSNet(config)
-    model.to_empty(device="cpu")
-    load_parameters(model, weights)
-    _load_buffers(model, weights)
     with torch.no_grad():
         model.atomref.weight.add_(task.e0)  # energies relative to n_atoms * e0 -> absolute
-    return model.eval()
+    return model
 
 
 @torch.no_grad()
