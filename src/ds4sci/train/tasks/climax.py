@@ -4,11 +4,8 @@ NetCDF / GRIB / zarr through xarray; default the embedded ERA5 sample), latitude
 at the end per-variable RMSE and ACC against persistence and climatology with maps of truth,
 forecast and error (``climax_eval.json``, ``climax_maps.png``).
 
-Parallel layouts: sequence parallelism over patch tokens (Ulysses, ring, hybrid; bidirectional,
-contiguous shards, the padded end masked), FSDP over the blocks, and pipeline stages
-(``ClimaX.pipeline_stage``). Tensor parallelism is refused: ClimaX's fused ``qkv`` is laid out
-``[3, heads, d]`` (timm's), so a column split would hand a rank the q of some heads and the k of
-others.
+Parallel layouts (``models.climax.parallelize``): sequence parallelism over patch tokens (Ulysses,
+ring, hybrid), FSDP over the blocks and pipeline stages; tensor parallelism is refused.
 """
 
 from __future__ import annotations
@@ -147,38 +144,21 @@ class ClimaXTask(Task):
 
     # ----- distributed -----
     def check_layout(self, dims, model_config) -> None:
-        if dims.tp_enabled:
-            raise ValueError(f"parallel layout {dims.describe()}: ClimaX does not support tensor parallelism "
-                             "(its fused qkv is laid out [3, heads, d], so a column split mixes heads); use "
-                             "--sp, --dp or --pp")
-        if dims.pp_enabled and dims.sp_enabled:
-            raise ValueError(f"parallel layout {dims.describe()}: pipeline x sequence parallelism is not "
-                             "supported for ClimaX (stages pass whole-sequence activations)")
-        if dims.pp_enabled and model_config.depth < dims.pp:
-            raise ValueError(f"parallel layout {dims.describe()}: depth={model_config.depth} < pp={dims.pp}")
+        from ...models.climax.parallelize import check_layout
+
+        check_layout(dims, model_config)
 
     def parallelize(self, model, dims, mesh, parallel, fsdp: dict) -> None:
-        from ...parallel.fsdp import apply_fsdp
-        from ...parallel.sequence import apply_sequence_parallel_mesh
+        from ...models.climax.parallelize import parallelize_climax
 
-        if dims.sp_enabled:
-            apply_sequence_parallel_mesh(model, dims, mesh)  # bidirectional: contiguous shards
-        if dims.dp_sp > 1:
-            apply_fsdp(model, mesh.dp_sp, **fsdp)
+        parallelize_climax(model, dims, mesh, **fsdp)
 
     def pipeline(self, model, dims, mesh, parallel, fsdp: dict, *, batch_size: int, seq_len: int, device):
-        from ...parallel.fsdp import apply_fsdp
-        from ...parallel.pipeline import build_pipeline
+        from ...models.climax.parallelize import pipeline_climax
 
-        model.set_pipeline_task(self.variables, self.out_variables, self.lat)
-
-        def parallelize_stage(stage):
-            if dims.dp_sp > 1:
-                apply_fsdp(stage, mesh.dp_sp, **fsdp)
-
-        return build_pipeline(model, mesh.pp, batch_size=batch_size, seq_len=model.config.num_patches,
-                              n_microbatches=parallel.pp_microbatches, schedule=parallel.pp_schedule,
-                              device=device, parallelize_stage=parallelize_stage)
+        return pipeline_climax(model, dims, mesh, variables=self.variables, out_variables=self.out_variables,
+                               lat=self.lat, batch_size=batch_size, n_microbatches=parallel.pp_microbatches,
+                               schedule=parallel.pp_schedule, device=device, **fsdp)
 
     def pipeline_batch(self, batch):
         from ...models.climax import pack_inputs, patchify_targets
@@ -199,23 +179,11 @@ class ClimaXTask(Task):
     def sharded_loss_sum(self, model, batch, dims, mesh, parallel):
         if not dims.sp_enabled:
             return self.loss_sum(model, batch)
-        from ...models.climax import patchify_targets
-        from ...parallel.sequence import sequence_layout, set_valid_length, shard_sequence, valid_mask
+        from ...models.climax.parallelize import sharded_loss_sum
 
         x, y, lead = batch
-        c = model.config
-        layout, ulysses = sequence_layout(dims)
-        # Patch ids of this shard; end padding gets patch 0 (any real one) and is not counted.
-        ids, pos, valid = shard_sequence(torch.arange(c.num_patches, device=x.device)[None], mesh.sp_rank,
-                                         dims.sp, layout, ulysses, pad_value=0)
-        positions, real = ids[0], valid_mask(pos, valid)
-        set_valid_length(model, valid if valid < positions.numel() * dims.sp else None)
-        out = model.predict_patches(x, lead, self.variables, positions)
-        target = patchify_targets(self._all_targets(y), c.patch_size)[:, positions]
-        w = model.patch_loss_weights(self.lat, self.out_variables).to(out.device)[positions]
-        loss = (w[real] * (out[:, real].float() - target[:, real].float()).pow(2)).sum()
-        # This shard's share of the count B * V_out * H * W: its real patches' grid points.
-        return loss, torch.tensor(y.shape[0] * y.shape[1] * int(real.sum()) * c.patch_size**2)
+        return sharded_loss_sum(model, x, self._all_targets(y), lead, self.variables, self.out_variables, self.lat,
+                                dims, mesh, v_out=y.shape[1])
 
     @property
     def _patch(self) -> int:

@@ -1,0 +1,79 @@
+"""How ClimaX is spread over a ``ParallelDims`` layout (the model itself stays plain PyTorch).
+
+Sequence parallelism shards the patch tokens contiguously (bidirectional attention: every rank
+has the same work) in every mode; a patch count the ranks do not divide is padded at the end,
+the padded keys cut off (``parallel.sequence.set_valid_length``) and the padded patches not
+counted in the loss. FSDP shards each block over dp x sp; pipeline stages are cut between blocks
+(``ClimaX.pipeline_stage``). Tensor parallelism is refused: ClimaX's fused ``qkv`` is laid out
+``[3, heads, d]`` (timm's), so a column split would hand a rank the q of some heads and the k of
+others.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...parallel.dims import ParallelDims, ParallelMesh
+from ...parallel.fsdp import apply_fsdp
+from ...parallel.pipeline import build_pipeline
+from ...parallel.sequence import (apply_sequence_parallel_mesh, sequence_layout, set_valid_length, shard_sequence,
+                                  valid_mask)
+from .config import ClimaXConfig
+from .model import ClimaX, patchify_targets
+
+
+def check_layout(dims: ParallelDims, config: ClimaXConfig) -> None:
+    """Raise ValueError, with the reason, for a layout ClimaX cannot run under."""
+    if dims.tp_enabled:
+        raise ValueError(f"parallel layout {dims.describe()}: ClimaX does not support tensor parallelism "
+                         "(its fused qkv is laid out [3, heads, d], so a column split mixes heads); use "
+                         "--sp, --dp or --pp")
+    if dims.pp_enabled and dims.sp_enabled:
+        raise ValueError(f"parallel layout {dims.describe()}: pipeline x sequence parallelism is not "
+                         "supported for ClimaX (stages pass whole-sequence activations)")
+    if dims.pp_enabled and config.depth < dims.pp:
+        raise ValueError(f"parallel layout {dims.describe()}: depth={config.depth} < pp={dims.pp}")
+
+
+def parallelize_climax(model: ClimaX, dims: ParallelDims, mesh: ParallelMesh, **fsdp) -> ClimaX:
+    """Apply SP and FSDP to ``model`` in place (pipeline layouts: :func:`pipeline_climax`)."""
+    check_layout(dims, model.config)
+    if dims.sp_enabled:
+        apply_sequence_parallel_mesh(model, dims, mesh)  # bidirectional: contiguous shards
+    if dims.dp_sp > 1:
+        apply_fsdp(model, mesh.dp_sp, **fsdp)
+    return model
+
+
+def pipeline_climax(model: ClimaX, dims: ParallelDims, mesh: ParallelMesh, *, variables, out_variables, lat,
+                    batch_size: int, n_microbatches: int, schedule: str, device, **fsdp):
+    """This rank's pipeline stage of ``model`` (FSDP over dp applied to it) and its schedule."""
+    check_layout(dims, model.config)
+    model.set_pipeline_task(variables, out_variables, lat)
+
+    def parallelize_stage(stage):
+        if dims.dp_sp > 1:
+            apply_fsdp(stage, mesh.dp_sp, **fsdp)
+
+    return build_pipeline(model, mesh.pp, batch_size=batch_size, seq_len=model.config.num_patches,
+                          n_microbatches=n_microbatches, schedule=schedule, device=device,
+                          parallelize_stage=parallelize_stage)
+
+
+def sharded_loss_sum(model: ClimaX, x_BVHW, y_all_BVHW, lead_B, variables, out_variables, lat,
+                     dims: ParallelDims, mesh: ParallelMesh, v_out: int):
+    """``(lat-weighted summed squared error, count)`` of this rank's patches under SP.
+    ``y_all``: targets laid out over all the model's variables (``v_out`` of them scored)."""
+    c = model.config
+    layout, ulysses = sequence_layout(dims)
+    # Patch ids of this shard; end padding gets patch 0 (any real one) and is not counted.
+    ids, pos, valid = shard_sequence(torch.arange(c.num_patches, device=x_BVHW.device)[None], mesh.sp_rank,
+                                     dims.sp, layout, ulysses, pad_value=0)
+    positions, real = ids[0], valid_mask(pos, valid)
+    set_valid_length(model, valid if valid < positions.numel() * dims.sp else None)
+    out = model.predict_patches(x_BVHW, lead_B, variables, positions)
+    target = patchify_targets(y_all_BVHW, c.patch_size)[:, positions]
+    w = model.patch_loss_weights(lat, out_variables).to(out.device)[positions]
+    loss = (w[real] * (out[:, real].float() - target[:, real].float()).pow(2)).sum()
+    # This shard's share of the count B * V_out * H * W: its real patches' grid points.
+    return loss, torch.tensor(x_BVHW.shape[0] * v_out * int(real.sum()) * c.patch_size**2)
