@@ -1,13 +1,15 @@
 """ClimaX on the common trainer: the embedded ERA5 sample trains through the CLI, ends with the
 skill table and maps, and every supported layout (FSDP, Ulysses / ring / hybrid over the patch
-tokens, padded when the ranks do not divide them, pipeline) equals one process; tensor
-parallelism is refused with the reason."""
+tokens, padded when the ranks do not divide them, pipeline, tensor parallelism alone and with
+FSDP or Ulysses) equals one process; checkpoints cross between tensor-parallel and one-process
+runs both ways."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
 from dist_helpers import assert_same_run, run_distributed, run_summary
 from ds4sci.train.config import load_config
@@ -50,6 +52,7 @@ def _distributed(rank, world_size, out, extra):
     pytest.param(["parallel.sp=2"], id="ulysses2"),
     pytest.param(["parallel.sp=2", "parallel.sp_mode=ring"], id="ring2"),
     pytest.param(["parallel.pp=2"], id="pp2"),
+    pytest.param(["parallel.tp=2"], id="tp2"),
 ])
 def test_two_ranks_equal_one_process(tmp_path, layout):
     assert_same_run(_reference(tmp_path), run_distributed(_distributed, 2, str(tmp_path / "dist"), layout),
@@ -64,14 +67,134 @@ def test_hybrid_over_four_ranks_equals_one_process(tmp_path):
                     "val_lat_mse", min_steps=STEPS)
 
 
-def test_tensor_parallelism_is_refused_with_the_reason():
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", [
+    pytest.param(["parallel.tp=2", "parallel.dp=2"], id="tp2xfsdp2"),
+    pytest.param(["parallel.tp=2", "parallel.sp=2"], id="tp2xulysses2"),
+])
+def test_tensor_parallel_with_fsdp_or_sp_over_four_ranks_equals_one_process(tmp_path, layout):
+    assert_same_run(_reference(tmp_path), run_distributed(_distributed, 4, str(tmp_path / "dist"), layout),
+                    "val_lat_mse", min_steps=STEPS)
+
+
+def _tiny_randomized():
+    """A one-block ClimaX with weights far from their init (std 0.3: attention far from uniform,
+    so a head mix-up shows), the same on every rank, and a batch of 4."""
+    from ds4sci.models.climax import ClimaX, preset
+
+    model = ClimaX(preset("climax-tiny", img_size=(8, 16), embed_dim=16, depth=1), seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model, torch.randn(4, 4, 8, 16, generator=g), torch.rand(4, generator=g)
+
+
+def _tp_forward_backward(rank, world_size, dp):
+    """Predictions and whole gradients of ``_tiny_randomized`` under tp = world_size / dp (x FSDP
+    over dp), built on meta and filled from the plain weights as the trainer does; this rank's
+    qkv rows."""
+    from torch.distributed.tensor import DTensor
+
+    from ds4sci.models.climax import ClimaX
+    from ds4sci.models.climax.parallelize import parallelize_climax
+    from ds4sci.parallel import ParallelDims
+    from ds4sci.parallel.init import load_parameters
+
+    plain, x, lead = _tiny_randomized()
+    dims = ParallelDims(dp=dp, tp=world_size // dp, world_size=world_size)
+    mesh = dims.build_mesh()
+    with torch.device("meta"):
+        model = ClimaX(plain.config)
+    parallelize_climax(model, dims, mesh)
+    model.to_empty(device="cpu")
+    load_parameters(model, plain.state_dict())
+    share = slice(mesh.dp_rank * 4 // dp, (mesh.dp_rank + 1) * 4 // dp)
+    variables = list(plain.default_vars)
+    pred = model.predict(x[share], lead[share], variables, variables)
+    (pred.pow(2).sum() * dp).backward()  # FSDP averages over dp
+    qkv = model.blocks[0].attn.qkv.weight
+    return {"pred": pred.detach(), "qkv_rows": qkv.to_local().detach() if dp == 1 else None,
+            "grads": {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach()
+                      for n, p in model.named_parameters()}}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world_size,dp", [pytest.param(2, 1, id="tp2"), pytest.param(4, 2, id="tp2xfsdp2")])
+def test_tensor_parallel_climax_splits_qkv_by_heads_and_is_exact(world_size, dp):
+    plain, x, lead = _tiny_randomized()
+    variables = list(plain.default_vars)
+    pred = plain.predict(x, lead, variables, variables)
+    pred.pow(2).sum().backward()
+    attn = plain.blocks[0].attn
+    h, d, tp = attn.num_heads, attn.head_dim, world_size // dp
+    w_3hdD = attn.qkv.weight.detach().view(3, h, d, -1)
+    results = run_distributed(_tp_forward_backward, world_size, dp)
+    for rank, res in enumerate(results):
+        tp_rank, dp_rank = rank % tp, rank // tp
+        if res["qkv_rows"] is not None:  # the q, k and v rows of this rank's h/tp heads
+            heads = slice(tp_rank * h // tp, (tp_rank + 1) * h // tp)
+            assert torch.equal(res["qkv_rows"], w_3hdD[:, heads].reshape(-1, w_3hdD.shape[-1]))
+        share = slice(dp_rank * 4 // dp, (dp_rank + 1) * 4 // dp)
+        torch.testing.assert_close(res["pred"], pred.detach()[share], rtol=1e-5, atol=1e-5)
+        for name, p in plain.named_parameters():
+            torch.testing.assert_close(res["grads"][name], p.grad, rtol=1e-5, atol=1e-4, msg=name)
+
+
+def _resume_under_tp(rank, world_size, out):
+    """From a one-process checkpoint at step 1: step 2 under tp=2 (checkpoint written by TP),
+    then resume that TP checkpoint for step 3."""
+    from ds4sci.train.distributed import DistributedTrainer
+
+    for until in (2, STEPS):
+        trainer = DistributedTrainer(_cfg(out, "parallel.tp=2", "checkpoint_every=1"), resume=True)
+        rows = trainer.fit(until_step=until)["rows"]  # the run's rows so far: steps 1 ... until
+    return run_summary(trainer, rows, "val_lat_mse")
+
+
+@pytest.mark.distributed
+def test_checkpoints_cross_between_tensor_parallel_and_one_process(tmp_path):
+    from ds4sci.train.task import get_task
+
+    ref = _reference(tmp_path)
+    out = tmp_path / "crossing"
+    Trainer(_cfg(out, "checkpoint_every=1")).fit(until_step=1)  # one-process checkpoint
+    tp = run_distributed(_resume_under_tp, 2, str(out))
+    for res in tp:
+        assert res["loss"] == pytest.approx(ref["loss"], rel=2e-5)
+        assert res["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
+        assert res["val_lat_mse"] == pytest.approx(ref["val_lat_mse"], rel=2e-5)
+    # The last checkpoint (tensor-parallel, step 3) read by a one-process model: ClimaX's names
+    # and shapes, the TP run's values, and the one-process run's outputs.
+    model, _ = get_task("climax").load_model(str(out))
+    params = model.state_dict()
+    assert params.keys() == tp[0]["params"].keys()
+    for name, value in tp[0]["params"].items():
+        assert torch.equal(params[name], value), name
+    reference = type(model)(model.config, seed=1).eval()
+    reference.load_state_dict(ref["params"])
+    x = torch.randn(2, 4, 60, 120, generator=torch.Generator().manual_seed(0))
+    lead = torch.ones(2)
+    variables = list(model.default_vars)
+    with torch.no_grad():
+        torch.testing.assert_close(model.predict(x, lead, variables, variables),
+                                   reference.predict(x, lead, variables, variables),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_tensor_parallelism_refuses_heads_or_mlp_not_divisible():
     from ds4sci.parallel import ParallelDims
     from ds4sci.train.task import get_task
 
     task = get_task("climax")
-    dims = ParallelDims(dp=1, sp=1, tp=2, pp=1, world_size=2)
-    with pytest.raises(ValueError, match="ClimaX does not support tensor parallelism"):
-        task.check_layout(dims, task.preset("climax-tiny"))
+    tiny = task.preset("climax-tiny")  # 4 heads, embed_dim 64, MLP hidden 256
+    with pytest.raises(ValueError, match=r"model.num_heads=4 is not divisible by tp=3"):
+        task.check_layout(ParallelDims(dp=1, tp=3, world_size=3), tiny)
+    with pytest.raises(ValueError, match=r"int\(model.embed_dim \* model.mlp_ratio\)=100 is not divisible by tp=8"):
+        task.check_layout(ParallelDims(dp=1, tp=8, world_size=8), tiny.with_(num_heads=8, mlp_ratio=100 / 64))
+    with pytest.raises(ValueError, match=r"model.embed_dim=60 is not divisible by dp x sp=8"):
+        task.check_layout(ParallelDims(dp=4, sp=2, tp=2, world_size=16), tiny.with_(embed_dim=60))
+    task.check_layout(ParallelDims(dp=2, tp=4, world_size=8), tiny)
 
 
 def test_cli_run_ends_with_the_skill_table_and_maps(tmp_path, capsys):

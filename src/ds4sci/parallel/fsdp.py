@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
     MixedPrecisionPolicy,
@@ -41,6 +43,17 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 def _check_dtype(name: str, dtype) -> None:
     if dtype is not None and dtype not in _FLOAT_DTYPES:
         raise ValueError(f"apply_fsdp: {name}={dtype}; expected None or one of {_FLOAT_DTYPES}")
+
+
+def _shard_placement(param: nn.Parameter) -> Shard | None:
+    """FSDP's split of ``param``: dim 0 (None, the default), except for a tensor-parallel weight
+    whose dim 0 already carries a strided split (``tensor.FusedColwiseParallel``): a dim-0 chunk
+    of a rank's strided rows is a set of rows no DTensor placement describes, so initial values,
+    state dicts and checkpoints would misplace them; such weights are split along dim 1."""
+    if isinstance(param, DTensor) and param.ndim > 1 and any(
+            isinstance(p, _StridedShard) and p.dim == 0 for p in param.placements):
+        return Shard(1)
+    return None
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype | None = None,
@@ -83,7 +96,7 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype |
         offload_policy = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu")
     else:
         offload_policy = OffloadPolicy()
-    kwargs = dict(mesh=mesh, mp_policy=mp_policy, offload_policy=offload_policy)
+    kwargs = dict(mesh=mesh, mp_policy=mp_policy, offload_policy=offload_policy, shard_placement_fn=_shard_placement)
     for block in blocks:
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
     # The root (embeddings, final norm, output head) stays gathered from forward to backward: the

@@ -379,6 +379,12 @@ class Trainer:
     def _app_state(self) -> dict:
         """Model and optimizer state keyed by parameter name (DTensor shards when distributed),
         the form ``torch.distributed.checkpoint`` saves and reshards."""
+        from ..parallel.tensor import checkpoint_layout
+
+        return checkpoint_layout(self._live_state())
+
+    def _live_state(self) -> dict:
+        """Model and optimizer state as training holds them (before ``checkpoint_layout``)."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(self._trained_module(), self.optimizer)
@@ -388,8 +394,14 @@ class Trainer:
         """Weights and optimizer state of a distributed checkpoint (any layout) into this run."""
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        app_state = self._app_state()
+        from ..parallel.tensor import checkpoint_layout, restore_layout
+
+        live = self._live_state()
+        # Read in the layout the checkpoint can hold, then back to the training layout (strided
+        # tensor-parallel shards: parallel.tensor.checkpoint_layout).
+        app_state = checkpoint_layout(live)
         load_distributed_app_state(ckpt, app_state)
+        app_state = restore_layout(app_state, live)
         set_state_dict(self._trained_module(), self.optimizer, model_state_dict=app_state["model"],
                        optim_state_dict=app_state["optim"])
 

@@ -159,6 +159,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, proj_drop: float):
         super().__init__()
         self.num_heads = num_heads
+        self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -166,11 +167,13 @@ class Attention(nn.Module):
         """``(q, k, v) [B, h, L, d] -> [B, h, L, d]``; sequence parallelism swaps it."""
 
     def forward(self, x_BLD: torch.Tensor) -> torch.Tensor:
-        b, s, dim = x_BLD.shape
-        qkv = self.qkv(x_BLD).view(b, s, 3, self.num_heads, dim // self.num_heads)
+        b, s, _ = x_BLD.shape
+        # Heads counted from the projection's output, so a tensor-parallel shard of the heads
+        # (the q, k and v rows of h/tp heads) runs this code unchanged.
+        qkv = self.qkv(x_BLD).view(b, s, 3, -1, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, h, L, d]
         out = self.core(q, k, v)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, s, dim)))
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, s, -1)))
 
 
 class Mlp(nn.Module):

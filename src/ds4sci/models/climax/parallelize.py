@@ -3,31 +3,49 @@
 Sequence parallelism shards the patch tokens contiguously (bidirectional attention: every rank
 has the same work) in every mode; a patch count the ranks do not divide is padded at the end,
 the padded keys cut off (``parallel.sequence.set_valid_length``) and the padded patches not
-counted in the loss. FSDP shards each block over dp x sp; pipeline stages are cut between blocks
-(``ClimaX.pipeline_stage``). Tensor parallelism is refused: ClimaX's fused ``qkv`` is laid out
-``[3, heads, d]`` (timm's), so a column split would hand a rank the q of some heads and the k of
-others.
+counted in the loss. Tensor parallelism (Megatron) splits each block by heads and MLP columns:
+``mlp.fc1`` column-wise, ``attn.proj`` and ``mlp.fc2`` row-wise, and the fused ``attn.qkv``,
+whose rows are timm's ``[(q|k|v), h, d]``, with ``parallel.tensor.FusedColwiseParallel``: each
+rank takes the q, k and v rows of its ``h / tp`` heads (a strided split of the unchanged
+weight, so names, shapes, initial values and checkpoints are ClimaX's). The embeddings, the
+variable aggregation and the head stay whole on every rank. FSDP shards each block over dp x sp
+(after TP: "2D"); pipeline stages are cut between blocks (``ClimaX.pipeline_stage``), each stage
+tensor-parallel and FSDP-sharded the same way.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 from ...parallel.dims import ParallelDims, ParallelMesh
 from ...parallel.fsdp import apply_fsdp
 from ...parallel.pipeline import build_pipeline
 from ...parallel.sequence import (apply_sequence_parallel_mesh, sequence_layout, set_valid_length, shard_sequence,
                                   valid_mask)
+from ...parallel.tensor import FusedColwiseParallel, apply_tensor_parallel, check_divisible
 from .config import ClimaXConfig
 from .model import ClimaX, patchify_targets
+
+
+def tensor_parallel_plan() -> dict:
+    """Each block's Megatron plan; ``attn.qkv`` stacks q, k and v (``n_fused=3``)."""
+    return {"attn.qkv": FusedColwiseParallel(3), "attn.proj": RowwiseParallel(),
+            "mlp.fc1": ColwiseParallel(), "mlp.fc2": RowwiseParallel()}
 
 
 def check_layout(dims: ParallelDims, config: ClimaXConfig) -> None:
     """Raise ValueError, with the reason, for a layout ClimaX cannot run under."""
     if dims.tp_enabled:
-        raise ValueError(f"parallel layout {dims.describe()}: ClimaX does not support tensor parallelism "
-                         "(its fused qkv is laid out [3, heads, d], so a column split mixes heads); use "
-                         "--sp, --dp or --pp")
+        check_divisible("ClimaX tensor parallelism", {
+            "model.num_heads": config.num_heads,
+            "the MLP hidden size int(model.embed_dim * model.mlp_ratio)": int(config.embed_dim * config.mlp_ratio)},
+            dims.tp)
+        if dims.dp_sp > 1 and config.embed_dim % dims.dp_sp:
+            # FSDP splits each rank's qkv rows by columns (parallel.fsdp), and only evenly.
+            raise ValueError(f"parallel layout {dims.describe()}: model.embed_dim={config.embed_dim} is not "
+                             f"divisible by dp x sp={dims.dp_sp}; tensor parallelism with FSDP splits the "
+                             "qkv weight's columns evenly over the dp x sp ranks")
     if dims.pp_enabled and dims.sp_enabled:
         raise ValueError(f"parallel layout {dims.describe()}: pipeline x sequence parallelism is not "
                          "supported for ClimaX (stages pass whole-sequence activations)")
@@ -35,29 +53,31 @@ def check_layout(dims: ParallelDims, config: ClimaXConfig) -> None:
         raise ValueError(f"parallel layout {dims.describe()}: depth={config.depth} < pp={dims.pp}")
 
 
+def _tp_then_fsdp(module, dims: ParallelDims, mesh: ParallelMesh, **fsdp):
+    if dims.tp_enabled:
+        apply_tensor_parallel(module, mesh.tp, tensor_parallel_plan())
+    if dims.dp_sp > 1:
+        apply_fsdp(module, mesh.dp_sp, **fsdp)
+    return module
+
+
 def parallelize_climax(model: ClimaX, dims: ParallelDims, mesh: ParallelMesh, **fsdp) -> ClimaX:
-    """Apply SP and FSDP to ``model`` in place (pipeline layouts: :func:`pipeline_climax`)."""
+    """Apply SP, TP and FSDP to ``model`` in place (pipeline layouts: :func:`pipeline_climax`)."""
     check_layout(dims, model.config)
     if dims.sp_enabled:
         apply_sequence_parallel_mesh(model, dims, mesh)  # bidirectional: contiguous shards
-    if dims.dp_sp > 1:
-        apply_fsdp(model, mesh.dp_sp, **fsdp)
-    return model
+    return _tp_then_fsdp(model, dims, mesh, **fsdp)
 
 
 def pipeline_climax(model: ClimaX, dims: ParallelDims, mesh: ParallelMesh, *, variables, out_variables, lat,
                     batch_size: int, n_microbatches: int, schedule: str, device, **fsdp):
-    """This rank's pipeline stage of ``model`` (FSDP over dp applied to it) and its schedule."""
+    """This rank's pipeline stage of ``model`` (TP, then FSDP over dp applied to it) and its
+    schedule."""
     check_layout(dims, model.config)
     model.set_pipeline_task(variables, out_variables, lat)
-
-    def parallelize_stage(stage):
-        if dims.dp_sp > 1:
-            apply_fsdp(stage, mesh.dp_sp, **fsdp)
-
     return build_pipeline(model, mesh.pp, batch_size=batch_size, seq_len=model.config.num_patches,
                           n_microbatches=n_microbatches, schedule=schedule, device=device,
-                          parallelize_stage=parallelize_stage)
+                          parallelize_stage=lambda stage: _tp_then_fsdp(stage, dims, mesh, **fsdp))
 
 
 def sharded_loss_sum(model: ClimaX, x_BVHW, y_all_BVHW, lead_B, variables, out_variables, lat,
