@@ -32,11 +32,11 @@ def _cfg(out, *extra):
 _REFERENCE = {}
 
 
-def _reference(tmp_path):
-    if not _REFERENCE:
-        trainer = Trainer(_cfg(tmp_path / "single"))
-        _REFERENCE["ref"] = run_summary(trainer, trainer.fit()["rows"], "val_lat_mse")
-    return _REFERENCE["ref"]
+def _reference(tmp_path, *extra):
+    if extra not in _REFERENCE:
+        trainer = Trainer(_cfg(tmp_path / f"single{len(_REFERENCE)}", *extra))
+        _REFERENCE[extra] = run_summary(trainer, trainer.fit()["rows"], "val_lat_mse")
+    return _REFERENCE[extra]
 
 
 def _distributed(rank, world_size, out, extra):
@@ -56,6 +56,24 @@ def _distributed(rank, world_size, out, extra):
 ])
 def test_two_ranks_equal_one_process(tmp_path, layout):
     assert_same_run(_reference(tmp_path), run_distributed(_distributed, 2, str(tmp_path / "dist"), layout),
+                    "val_lat_mse", min_steps=STEPS)
+
+
+# Drop-path at 0.5 and a large step, so that masks other than one process's move the losses by
+# about 1e-4, five times the tolerance.
+DROP_PATH = ("model.drop_path=0.5", "optim.lr=3e-2")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", [
+    pytest.param(["parallel.sp=2"], id="ulysses2"),
+    pytest.param(["parallel.dp=2"], id="fsdp2"),
+])
+def test_drop_path_masks_equal_one_process(tmp_path, layout):
+    """Ranks holding the same samples (sp) draw the same per-sample masks, ranks holding others
+    (dp) their samples' masks of the whole batch: both as one process draws them."""
+    assert_same_run(_reference(tmp_path, *DROP_PATH),
+                    run_distributed(_distributed, 2, str(tmp_path / "dist"), [*layout, *DROP_PATH]),
                     "val_lat_mse", min_steps=STEPS)
 
 

@@ -223,6 +223,10 @@ class Trainer:
         self._parallelize()
         if cfg.init_from is not None and not resume:
             self._init_from(cfg.init_from)
+        # Building on a real device draws from torch's RNG (default inits of nn.Linear ...), on
+        # the meta device (distributed runs) not: restart the stream so that training draws the
+        # same numbers (dropout, drop-path) in every layout.
+        torch.manual_seed(cfg.seed)
         self.optimizer = _optimizer(self._trained_module(), cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.sampler = RecordSampler(len(self.train_data), cfg.seed)

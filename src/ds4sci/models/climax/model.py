@@ -200,17 +200,28 @@ class Mlp(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth per sample (timm ``DropPath``, scaled by 1/keep)."""
+    """Stochastic depth per sample (timm ``DropPath``, scaled by 1/keep), drawn from torch's RNG.
+
+    ``batch_share = (offset, total)`` says the batch is samples ``offset ... offset+B-1`` of a
+    batch of ``total`` split over ranks: the mask is then drawn for all ``total`` samples and this
+    share kept, so every rank consumes the same random numbers and each sample gets the mask one
+    process would draw for it. Ranks that hold the same samples (sequence or tensor shards of
+    them) thus draw equal masks, as they must. None: the batch is whole.
+    """
 
     def __init__(self, p: float):
         super().__init__()
         self.p = p
+        self.batch_share: tuple[int, int] | None = None
 
     def forward(self, x):
         if self.p == 0.0 or not self.training:
             return x
         keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        offset, total = self.batch_share or (0, x.shape[0])
+        if offset < 0 or offset + x.shape[0] > total:
+            raise ValueError(f"DropPath: batch_share={self.batch_share} does not hold a batch of {x.shape[0]}")
+        mask = x.new_empty((total,) + (1,) * (x.dim() - 1)).bernoulli_(keep)[offset:offset + x.shape[0]]
         return x * mask.div_(keep)
 
 

@@ -25,7 +25,7 @@ from ...parallel.sequence import (apply_sequence_parallel_mesh, sequence_layout,
                                   valid_mask)
 from ...parallel.tensor import FusedColwiseParallel, apply_tensor_parallel, check_divisible
 from .config import ClimaXConfig
-from .model import ClimaX, patchify_targets
+from .model import ClimaX, DropPath, patchify_targets
 
 
 def tensor_parallel_plan() -> dict:
@@ -78,6 +78,15 @@ def pipeline_climax(model: ClimaX, dims: ParallelDims, mesh: ParallelMesh, *, va
     return build_pipeline(model, mesh.pp, batch_size=batch_size, seq_len=model.config.num_patches,
                           n_microbatches=n_microbatches, schedule=schedule, device=device,
                           parallelize_stage=lambda stage: _tp_then_fsdp(stage, dims, mesh, **fsdp))
+
+
+def set_batch_share(model, offset: int, total: int | None) -> None:
+    """Tell every drop-path of ``model`` that its batches are samples ``offset ...`` of a batch
+    of ``total`` (data-parallel shares; None: whole batches), so each sample gets one process's
+    mask and the ranks of one sample equal ones (``model.DropPath``)."""
+    for module in model.modules():
+        if isinstance(module, DropPath):
+            module.batch_share = None if total is None else (offset, total)
 
 
 def sharded_loss_sum(model: ClimaX, x_BVHW, y_all_BVHW, lead_B, variables, out_variables, lat,

@@ -5,7 +5,9 @@ at the end per-variable RMSE and ACC against persistence and climatology with ma
 forecast and error (``climax_eval.json``, ``climax_maps.png``).
 
 Parallel layouts (``models.climax.parallelize``): sequence parallelism over patch tokens (Ulysses,
-ring, hybrid), FSDP over the blocks and pipeline stages; tensor parallelism is refused.
+ring, hybrid), tensor parallelism over heads and MLP columns, FSDP over the blocks and pipeline
+stages. Drop-path masks are drawn per sample of the global batch, so every layout but the
+pipeline draws one process's masks.
 """
 
 from __future__ import annotations
@@ -177,11 +179,13 @@ class ClimaXTask(Task):
         return full
 
     def sharded_loss_sum(self, model, batch, dims, mesh, parallel):
-        if not dims.sp_enabled:
-            return self.loss_sum(model, batch)
-        from ...models.climax.parallelize import sharded_loss_sum
+        from ...models.climax.parallelize import set_batch_share, sharded_loss_sum
 
         x, y, lead = batch
+        # This rank's records are its dp share of the global batch (same share on every sp/tp rank).
+        set_batch_share(model, mesh.dp_rank * x.shape[0], dims.dp * x.shape[0])
+        if not dims.sp_enabled:
+            return self.loss_sum(model, batch)
         return sharded_loss_sum(model, x, self._all_targets(y), lead, self.variables, self.out_variables, self.lat,
                                 dims, mesh, v_out=y.shape[1])
 
