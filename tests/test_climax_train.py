@@ -89,8 +89,11 @@ def test_hybrid_over_four_ranks_equals_one_process(tmp_path):
 @pytest.mark.parametrize("layout", [
     pytest.param(["parallel.tp=2", "parallel.dp=2"], id="tp2xfsdp2"),
     pytest.param(["parallel.tp=2", "parallel.sp=2"], id="tp2xulysses2"),
+    pytest.param(["parallel.tp=2", "parallel.pp=2"], id="tp2xpp2"),
+    pytest.param(["parallel.tp=2", "parallel.sp=2", "parallel.sp_mode=ring"], id="tp2xring2",
+                 marks=pytest.mark.slow),
 ])
-def test_tensor_parallel_with_fsdp_or_sp_over_four_ranks_equals_one_process(tmp_path, layout):
+def test_tensor_parallel_with_fsdp_sp_or_pp_over_four_ranks_equals_one_process(tmp_path, layout):
     assert_same_run(_reference(tmp_path), run_distributed(_distributed, 4, str(tmp_path / "dist"), layout),
                     "val_lat_mse", min_steps=STEPS)
 

@@ -164,11 +164,12 @@ def checkpoint_layout(state):
 
 def restore_layout(loaded, live):
     """``loaded`` (a :func:`checkpoint_layout` of ``live``, filled from a checkpoint) with every
-    DTensor back in the placements of its counterpart in ``live``."""
-    if isinstance(loaded, dict):
-        return {k: restore_layout(v, live[k]) for k, v in loaded.items()}
-    if isinstance(loaded, list):
+    DTensor back in the placements of its counterpart in ``live``; everything else as loaded
+    (a checkpoint's plain entries, e.g. optimizer groups, may differ from ``live``'s)."""
+    if isinstance(loaded, dict) and isinstance(live, dict):
+        return {k: restore_layout(v, live[k]) if k in live else v for k, v in loaded.items()}
+    if isinstance(loaded, list) and isinstance(live, list) and len(loaded) == len(live):
         return [restore_layout(v, w) for v, w in zip(loaded, live)]
-    if isinstance(loaded, DTensor) and loaded.placements != live.placements:
+    if isinstance(loaded, DTensor) and isinstance(live, DTensor) and loaded.placements != live.placements:
         return loaded.redistribute(live.device_mesh, live.placements)
     return loaded
