@@ -1,8 +1,8 @@
 """ClimaX on the common trainer: the embedded ERA5 sample trains through the CLI, ends with the
 skill table and maps, and every supported layout (FSDP, Ulysses / ring / hybrid over the patch
 tokens, padded when the ranks do not divide them, pipeline, tensor parallelism alone and with
-FSDP or Ulysses) equals one process; checkpoints cross between tensor-parallel and one-process
-runs both ways."""
+FSDP, Ulysses, ring or pipeline) equals one process, with drop-path too; tensor parallelism splits
+the fused qkv by heads; checkpoints cross between tensor-parallel and one-process runs both ways."""
 
 from __future__ import annotations
 

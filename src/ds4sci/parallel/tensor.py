@@ -10,8 +10,10 @@ model's plan (``models/<name>/parallelize.py``): :func:`megatron_block_plan` bui
 one from the four module names.
 
 A column split of a fused qkv projection hands each rank whole heads only if its output is laid
-out per head (``[H, 3, D]``); the attention must read its head count from the projection output
-so a shard of heads runs unchanged. Norms stay replicated plain parameters: every TP rank sees the
+out per head (``[H, 3, D]``); one laid out ``[3, H, D]`` (timm's, ClimaX's) is split by
+:class:`FusedColwiseParallel` instead, whose strided shards :func:`checkpoint_layout` converts for
+checkpoints. The attention must read its head count from the projection output so a shard of
+heads runs unchanged. Norms stay replicated plain parameters: every TP rank sees the
 same replicated activations there, so their gradients are already identical across the group.
 """
 
