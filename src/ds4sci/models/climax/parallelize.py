@@ -16,10 +16,15 @@ import torch
 from ...parallel.dims import ParallelDims, ParallelMesh
 from ...parallel.fsdp import apply_fsdp
 from ...parallel.pipeline import build_pipeline
-from ...parallel.sequence import (apply_sequence_parallel_mesh, sequence_layout, set_valid_length, shard_sequence,
-                                  valid_mask)
+from ...parallel.sequence import (
+    apply_sequence_parallel_mesh,
+    sequence_layout,
+    set_valid_length,
+    shard_sequence,
+    valid_mask,
+)
 from .config import ClimaXConfig
-from .model import ClimaX, patchify_targets
+from .model import ClimaX, targets_at
 
 
 def check_layout(dims: ParallelDims, config: ClimaXConfig) -> None:
@@ -60,19 +65,34 @@ def pipeline_climax(model: ClimaX, dims: ParallelDims, mesh: ParallelMesh, *, va
                           parallelize_stage=parallelize_stage)
 
 
-def sharded_loss_sum(model: ClimaX, x_BVHW, y_all_BVHW, lead_B, variables, out_variables, lat,
-                     dims: ParallelDims, mesh: ParallelMesh, v_out: int):
-    """``(lat-weighted summed squared error, count)`` of this rank's patches under SP.
-    ``y_all``: targets laid out over all the model's variables (``v_out`` of them scored)."""
-    c = model.config
+def shard_patches(config: ClimaXConfig, dims: ParallelDims, mesh: ParallelMesh, device=None):
+    """This SP rank's patches: ``(positions [L'], real [L'] bool, valid)``, global row-major
+    patch ids (end padding gets patch 0, any real one, marked not ``real``) and the number of
+    real patches over the ranks (``set_valid_length``)."""
     layout, ulysses = sequence_layout(dims)
-    # Patch ids of this shard; end padding gets patch 0 (any real one) and is not counted.
-    ids, pos, valid = shard_sequence(torch.arange(c.num_patches, device=x_BVHW.device)[None], mesh.sp_rank,
+    ids, pos, valid = shard_sequence(torch.arange(config.num_patches, device=device)[None], mesh.sp_rank,
                                      dims.sp, layout, ulysses, pad_value=0)
-    positions, real = ids[0], valid_mask(pos, valid)
+    return ids[0], valid_mask(pos, valid), valid
+
+
+def patch_row_band(config: ClimaXConfig, positions: torch.Tensor) -> tuple[int, int]:
+    """``(first, stop)`` patch rows holding ``positions``: the band of the fields a sequence
+    shard needs (grid rows ``first * p`` to ``stop * p``), so each rank may load only that."""
+    per_row = config.img_size[1] // config.patch_size
+    return int(positions.min()) // per_row, int(positions.max()) // per_row + 1
+
+
+def sharded_loss_sum(model: ClimaX, x_BVHW, y_all_BVHW, lead_B, variables, out_variables, lat,
+                     dims: ParallelDims, mesh: ParallelMesh, v_out: int, row0: int = 0):
+    """``(lat-weighted summed squared error, count)`` of this rank's patches under SP.
+    ``y_all``: targets laid out over all the model's variables (``v_out`` of them scored).
+    ``x`` and ``y_all`` are whole fields, or (``row0``) the band of patch rows from ``row0``
+    that holds this rank's patches (:func:`patch_row_band`)."""
+    c = model.config
+    positions, real, valid = shard_patches(c, dims, mesh, x_BVHW.device)
     set_valid_length(model, valid if valid < positions.numel() * dims.sp else None)
-    out = model.predict_patches(x_BVHW, lead_B, variables, positions)
-    target = patchify_targets(y_all_BVHW, c.patch_size)[:, positions]
+    out = model.predict_patches(x_BVHW, lead_B, variables, positions, row0)
+    target = targets_at(y_all_BVHW, c.patch_size, positions, row0)
     w = model.patch_loss_weights(lat, out_variables).to(out.device)[positions]
     loss = (w[real] * (out[:, real].float() - target[:, real].float()).pow(2)).sum()
     # This shard's share of the count B * V_out * H * W: its real patches' grid points.
