@@ -363,7 +363,7 @@ class ClimaX(nn.Module):
         var_emb = self.var_embed[0, ids]
         query = self.var_query[0, 0]
         patches = patches_BVLP
-        pos = self.pos_embed[0] if positions is None else self.pos_embed[0, positions]
+        pos = self.position_rows(positions)
         if patches.shape[2] != pos.shape[0]:
             raise ValueError(f"ClimaX: {patches.shape[2]} patches for {pos.shape[0]} positions")
         tile = c.agg_tile or patches.shape[2]
@@ -379,6 +379,12 @@ class ClimaX(nn.Module):
         x_BLD = x_BLD + pos
         lead_BD = self.lead_time_embed(lead_times_B.to(x_BLD.dtype).unsqueeze(-1))
         return self.pos_drop(x_BLD + lead_BD.unsqueeze(1))
+
+    def position_rows(self, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Position embeddings ``[L', D]`` of ``positions`` (default all ``L``). Under sequence
+        parallelism an instance attribute of the same name takes the rank's rows of a
+        sequence-sharded ``pos_embed`` instead (``parallelize.shard_position_embedding``)."""
+        return self.pos_embed[0] if positions is None else self.pos_embed[0, positions]
 
     def run_blocks(self, x_BLD: torch.Tensor, blocks=None) -> torch.Tensor:
         """The ViT blocks (all, or ``blocks``: a pipeline stage's), checkpointed if configured."""

@@ -12,9 +12,12 @@ others.
 from __future__ import annotations
 
 import torch
+from torch import nn
+from torch.distributed.tensor import Shard
 
 from ...parallel.dims import ParallelDims, ParallelMesh
 from ...parallel.fsdp import apply_fsdp
+from ...parallel.init import distribute_locally
 from ...parallel.pipeline import build_pipeline
 from ...parallel.sequence import (
     apply_sequence_parallel_mesh,
@@ -43,11 +46,62 @@ def check_layout(dims: ParallelDims, config: ClimaXConfig) -> None:
 def parallelize_climax(model: ClimaX, dims: ParallelDims, mesh: ParallelMesh, **fsdp) -> ClimaX:
     """Apply SP and FSDP to ``model`` in place (pipeline layouts: :func:`pipeline_climax`)."""
     check_layout(dims, model.config)
+    ignored = None
     if dims.sp_enabled:
         apply_sequence_parallel_mesh(model, dims, mesh)  # bidirectional: contiguous shards
+        ignored = {shard_position_embedding(model, dims, mesh)}
     if dims.dp_sp > 1:
-        apply_fsdp(model, mesh.dp_sp, **fsdp)
+        apply_fsdp(model, mesh.dp_sp, ignored_params=ignored, **fsdp)
     return model
+
+
+class _ReduceOverReplicas(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over the data-parallel replicas and scales
+    it by ``1 / (dp * sp)``: what FSDP's gradient averaging over dp x sp does for every other
+    parameter (the loss of each rank is scaled by dp x sp; ``parallel.fsdp``)."""
+
+    @staticmethod
+    def forward(ctx, x, group, scale):
+        ctx.group, ctx.scale = group, scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad * ctx.scale
+        if ctx.group is not None:
+            torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None, None
+
+
+def shard_position_embedding(model: ClimaX, dims: ParallelDims, mesh: ParallelMesh) -> nn.Parameter:
+    """Shard ``pos_embed [1, L, D]`` over the SP ranks by rows, as the patches are (contiguous
+    chunks of ceil(L / sp)): each rank keeps, uses and updates only its patches' rows, so this
+    O(L D) parameter (with its gradient and AdamW state, 16 bytes x D per patch) is divided by sp
+    like the activations. Under FSDP it would be gathered whole on every rank for the forward and
+    its gradient made whole before the reduce-scatter. Returns the new parameter (a DTensor
+    ``Shard(1)`` over the SP mesh, so checkpoints hold the whole embedding), for FSDP to ignore."""
+    whole = model.pos_embed
+    sharded = nn.Parameter(distribute_locally(whole.detach(), mesh.sp, [Shard(1)]),
+                           requires_grad=whole.requires_grad)
+    model.pos_embed = sharded
+    chunk = -(-model.config.num_patches // dims.sp)
+    start = mesh.sp_rank * chunk
+    group = mesh.group("dp") if dims.dp > 1 else None
+    scale = 1.0 / dims.dp_sp
+
+    def position_rows(positions: torch.Tensor | None = None) -> torch.Tensor:
+        if positions is None:
+            raise ValueError("ClimaX under sequence parallelism: position_rows needs this rank's positions")
+        local = _ReduceOverReplicas.apply(model.pos_embed.to_local()[0], group, scale)  # [n_local, D]
+        n_local = local.shape[0]
+        rel = positions - start
+        # End padding (and any patch not in this rank's chunk) reads an appended zero row: it is
+        # cut from attention and not counted in the loss.
+        rel = torch.where((rel >= 0) & (rel < n_local), rel, n_local)
+        return torch.cat([local, local.new_zeros(1, local.shape[1])])[rel]
+
+    model.position_rows = position_rows
+    return sharded
 
 
 def pipeline_climax(model: ClimaX, dims: ParallelDims, mesh: ParallelMesh, *, variables, out_variables, lat,
