@@ -197,6 +197,8 @@ def test_stages_positions_and_core():
     target = patchify_targets(torch.cat([torch.zeros(2, 1, 8, 12), y[:, 1:], torch.zeros(2, 1, 8, 12), y[:, :1]], 1), 2)
     out = model.predict_patches(x, lt, variables)
     total = sum((w[part] * (out[:, part] - target[:, part]) ** 2).sum() for part in torch.arange(24).split(10))
+    for part in (positions, torch.arange(24).split(10)[1]):  # a shard's rows alone, equal
+        torch.testing.assert_close(model.patch_loss_weights(lat, ["v3", "v1"], part), w[part], rtol=0, atol=0)
     ref = climax_lat_weighted_mse(model.fields(out, ["v3", "v1"]), y, ["v3", "v1"], lat)["loss"]
     torch.testing.assert_close(total / y.numel(), ref)
     calls = []

@@ -411,11 +411,12 @@ class ClimaX(nn.Module):
         ``row0``: ``x`` is the band of patch rows from there (see :meth:`tokens`)."""
         return self.project(self.run_blocks(self.tokens(x_BVHW, lead_times_B, variables, positions, row0)))
 
-    def patch_loss_weights(self, lat_H, out_variables: Sequence[str]) -> torch.Tensor:
+    def patch_loss_weights(self, lat_H, out_variables: Sequence[str],
+                           positions: torch.Tensor | None = None) -> torch.Tensor:
         """``[L, p*p*V]`` weights laid out as the head's outputs: ``cos(lat)/mean(cos(lat))`` on
         the entries of ``out_variables``, 0 elsewhere, so ``sum(w * (out - patchify_targets(y))^2)
-        / (B * V_out * H * W)`` is ClimaX's lat-weighted MSE; rows of a shard's ``positions``
-        give its part."""
+        / (B * V_out * H * W)`` is ClimaX's lat-weighted MSE; ``positions`` (global patch ids):
+        only those rows, as a sequence shard needs (never the whole ``[L, p*p*V]``)."""
         c = self.config
         lat = torch.as_tensor(np.asarray(lat_H, dtype=np.float64))
         if lat.shape != (c.img_size[0],):
@@ -424,8 +425,13 @@ class ClimaX(nn.Module):
         w_H = (w_H / w_H.mean()).float()
         keep = torch.zeros(len(c.default_vars))
         keep[self.var_ids(list(out_variables))] = 1.0
-        w_VHW = keep[:, None, None] * w_H[None, :, None].expand(-1, -1, c.img_size[1])
-        return patchify_targets(w_VHW.unsqueeze(0), c.patch_size)[0]
+        p, v = c.patch_size, len(c.default_vars)
+        if positions is None:
+            positions = torch.arange(c.num_patches)
+        rows = positions.cpu() // (c.img_size[1] // p)
+        lat_rows = rows[:, None] * p + torch.arange(p)  # [L', p]: grid row of each patch row
+        w = w_H[lat_rows][:, :, None, None] * keep  # [L', p_row, 1, V]: ClimaX's (p_row, p_col, V) order
+        return w.expand(-1, p, p, v).reshape(len(positions), p * p * v)
 
     # ----- the pipeline protocol (parallel.pipeline) -----
     def set_pipeline_task(self, variables: Sequence[str], out_variables: Sequence[str], lat_H) -> None:

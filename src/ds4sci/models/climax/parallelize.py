@@ -147,7 +147,7 @@ def sharded_loss_sum(model: ClimaX, x_BVHW, y_all_BVHW, lead_B, variables, out_v
     set_valid_length(model, valid if valid < positions.numel() * dims.sp else None)
     out = model.predict_patches(x_BVHW, lead_B, variables, positions, row0)
     target = targets_at(y_all_BVHW, c.patch_size, positions, row0)
-    w = model.patch_loss_weights(lat, out_variables).to(out.device)[positions]
+    w = model.patch_loss_weights(lat, out_variables, positions).to(out.device)
     loss = (w[real] * (out[:, real].float() - target[:, real].float()).pow(2)).sum()
     # This shard's share of the count B * V_out * H * W: its real patches' grid points.
     return loss, torch.tensor(x_BVHW.shape[0] * v_out * int(real.sum()) * c.patch_size**2)
