@@ -92,3 +92,22 @@ def test_bench_help_reaches_the_benchmarks_own_options(capsys):
         main(["bench", "genslm-init", "--help"])
     assert exit_info.value.code == 0 and "--quick" in capsys.readouterr().out
     assert main(["bench"]) == 0 and "genslm-init" in capsys.readouterr().out
+
+
+def test_bench_climax_memory_fit_recovers_a_linear_memory_model(tmp_path):
+    """The fit behind the projected rows: peaks exactly a + b L give back a, b, the longest
+    sequence in the budget and its ratio to one process; OOM rows are left out of the fit."""
+    from ds4sci.bench.climax_memory import fit_rows
+
+    a, b, gib = 2.0 * 2**30, 40_000.0, 2**30
+    rows = [{"contender": "ours", "processes": p, "width": 64, "depth": 2, "tokens": n, "status": "ok",
+             "peak_bytes": a / p + b / p * n, "time_s": 1e-3 * n} for p in (1, 4) for n in (512, 2048, 8192)]
+    rows.append({"contender": "ours", "processes": 1, "width": 64, "depth": 2, "tokens": 64_800, "status": "oom"})
+    fits = {f["processes"]: f for f in fit_rows(rows, budget_gib=20.0)}
+    one, four = fits[1], fits[4]
+    assert one["a_bytes"] == pytest.approx(a) and one["b_bytes_per_token"] == pytest.approx(b)
+    assert one["max_tokens_in_budget"] == pytest.approx((20 * gib - a) / b)
+    assert four["max_tokens_vs_one_process"] == pytest.approx((20 * gib - a / 4) / (20 * gib - a) * 4)
+    assert one["projected"]["0.25deg-p4"]["tokens"] == 64_800
+    assert one["projected"]["0.25deg-p4"]["fits"] == (a + b * 64_800 <= 20 * gib)
+    assert one["time_per_token_s"] == pytest.approx(1e-3) and one["time_per_token2_s"] == pytest.approx(0, abs=1e-12)

@@ -18,7 +18,7 @@ from ds4sci.models.climax import (
     unpatchify,
 )
 from ds4sci.models.climax.metrics import lat_weighted_mse, lat_weighted_mse_sum
-from ds4sci.models.climax.model import init_parameters, pack_inputs, patchify_targets
+from ds4sci.models.climax.model import init_parameters, pack_inputs, patches_at, patchify_targets, targets_at
 from ds4sci.models.climax.reference import (
     ReferenceClimaX,
     climax_lat_weighted_mse,
@@ -197,6 +197,8 @@ def test_stages_positions_and_core():
     target = patchify_targets(torch.cat([torch.zeros(2, 1, 8, 12), y[:, 1:], torch.zeros(2, 1, 8, 12), y[:, :1]], 1), 2)
     out = model.predict_patches(x, lt, variables)
     total = sum((w[part] * (out[:, part] - target[:, part]) ** 2).sum() for part in torch.arange(24).split(10))
+    for part in (positions, torch.arange(24).split(10)[1]):  # a shard's rows alone, equal
+        torch.testing.assert_close(model.patch_loss_weights(lat, ["v3", "v1"], part), w[part], rtol=0, atol=0)
     ref = climax_lat_weighted_mse(model.fields(out, ["v3", "v1"]), y, ["v3", "v1"], lat)["loss"]
     torch.testing.assert_close(total / y.numel(), ref)
     calls = []
@@ -222,6 +224,21 @@ def test_patchify_round_trips():
     assert torch.equal(unpatchify(t, 3, 8, 12, 2), x)
     with pytest.raises(ValueError, match="unpatchify"):
         unpatchify(t[:, :5], 3, 8, 12, 2)
+
+
+def test_patches_of_a_shard_and_of_a_row_band():
+    """A sequence shard gathers its patches (and targets) straight from the field, or from the
+    band of patch rows holding them, equal to patchify-then-index."""
+    x = torch.randn(2, 3, 8, 12)
+    positions = torch.tensor([5, 6, 7, 8, 9, 0])  # crosses patch rows 0 -> 1 -> 1, then 0
+    torch.testing.assert_close(patches_at(x, 2, positions), patchify(x, 2)[:, :, positions], rtol=0, atol=0)
+    torch.testing.assert_close(targets_at(x, 2, positions), patchify_targets(x, 2)[:, positions], rtol=0, atol=0)
+    band = torch.tensor([7, 8, 13])  # patch rows 1..2: grid rows 2..5
+    torch.testing.assert_close(patches_at(x[:, :, 2:6], 2, band, row0=1), patchify(x, 2)[:, :, band], rtol=0, atol=0)
+    torch.testing.assert_close(targets_at(x[:, :, 2:6], 2, band, row0=1), patchify_targets(x, 2)[:, band],
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="outside the field band of patch rows 1..2"):
+        patches_at(x[:, :, 2:6], 2, torch.tensor([19]), row0=1)
 
 
 def test_initial_values_and_meta_init():

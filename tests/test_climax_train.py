@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dist_helpers import assert_same_run, run_distributed, run_summary
+
 from ds4sci.train.config import load_config
 from ds4sci.train.trainer import Trainer
 
@@ -201,6 +202,37 @@ def test_checkpoints_cross_between_tensor_parallel_and_one_process(tmp_path):
         torch.testing.assert_close(model.predict(x, lead, variables, variables),
                                    reference.predict(x, lead, variables, variables),
                                    rtol=1e-4, atol=1e-4)
+
+
+def _resumed(rank, world_size, out, extra):
+    from ds4sci.train.distributed import DistributedTrainer
+
+    trainer = DistributedTrainer(_cfg(out, *extra), resume=True)
+    summary = run_summary(trainer, trainer.fit()["rows"], "val_lat_mse")
+    return {**summary, "start": 2, "pos_rows": tuple(trainer.model.pos_embed.to_local().shape)}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_sequence_sharded_position_embedding_over_dp_x_sp_resumes_a_one_process_run(tmp_path):
+    """Under SP each rank holds only its patches' rows of pos_embed (a DTensor the data-parallel
+    replicas reduce): a one-process checkpoint resumes under dp=2 x sp=2 and the run equals the
+    uninterrupted one process; its own checkpoint holds the whole embedding."""
+    import torch
+
+    from ds4sci.train.task import get_task
+
+    ref = _reference(tmp_path)
+    Trainer(_cfg(tmp_path / "run", "checkpoint_every=2")).fit(until_step=2)
+    layout = ["parallel.dp=2", "parallel.sp=2", "checkpoint_every=2"]
+    results = run_distributed(_resumed, 4, str(tmp_path / "run"), layout)
+    for res in results:
+        assert res["pos_rows"] == (1, 36, 16)  # 72 patches over sp=2
+        assert res["loss"] == pytest.approx(ref["loss"], rel=2e-5)  # steps 1-2 from the log, 3 resumed
+    torch.testing.assert_close(results[0]["params"]["pos_embed"], ref["params"]["pos_embed"], atol=1e-2, rtol=0)
+    model, _ = get_task("climax").load_model(tmp_path / "run")
+    assert tuple(model.pos_embed.shape) == (1, 72, 16)
+    torch.testing.assert_close(model.pos_embed.detach(), results[0]["params"]["pos_embed"], atol=0, rtol=0)
 
 
 def test_tensor_parallelism_refuses_heads_or_mlp_not_divisible():

@@ -1,10 +1,10 @@
 """Benchmark: one ClimaX training step at the issue's resolutions, ours vs ClimaX's own code path.
 
-Each (contender, resolution) runs one AdamW step (forward with ClimaX's lat-weighted MSE over
-every variable, backward, optimizer) on random fields in a fresh process, under an
-address-space limit (``--budget-gib``, default 20) so that a step that does not fit is recorded
-as ``oom`` instead of waking the OOM killer. Recorded: the process's peak resident memory
-(``ru_maxrss``: weights, AdamW state and the step) and the step's time.
+Each case runs one AdamW step (forward with ClimaX's lat-weighted MSE over every variable,
+backward, optimizer) on random fields in fresh processes, under an address-space limit
+(``--budget-gib``, default 20) so that a step that does not fit is recorded as ``oom`` instead of
+waking the OOM killer. Recorded: each process's peak resident memory (``ru_maxrss``: the
+interpreter, weights, AdamW state and the step; the largest over the ranks) and the step's time.
 
 Resolutions (ERA5 0.25 deg is 721 x 1440: cropped to 720 x 1440, ``data.climate.fit_grid``):
 5.625 deg p2 (512 tokens), 1.40625 deg p4 (2,048), 1.40625 deg p2 (8,192), 0.25 deg p8 (16,200),
@@ -12,18 +12,26 @@ p4 (64,800), p2 (259,200). Model: the published 48-variable configuration (embed
 16 heads, about 108M parameters) unless ``--width/--depth/--heads`` say otherwise.
 
 Contenders: ``ours`` (tiled tokenisation + aggregation, SDPA, per-block checkpointing, tiled
-MLP), ``ours-plain`` (SDPA only: every switch off, for resolutions the original fits), ``climax`` (ClimaX's code path as published: ``models.climax.reference`` with eager
-attention and ``nn.MultiheadAttention`` over the whole ``[B, V, L, D]``), ``climax-sdpa-ckpt``
-(that path with SDPA and per-block checkpointing).
+MLP), ``ours-plain`` (SDPA only: every switch off, for resolutions the original fits), ``climax``
+(ClimaX's code path as published: ``models.climax.reference`` with eager attention and
+``nn.MultiheadAttention`` over the whole ``[B, V, L, D]``), ``climax-sdpa-ckpt`` (that path with
+SDPA and per-block checkpointing). ``--processes 2 4`` runs ``ours`` as a torchrun job of that many
+gloo ranks: sequence parallelism over the patches (Ulysses when the heads divide, else ring) and
+FSDP over the same ranks; each rank holds only the band of field rows its patches need.
 
-Usage: ``python -m ds4sci.bench.climax_memory --quick`` (width 128, depth 2, two resolutions:
-under a minute) or ``python benchmarks/climax_memory.py``. A full run at the published width takes
-hours on a small CPU; not run here.
+``--fit`` (no runs) fits ``peak = a + b L`` per (contender, processes, width) over the measured
+lengths, projects the resolutions that were not run and the longest sequence that fits the budget
+(``L_max = (budget - a) / b``), writes ``<stem>_fit.json``, a Markdown table and a plot.
+
+Usage: ``ds4sci bench climax-memory --quick`` (width 128, depth 2, two resolutions: under a
+minute), or e.g. ``ds4sci bench climax-memory --resolutions 1.40625deg-p2 --contenders ours``. The
+full table at the published width takes hours on a small CPU: run it a resolution at a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -32,11 +40,16 @@ import torch
 
 from .common import (
     WORKER_ENV,
+    finish_worker,
+    init_gloo,
     limit_address_space,
     machine_info,
     merge_rows,
     peak_rss_bytes,
+    run_torchrun,
     run_worker,
+    save_figure,
+    subplots,
     write_rows,
 )
 
@@ -100,28 +113,208 @@ def worker(contender: str, resolution: str, width: int, depth: int, heads: int, 
             "tokens": config.num_patches, "params": sum(p.numel() for p in model.parameters())}
 
 
-def run(resolutions, contenders, width, depth, heads, budget_gib, out_dir: Path, stem: str, progress=print):
+def sp_worker(resolution: str, width: int, depth: int, heads: int, budget: int) -> dict:
+    """One rank of a torchrun job: ``ours`` with SP over every rank and FSDP over the same ranks;
+    rank 0 returns the case (peak: the largest rank's; time: the slowest rank's)."""
+    import torch.distributed as dist
+
+    from ds4sci.models.climax import ClimaX, init_parameters
+    from ds4sci.models.climax.parallelize import (
+        parallelize_climax,
+        patch_row_band,
+        shard_patches,
+        sharded_loss_sum,
+    )
+    from ds4sci.parallel.dims import ParallelDims
+
+    init_gloo()
+    p, rank = dist.get_world_size(), dist.get_rank()
+    config = _config(resolution, width, depth, heads).with_(**OUR_SETTINGS)
+    dims = ParallelDims(dp=1, sp=p, world_size=p, sp_mode="ulysses" if heads % p == 0 else "ring")
+    mesh = dims.build_mesh()
+    limit_address_space(budget)
+    status, error, elapsed, loss_value = "ok", None, 0.0, None
+    try:
+        with torch.device("meta"):
+            model = ClimaX(config)
+        parallelize_climax(model, dims, mesh)  # weights sharded before any storage exists
+        model.to_empty(device="cpu")
+        init_parameters(model, seed=0)
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        variables = list(config.default_vars)
+        h, w = config.img_size
+        positions, _, _ = shard_patches(config, dims, mesh)
+        first, stop = patch_row_band(config, positions)
+        rows = (stop - first) * config.patch_size  # this rank's band of the fields, not the whole field
+        g = torch.Generator().manual_seed(1 + rank)
+        x, y = torch.randn(1, len(variables), rows, w, generator=g), torch.randn(1, len(variables), rows, w, generator=g)
+        lead_times, lat = torch.full((1,), 0.72), np.linspace(90, -90, 721)[:h]
+        dist.barrier()
+        start = time.perf_counter()
+        loss_sum, count = sharded_loss_sum(model, x, y, lead_times, variables, variables, lat, dims, mesh,
+                                           v_out=len(variables), row0=first)
+        totals = torch.stack([loss_sum.detach(), count.to(loss_sum.dtype)])
+        dist.all_reduce(totals)
+        (loss_sum / totals[1]).backward()
+        optimizer.step()
+        elapsed, loss_value = time.perf_counter() - start, float(totals[0] / totals[1])
+    except (RuntimeError, MemoryError) as err:
+        text = str(err).lower()
+        if not isinstance(err, MemoryError) and "can't allocate" not in text and "out of memory" not in text:
+            raise
+        status, error = "oom", (str(err).splitlines()[0][:200] if str(err) else "MemoryError")
+    mine = {"status": status, "peak": peak_rss_bytes(), "time": elapsed}
+    gathered = [None] * p
+    dist.all_gather_object(gathered, mine)
+    dist.destroy_process_group()
+    if rank:
+        return {}
+    if any(g["status"] != "ok" for g in gathered):
+        return {"status": "oom", "error": error, "peak_bytes": max(g["peak"] for g in gathered)}
+    return {"status": "ok", "peak_bytes": max(g["peak"] for g in gathered),
+            "peak_bytes_ranks": [g["peak"] for g in gathered], "time_s": max(g["time"] for g in gathered),
+            "loss": loss_value, "params": _param_count(config), "sp_mode": dims.sp_mode}
+
+
+def _param_count(config) -> int:
+    from ds4sci.models.climax import ClimaX
+
+    with torch.device("meta"):
+        return sum(q.numel() for q in ClimaX(config).parameters())
+
+
+def _key(row: dict):
+    return (row["contender"], row["resolution"], row.get("processes", 1), row["width"], row["depth"])
+
+
+def run(resolutions, contenders, width, depth, heads, budget_gib, out_dir: Path, stem: str, progress=print,
+        processes=(1,), timeout: float = 4 * 3600):
     rows, meta = [], machine_info()
     for contender in contenders:
-        for res in resolutions:
-            args = ["--worker", contender, res, str(width), str(depth), str(heads), str(budget_gib)]
-            r = run_worker("ds4sci.bench.climax_memory", args, timeout=4 * 3600, env=WORKER_ENV)
-            rows.append({"contender": contender, "resolution": res, "width": width, "depth": depth,
-                         "tokens": _config(res, width, depth, heads).num_patches, "budget_gib": budget_gib, **r})
-            peak = f"{r['peak_bytes'] / 2**30:7.2f} GiB" if r.get("status") == "ok" else r["status"].upper()
-            extra = f"  {r['time_s']:8.2f} s" if r.get("status") == "ok" else ""
-            progress(f"{contender:<17} {res:<14} L={rows[-1]['tokens']:>7}  peak {peak}{extra}")
-            if r["status"] != "ok":
-                break  # finer resolutions will not fit either
-    rows = merge_rows(out_dir / f"{stem}.json", rows, lambda r: (r["contender"], r["resolution"]), meta)
+        for p in processes if contender == "ours" else (1,):
+            for res in resolutions:
+                args = [contender, res, str(width), str(depth), str(heads), str(budget_gib)]
+                if p == 1:
+                    r = run_worker("ds4sci.bench.climax_memory", ["--worker", *args], timeout=timeout, env=WORKER_ENV)
+                else:
+                    r = run_torchrun("ds4sci.bench.climax_memory", p, ["--sp-worker", *args[1:]], timeout=timeout,
+                                     env=WORKER_ENV)
+                rows.append({"contender": contender, "resolution": res, "processes": p, "width": width,
+                             "depth": depth, "heads": heads, "tokens": _config(res, width, depth, heads).num_patches,
+                             "budget_gib": budget_gib, **r})
+                peak = f"{r['peak_bytes'] / 2**30:7.2f} GiB" if r.get("status") == "ok" else r["status"].upper()
+                extra = f"  {r['time_s']:8.2f} s" if r.get("status") == "ok" else ""
+                progress(f"{contender:<17} P={p} {res:<14} L={rows[-1]['tokens']:>7}  peak {peak}{extra}")
+                if r["status"] != "ok":
+                    break  # finer resolutions will not fit either
+    rows = merge_rows(out_dir / f"{stem}.json", rows, _key, meta)
     json_path, _ = write_rows(rows, meta, out_dir, stem)
     progress(f"wrote {json_path}")
     return rows
 
 
+# ----------------------------------------------------------------------------------------------
+# Fit over lengths
+
+
+def fit_rows(rows: list[dict], budget_gib: float) -> list[dict]:
+    """Per (contender, processes, width, depth) with >= 2 measured lengths: least-squares
+    ``peak = a + b L`` (bytes) and ``time = c L + e L^2`` (s), the projected peak and time at
+    every resolution, and the longest sequence that fits the budget, ``(budget - a) / b``."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("status") == "ok":
+            groups.setdefault((r["contender"], r.get("processes", 1), r["width"], r["depth"]), []).append(r)
+    fits = []
+    for (contender, p, width, depth), ok in sorted(groups.items()):
+        lengths = sorted({r["tokens"] for r in ok})
+        if len(lengths) < 2:
+            continue
+        L = np.array([r["tokens"] for r in ok], dtype=float)
+        peak = np.array([r["peak_bytes"] for r in ok], dtype=float)
+        t = np.array([r["time_s"] for r in ok], dtype=float)
+        b, a = np.polyfit(L, peak, 1)
+        (c, e), *_ = np.linalg.lstsq(np.stack([L, L**2], 1), t, rcond=None)
+        budget = budget_gib * 2**30
+        residual = float(np.max(np.abs(a + b * L - peak)))
+        fits.append({
+            "contender": contender, "processes": p, "width": width, "depth": depth, "measured_tokens": lengths,
+            "a_bytes": float(a), "b_bytes_per_token": float(b), "max_residual_bytes": residual,
+            "time_per_token_s": float(c), "time_per_token2_s": float(e),
+            "max_tokens_in_budget": float((budget - a) / b) if b > 0 else None,
+            "projected": {res: {"tokens": n, "peak_gib": float((a + b * n) / 2**30),
+                                "time_s": float(c * n + e * n * n), "fits": bool(a + b * n <= budget)}
+                          for res, n in _tokens_by_resolution(width, depth).items()},
+        })
+    singles = {(f["contender"], f["width"], f["depth"]): f for f in fits if f["processes"] == 1}
+    for f in fits:
+        one = singles.get((f["contender"], f["width"], f["depth"]))
+        if one and f["max_tokens_in_budget"] and one["max_tokens_in_budget"]:
+            f["max_tokens_vs_one_process"] = f["max_tokens_in_budget"] / one["max_tokens_in_budget"]
+    return fits
+
+
+def _tokens_by_resolution(width: int, depth: int) -> dict[str, int]:
+    return {res: _config(res, width, depth, 16 if width % 16 == 0 else 4).num_patches for res in RESOLUTIONS}
+
+
+def write_fit(rows: list[dict], budget_gib: float, out_dir: Path, stem: str) -> Path:
+    meta = machine_info()
+    fits = fit_rows(rows, budget_gib)
+    path = out_dir / f"{stem}_fit.json"
+    path.write_text(json.dumps({"machine": meta, "budget_gib": budget_gib, "fits": fits}, indent=2) + "\n")
+    header = ("| contender | P | width x depth | measured L | a (GiB) | b (KiB/token) | L_max in budget | "
+              "vs P=1 | 64,800 tokens | 259,200 tokens |")
+    machine = (f"Machine: {meta['host_cpu']}, {meta['cpu_count']} cores, torch {meta['torch']}, "
+               f"commit {meta['git_commit']}, {meta['date'][:10]}. Rows: `{stem}.json`.")
+    lines = [f"# ClimaX memory fit (budget {budget_gib:g} GiB per process)", "", machine, "", header, "|" + "---|" * 10]
+    def cell(proj: dict) -> str:
+        return f"{proj['peak_gib']:.1f} GiB" + ("" if proj["fits"] else " (over)")
+
+    for f in fits:
+        ratio = f"{f['max_tokens_vs_one_process']:.2f}" if "max_tokens_vs_one_process" in f else ""
+        lmax = f"{f['max_tokens_in_budget']:,.0f}" if f["max_tokens_in_budget"] else "-"
+        lines.append(f"| {f['contender']} | {f['processes']} | {f['width']} x {f['depth']} | "
+                     f"{', '.join(f'{n:,}' for n in f['measured_tokens'])} | {f['a_bytes'] / 2**30:.2f} | "
+                     f"{f['b_bytes_per_token'] / 1024:.1f} | {lmax} | {ratio} | {cell(f['projected']['0.25deg-p4'])} | "
+                     f"{cell(f['projected']['0.25deg-p2'])} |")
+    (out_dir / f"{stem}_fit.md").write_text("\n".join(lines) + "\n")
+    plot(rows, fits, budget_gib, out_dir / f"{stem}.png")
+    return path
+
+
+def plot(rows, fits, budget_gib, path: Path) -> Path:
+    fig, ax = subplots(figsize=(7.5, 4.8))
+    colors = {}
+    for f in fits:
+        label = f"{f['contender']} P={f['processes']} w={f['width']}"
+        n = np.geomspace(256, 300_000, 64)
+        line, = ax.plot(n, (f["a_bytes"] + f["b_bytes_per_token"] * n) / 2**30, "--", lw=1)
+        colors[(f["contender"], f["processes"], f["width"])] = line.get_color()
+        line.set_label(label + " (fit)")
+    for r in rows:
+        c = colors.get((r["contender"], r.get("processes", 1), r["width"]), "k")
+        if r.get("status") == "ok":
+            ax.plot(r["tokens"], r["peak_bytes"] / 2**30, "o", color=c)
+        elif r.get("status") == "oom":
+            ax.plot(r["tokens"], budget_gib, "x", color=c, ms=9)
+    ax.axhline(budget_gib, color="grey", lw=0.8)
+    ax.set(xscale="log", yscale="log", xlabel="patch tokens L (x 48 variables)", ylabel="peak memory per process (GiB)",
+           title="ClimaX one training step: measured (o), OOM at budget (x), linear fit (--)")
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ds4sci bench climax-memory", description=__doc__.split("\n")[0])
     parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--sp-worker", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--processes", nargs="+", type=int, default=[1],
+                        help="process counts for `ours` (SP + FSDP over gloo ranks); others run in one")
+    parser.add_argument("--timeout", type=float, default=4 * 3600,
+                        help="seconds one case may run before it is recorded as `timeout` (default 4 h)")
+    parser.add_argument("--fit", action="store_true", help="no runs: fit the measured rows, project, plot")
     parser.add_argument("--quick", action="store_true", help="width 128, depth 2, two coarse resolutions (< 1 min)")
     parser.add_argument("--resolutions", nargs="+", choices=list(RESOLUTIONS), default=None)
     parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
@@ -131,9 +324,10 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-gib", type=float, default=20.0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
+    if args.sp_worker:
+        res, width, depth, heads, budget = args.sp_worker
+        finish_worker(sp_worker(res, int(width), int(depth), int(heads), int(float(budget) * 2**30)))
     if args.worker:
-        import json
-
         contender, res, width, depth, heads, budget = args.worker
         print(json.dumps(worker(contender, res, int(width), int(depth), int(heads), int(float(budget) * 2**30))))
         return 0
@@ -143,7 +337,17 @@ def main(argv=None) -> int:
     else:
         width, depth, heads, stem = args.width, args.depth, args.heads, "climax_memory_cpu"
         resolutions, budget = args.resolutions or list(RESOLUTIONS), args.budget_gib
-    run(resolutions, args.contenders, width, depth, heads, budget, args.out, stem)
+    if args.fit:
+        rows = json.loads((args.out / f"{stem}.json").read_text())["results"]
+        print(write_fit(rows, budget, args.out, stem))
+        print((args.out / f"{stem}_fit.md").read_text())
+        return 0
+    for p in args.processes:
+        if p < 1:
+            parser.error(f"--processes: {p}; expected process counts >= 1")
+    rows = run(resolutions, args.contenders, width, depth, heads, budget, args.out, stem, processes=args.processes,
+               timeout=args.timeout)
+    write_fit(rows, budget, args.out, stem)
     return 0
 
 

@@ -58,7 +58,7 @@ def _shard_placement(param: nn.Parameter) -> Shard | None:
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype | None = None,
                reduce_dtype: torch.dtype | None = torch.float32, cpu_offload: bool = False,
-               reshard_after_forward: bool = True) -> nn.Module:
+               reshard_after_forward: bool = True, ignored_params: set[nn.Parameter] | None = None) -> nn.Module:
     """Shard ``model`` (or a pipeline stage of it) in place over the 1-D data-parallel ``mesh``;
     returns it. Each repeated block (``tensor.model_blocks``: ``.layers`` or ``.blocks``) is one
     FSDP unit, the rest of the model the root unit; methods named in the model's
@@ -74,6 +74,8 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype |
     ``reshard_after_forward``: free each layer's gathered parameters after its forward (ZeRO-3;
     gathered again in backward) or keep them until backward (ZeRO-2-like: less communication,
     more memory).
+    ``ignored_params``: parameters FSDP leaves alone (the model shards and reduces them itself,
+    e.g. a sequence-sharded position embedding).
 
     Gradients are averaged over the mesh (FSDP's default), so each rank's loss should be its share
     of the global mean: ``local_loss_sum * mesh.size() / global_token_count``.
@@ -102,7 +104,7 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype |
     # The root (embeddings, final norm, output head) stays gathered from forward to backward: the
     # output head is needed again first thing in backward, and sequence-parallel training may call
     # the root twice (hidden states, then the loss) per step (FSDP2's own default for a root).
-    fully_shard(model, reshard_after_forward=False, **kwargs)
+    fully_shard(model, reshard_after_forward=False, ignored_params=ignored_params, **kwargs)
     for method in getattr(model, "fsdp_forward_methods", ()):
         if hasattr(model, method):
             register_fsdp_forward_method(model, method)

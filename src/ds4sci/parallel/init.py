@@ -70,10 +70,16 @@ def load_parameters(module: nn.Module, weights: Mapping[str, torch.Tensor]) -> N
         set_whole(p, whole)
 
 
+def distribute_locally(whole: torch.Tensor, mesh, placements) -> DTensor:
+    """``distribute_tensor`` without communication: every rank holds ``whole`` (or it is on the
+    meta device) and keeps its own part."""
+    return distribute_tensor(whole, mesh, placements, **_SLICE_LOCALLY)
+
+
 def set_whole(p: torch.Tensor, whole: torch.Tensor) -> None:
     """Write this rank's part of the whole value ``whole`` into ``p`` (plain or DTensor)."""
     whole = whole.to(p.dtype)
     if isinstance(p, DTensor):  # this rank's shard only
-        p.to_local().copy_(distribute_tensor(whole, p.device_mesh, p.placements, **_SLICE_LOCALLY).to_local())
+        p.to_local().copy_(distribute_locally(whole, p.device_mesh, p.placements).to_local())
     else:
         p.copy_(whole)

@@ -13,10 +13,13 @@ from .model import (
                     init_parameters,
                     initial_value,
                     pack_inputs,
+                    patches_at,
                     patchify,
                     patchify_targets,
+                    targets_at,
                     unpatchify,
 )
 
 __all__ = ["CLIMAX_VARS", "PRESETS", "SAMPLE_VARS", "ClimaX", "ClimaXConfig", "ClimaXStage", "init_parameters",
-           "initial_value", "pack_inputs", "patchify", "patchify_targets", "preset", "unpatchify"]
+           "initial_value", "pack_inputs", "patches_at", "patchify", "patchify_targets", "preset", "targets_at",
+           "unpatchify"]

@@ -79,6 +79,34 @@ def unpatchify(x_BLQ: torch.Tensor, v: int, h: int, w: int, p: int) -> torch.Ten
     return x.permute(0, 5, 1, 3, 2, 4).reshape(b, v, h, w)
 
 
+def _patch_rows_cols(positions: torch.Tensor, h: int, w: int, p: int, row0: int):
+    """Patch row (relative to the band starting at patch row ``row0``) and column of each of
+    ``positions`` (global row-major patch ids) in a field band ``[.., h, w]``."""
+    rows, cols = positions // (w // p) - row0, positions % (w // p)
+    if positions.numel() and (int(rows.min()) < 0 or int(rows.max()) >= h // p):
+        raise ValueError(f"ClimaX: patches in patch rows {int(rows.min()) + row0}..{int(rows.max()) + row0} "
+                         f"are outside the field band of patch rows {row0}..{row0 + h // p - 1}")
+    return rows, cols
+
+
+def patches_at(x_BVHW: torch.Tensor, p: int, positions: torch.Tensor, row0: int = 0) -> torch.Tensor:
+    """:func:`patchify` restricted to the patches ``positions``: ``[B, V, L', p*p]``, gathered
+    straight from the field (a sequence shard never copies the whole field). ``x`` may be a band
+    of patch rows starting at patch row ``row0``."""
+    b, v, h, w = x_BVHW.shape
+    rows, cols = _patch_rows_cols(positions, h, w, p, row0)
+    x = x_BVHW.reshape(b, v, h // p, p, w // p, p)[:, :, rows, :, cols, :]  # [L', B, V, p, p]
+    return x.permute(1, 2, 0, 3, 4).reshape(b, v, positions.numel(), p * p)
+
+
+def targets_at(y_BVHW: torch.Tensor, p: int, positions: torch.Tensor, row0: int = 0) -> torch.Tensor:
+    """:func:`patchify_targets` restricted to the patches ``positions``: ``[B, L', p*p*V]``."""
+    b, v, h, w = y_BVHW.shape
+    rows, cols = _patch_rows_cols(positions, h, w, p, row0)
+    y = y_BVHW.reshape(b, v, h // p, p, w // p, p)[:, :, rows, :, cols, :]  # [L', B, V, p, p]
+    return y.permute(1, 0, 3, 4, 2).reshape(b, positions.numel(), p * p * v)
+
+
 def patchify_targets(y_BVHW: torch.Tensor, p: int) -> torch.Tensor:
     """Inverse of :func:`unpatchify`: ``[B, V, H, W]`` -> ``[B, L, p*p*V]``."""
     b, v, h, w = y_BVHW.shape
@@ -320,18 +348,23 @@ class ClimaX(nn.Module):
         return self.var_agg(query_D, x_BVtD)
 
     def tokens(self, x_BVHW: torch.Tensor, lead_times_B: torch.Tensor, variables: Sequence[str],
-               positions: torch.Tensor | None = None) -> torch.Tensor:
+               positions: torch.Tensor | None = None, row0: int = 0) -> torch.Tensor:
         """Tokens ``[B, L, D]`` before the blocks: embedding + aggregation + position + lead time.
         ``positions`` (global patch indices, row-major) restricts them to those patches, as a
-        sequence shard needs; default all ``L``."""
+        sequence shard needs; default all ``L``. With ``positions``, ``x`` may be only the band
+        of patch rows from ``row0`` that holds them (a shard need not load the whole field)."""
         c = self.config
         variables = list(variables)
-        if x_BVHW.dim() != 4 or x_BVHW.shape[1] != len(variables) or tuple(x_BVHW.shape[2:]) != c.img_size:
+        band = positions is not None and (row0 or x_BVHW.dim() == 4 and x_BVHW.shape[2] != c.img_size[0])
+        if (x_BVHW.dim() != 4 or x_BVHW.shape[1] != len(variables) or x_BVHW.shape[3] != c.img_size[1]
+                or (x_BVHW.shape[2] % c.patch_size if band else x_BVHW.shape[2] != c.img_size[0])):
             raise ValueError(f"ClimaX: x has shape {tuple(x_BVHW.shape)}; expected [B, V={len(variables)} "
-                             f"(len(variables)), H={c.img_size[0]}, W={c.img_size[1]}]")
-        patches = patchify(x_BVHW, c.patch_size)  # input-sized, D/(p*p) times smaller than [B, V, L, D]
-        if positions is not None:
-            patches = patches[:, :, positions]
+                             f"(len(variables)), H={c.img_size[0]}, W={c.img_size[1]}]"
+                             + (" (or a band of whole patch rows of H)" if positions is not None else ""))
+        if positions is None:
+            patches = patchify(x_BVHW, c.patch_size)  # input-sized, D/(p*p) times smaller than [B, V, L, D]
+        else:
+            patches = patches_at(x_BVHW, c.patch_size, positions, row0)
         return self.tokens_from_patches(patches, lead_times_B, variables, positions)
 
     def tokens_from_patches(self, patches_BVLP: torch.Tensor, lead_times_B: torch.Tensor, variables: Sequence[str],
@@ -344,7 +377,7 @@ class ClimaX(nn.Module):
         var_emb = self.var_embed[0, ids]
         query = self.var_query[0, 0]
         patches = patches_BVLP
-        pos = self.pos_embed[0] if positions is None else self.pos_embed[0, positions]
+        pos = self.position_rows(positions)
         if patches.shape[2] != pos.shape[0]:
             raise ValueError(f"ClimaX: {patches.shape[2]} patches for {pos.shape[0]} positions")
         tile = c.agg_tile or patches.shape[2]
@@ -360,6 +393,12 @@ class ClimaX(nn.Module):
         x_BLD = x_BLD + pos
         lead_BD = self.lead_time_embed(lead_times_B.to(x_BLD.dtype).unsqueeze(-1))
         return self.pos_drop(x_BLD + lead_BD.unsqueeze(1))
+
+    def position_rows(self, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Position embeddings ``[L', D]`` of ``positions`` (default all ``L``). Under sequence
+        parallelism an instance attribute of the same name takes the rank's rows of a
+        sequence-sharded ``pos_embed`` instead (``parallelize.shard_position_embedding``)."""
+        return self.pos_embed[0] if positions is None else self.pos_embed[0, positions]
 
     def run_blocks(self, x_BLD: torch.Tensor, blocks=None) -> torch.Tensor:
         """The ViT blocks (all, or ``blocks``: a pipeline stage's), checkpointed if configured."""
@@ -379,16 +418,19 @@ class ClimaX(nn.Module):
         """Blocks + norm + head: tokens ``[B, L, D]`` -> ``[B, L, p*p*V]``."""
         return self.project(self.run_blocks(x_BLD))
 
-    def predict_patches(self, x_BVHW, lead_times_B, variables, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def predict_patches(self, x_BVHW, lead_times_B, variables, positions: torch.Tensor | None = None,
+                        row0: int = 0) -> torch.Tensor:
         """Head outputs ``[B, L', p*p*V]`` of the patches ``positions`` (default all): what a
-        sequence shard computes (attention over the whole sequence goes through ``attn.core``)."""
-        return self.project(self.run_blocks(self.tokens(x_BVHW, lead_times_B, variables, positions)))
+        sequence shard computes (attention over the whole sequence goes through ``attn.core``).
+        ``row0``: ``x`` is the band of patch rows from there (see :meth:`tokens`)."""
+        return self.project(self.run_blocks(self.tokens(x_BVHW, lead_times_B, variables, positions, row0)))
 
-    def patch_loss_weights(self, lat_H, out_variables: Sequence[str]) -> torch.Tensor:
+    def patch_loss_weights(self, lat_H, out_variables: Sequence[str],
+                           positions: torch.Tensor | None = None) -> torch.Tensor:
         """``[L, p*p*V]`` weights laid out as the head's outputs: ``cos(lat)/mean(cos(lat))`` on
         the entries of ``out_variables``, 0 elsewhere, so ``sum(w * (out - patchify_targets(y))^2)
-        / (B * V_out * H * W)`` is ClimaX's lat-weighted MSE; rows of a shard's ``positions``
-        give its part."""
+        / (B * V_out * H * W)`` is ClimaX's lat-weighted MSE; ``positions`` (global patch ids):
+        only those rows, as a sequence shard needs (never the whole ``[L, p*p*V]``)."""
         c = self.config
         lat = torch.as_tensor(np.asarray(lat_H, dtype=np.float64))
         if lat.shape != (c.img_size[0],):
@@ -397,8 +439,13 @@ class ClimaX(nn.Module):
         w_H = (w_H / w_H.mean()).float()
         keep = torch.zeros(len(c.default_vars))
         keep[self.var_ids(list(out_variables))] = 1.0
-        w_VHW = keep[:, None, None] * w_H[None, :, None].expand(-1, -1, c.img_size[1])
-        return patchify_targets(w_VHW.unsqueeze(0), c.patch_size)[0]
+        p, v = c.patch_size, len(c.default_vars)
+        if positions is None:
+            positions = torch.arange(c.num_patches)
+        rows = positions.cpu() // (c.img_size[1] // p)
+        lat_rows = rows[:, None] * p + torch.arange(p)  # [L', p]: grid row of each patch row
+        w = w_H[lat_rows][:, :, None, None] * keep  # [L', p_row, 1, V]: ClimaX's (p_row, p_col, V) order
+        return w.expand(-1, p, p, v).reshape(len(positions), p * p * v)
 
     # ----- the pipeline protocol (parallel.pipeline) -----
     def set_pipeline_task(self, variables: Sequence[str], out_variables: Sequence[str], lat_H) -> None:

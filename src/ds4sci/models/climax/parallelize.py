@@ -16,16 +16,24 @@ tensor-parallel and FSDP-sharded the same way.
 from __future__ import annotations
 
 import torch
+from torch import nn
+from torch.distributed.tensor import Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
 from ...parallel.dims import ParallelDims, ParallelMesh
 from ...parallel.fsdp import apply_fsdp
+from ...parallel.init import distribute_locally
 from ...parallel.pipeline import build_pipeline
-from ...parallel.sequence import (apply_sequence_parallel_mesh, sequence_layout, set_valid_length, shard_sequence,
-                                  valid_mask)
+from ...parallel.sequence import (
+    apply_sequence_parallel_mesh,
+    sequence_layout,
+    set_valid_length,
+    shard_sequence,
+    valid_mask,
+)
 from ...parallel.tensor import FusedColwiseParallel, apply_tensor_parallel, check_divisible
 from .config import ClimaXConfig
-from .model import ClimaX, DropPath, patchify_targets
+from .model import ClimaX, DropPath, targets_at
 
 
 def tensor_parallel_plan() -> dict:
@@ -64,9 +72,60 @@ def _tp_then_fsdp(module, dims: ParallelDims, mesh: ParallelMesh, **fsdp):
 def parallelize_climax(model: ClimaX, dims: ParallelDims, mesh: ParallelMesh, **fsdp) -> ClimaX:
     """Apply SP, TP and FSDP to ``model`` in place (pipeline layouts: :func:`pipeline_climax`)."""
     check_layout(dims, model.config)
+    ignored = None
     if dims.sp_enabled:
         apply_sequence_parallel_mesh(model, dims, mesh)  # bidirectional: contiguous shards
-    return _tp_then_fsdp(model, dims, mesh, **fsdp)
+        ignored = {shard_position_embedding(model, dims, mesh)}
+    return _tp_then_fsdp(model, dims, mesh, ignored_params=ignored, **fsdp)
+
+
+class _ReduceOverReplicas(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over the data-parallel replicas and scales
+    it by ``1 / (dp * sp)``: what FSDP's gradient averaging over dp x sp does for every other
+    parameter (the loss of each rank is scaled by dp x sp; ``parallel.fsdp``)."""
+
+    @staticmethod
+    def forward(ctx, x, group, scale):
+        ctx.group, ctx.scale = group, scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad * ctx.scale
+        if ctx.group is not None:
+            torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None, None
+
+
+def shard_position_embedding(model: ClimaX, dims: ParallelDims, mesh: ParallelMesh) -> nn.Parameter:
+    """Shard ``pos_embed [1, L, D]`` over the SP ranks by rows, as the patches are (contiguous
+    chunks of ceil(L / sp)): each rank keeps, uses and updates only its patches' rows, so this
+    O(L D) parameter (with its gradient and AdamW state, 16 bytes x D per patch) is divided by sp
+    like the activations. Under FSDP it would be gathered whole on every rank for the forward and
+    its gradient made whole before the reduce-scatter. Returns the new parameter (a DTensor
+    ``Shard(1)`` over the SP mesh, so checkpoints hold the whole embedding), for FSDP to ignore."""
+    whole = model.pos_embed
+    sharded = nn.Parameter(distribute_locally(whole.detach(), mesh.sp, [Shard(1)]),
+                           requires_grad=whole.requires_grad)
+    model.pos_embed = sharded
+    chunk = -(-model.config.num_patches // dims.sp)
+    start = mesh.sp_rank * chunk
+    group = mesh.group("dp") if dims.dp > 1 else None
+    scale = 1.0 / dims.dp_sp
+
+    def position_rows(positions: torch.Tensor | None = None) -> torch.Tensor:
+        if positions is None:
+            raise ValueError("ClimaX under sequence parallelism: position_rows needs this rank's positions")
+        local = _ReduceOverReplicas.apply(model.pos_embed.to_local()[0], group, scale)  # [n_local, D]
+        n_local = local.shape[0]
+        rel = positions - start
+        # End padding (and any patch not in this rank's chunk) reads an appended zero row: it is
+        # cut from attention and not counted in the loss.
+        rel = torch.where((rel >= 0) & (rel < n_local), rel, n_local)
+        return torch.cat([local, local.new_zeros(1, local.shape[1])])[rel]
+
+    model.position_rows = position_rows
+    return sharded
 
 
 def pipeline_climax(model: ClimaX, dims: ParallelDims, mesh: ParallelMesh, *, variables, out_variables, lat,
@@ -89,20 +148,35 @@ def set_batch_share(model, offset: int, total: int | None) -> None:
             module.batch_share = None if total is None else (offset, total)
 
 
-def sharded_loss_sum(model: ClimaX, x_BVHW, y_all_BVHW, lead_B, variables, out_variables, lat,
-                     dims: ParallelDims, mesh: ParallelMesh, v_out: int):
-    """``(lat-weighted summed squared error, count)`` of this rank's patches under SP.
-    ``y_all``: targets laid out over all the model's variables (``v_out`` of them scored)."""
-    c = model.config
+def shard_patches(config: ClimaXConfig, dims: ParallelDims, mesh: ParallelMesh, device=None):
+    """This SP rank's patches: ``(positions [L'], real [L'] bool, valid)``, global row-major
+    patch ids (end padding gets patch 0, any real one, marked not ``real``) and the number of
+    real patches over the ranks (``set_valid_length``)."""
     layout, ulysses = sequence_layout(dims)
-    # Patch ids of this shard; end padding gets patch 0 (any real one) and is not counted.
-    ids, pos, valid = shard_sequence(torch.arange(c.num_patches, device=x_BVHW.device)[None], mesh.sp_rank,
+    ids, pos, valid = shard_sequence(torch.arange(config.num_patches, device=device)[None], mesh.sp_rank,
                                      dims.sp, layout, ulysses, pad_value=0)
-    positions, real = ids[0], valid_mask(pos, valid)
+    return ids[0], valid_mask(pos, valid), valid
+
+
+def patch_row_band(config: ClimaXConfig, positions: torch.Tensor) -> tuple[int, int]:
+    """``(first, stop)`` patch rows holding ``positions``: the band of the fields a sequence
+    shard needs (grid rows ``first * p`` to ``stop * p``), so each rank may load only that."""
+    per_row = config.img_size[1] // config.patch_size
+    return int(positions.min()) // per_row, int(positions.max()) // per_row + 1
+
+
+def sharded_loss_sum(model: ClimaX, x_BVHW, y_all_BVHW, lead_B, variables, out_variables, lat,
+                     dims: ParallelDims, mesh: ParallelMesh, v_out: int, row0: int = 0):
+    """``(lat-weighted summed squared error, count)`` of this rank's patches under SP.
+    ``y_all``: targets laid out over all the model's variables (``v_out`` of them scored).
+    ``x`` and ``y_all`` are whole fields, or (``row0``) the band of patch rows from ``row0``
+    that holds this rank's patches (:func:`patch_row_band`)."""
+    c = model.config
+    positions, real, valid = shard_patches(c, dims, mesh, x_BVHW.device)
     set_valid_length(model, valid if valid < positions.numel() * dims.sp else None)
-    out = model.predict_patches(x_BVHW, lead_B, variables, positions)
-    target = patchify_targets(y_all_BVHW, c.patch_size)[:, positions]
-    w = model.patch_loss_weights(lat, out_variables).to(out.device)[positions]
+    out = model.predict_patches(x_BVHW, lead_B, variables, positions, row0)
+    target = targets_at(y_all_BVHW, c.patch_size, positions, row0)
+    w = model.patch_loss_weights(lat, out_variables, positions).to(out.device)
     loss = (w[real] * (out[:, real].float() - target[:, real].float()).pow(2)).sum()
     # This shard's share of the count B * V_out * H * W: its real patches' grid points.
     return loss, torch.tensor(x_BVHW.shape[0] * v_out * int(real.sum()) * c.patch_size**2)
