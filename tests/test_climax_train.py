@@ -165,25 +165,30 @@ def test_tensor_parallel_climax_splits_qkv_by_heads_and_is_exact(world_size, dp)
             torch.testing.assert_close(res["grads"][name], p.grad, rtol=1e-5, atol=1e-4, msg=name)
 
 
-def _resume_under_tp(rank, world_size, out):
-    """From a one-process checkpoint at step 1: step 2 under tp=2 (checkpoint written by TP),
-    then resume that TP checkpoint for step 3."""
+def _resume_under_tp(rank, world_size, out, layout):
+    """From a one-process checkpoint at step 1: step 2 under ``layout`` (checkpoint written by
+    it), then resume that checkpoint for step 3."""
     from ds4sci.train.distributed import DistributedTrainer
 
     for until in (2, STEPS):
-        trainer = DistributedTrainer(_cfg(out, "parallel.tp=2", "checkpoint_every=1"), resume=True)
+        trainer = DistributedTrainer(_cfg(out, *layout, "checkpoint_every=1"), resume=True)
         rows = trainer.fit(until_step=until)["rows"]  # the run's rows so far: steps 1 ... until
     return run_summary(trainer, rows, "val_lat_mse")
 
 
 @pytest.mark.distributed
-def test_checkpoints_cross_between_tensor_parallel_and_one_process(tmp_path):
+@pytest.mark.parametrize("layout", [
+    pytest.param(["parallel.tp=2"], id="tp2"),
+    # FSDP splits the strided qkv rows by columns: a 2-D layout the checkpoint converts too.
+    pytest.param(["parallel.tp=2", "parallel.dp=2"], id="tp2xfsdp2"),
+])
+def test_checkpoints_cross_between_tensor_parallel_and_one_process(tmp_path, layout):
     from ds4sci.train.task import get_task
 
     ref = _reference(tmp_path)
     out = tmp_path / "crossing"
     Trainer(_cfg(out, "checkpoint_every=1")).fit(until_step=1)  # one-process checkpoint
-    tp = run_distributed(_resume_under_tp, 2, str(out))
+    tp = run_distributed(_resume_under_tp, 2 * len(layout), str(out), layout)
     for res in tp:
         assert res["loss"] == pytest.approx(ref["loss"], rel=2e-5)
         assert res["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
