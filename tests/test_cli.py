@@ -94,20 +94,29 @@ def test_bench_help_reaches_the_benchmarks_own_options(capsys):
     assert main(["bench"]) == 0 and "genslm-init" in capsys.readouterr().out
 
 
-def test_bench_climax_memory_fit_recovers_a_linear_memory_model(tmp_path):
-    """The fit behind the projected rows: peaks exactly a + b L give back a, b, the longest
-    sequence in the budget and its ratio to one process; OOM rows are left out of the fit."""
+def test_bench_climax_memory_fit_recovers_the_memory_model(tmp_path):
+    """The fit behind the projected rows: peaks exactly a_w + b_w L + c F (F: field values per
+    process) over two widths give back a, b, c, the longest sequence in the budget at p=2 and its
+    ratio to one process, and predict the held-out resolution; OOM rows are left out."""
     from ds4sci.bench.climax_memory import fit_rows
 
-    a, b, gib = 2.0 * 2**30, 40_000.0, 2**30
-    rows = [{"contender": "ours", "processes": p, "width": 64, "depth": 2, "tokens": n, "status": "ok",
-             "peak_bytes": a / p + b / p * n, "time_s": 1e-3 * n} for p in (1, 4) for n in (512, 2048, 8192)]
-    rows.append({"contender": "ours", "processes": 1, "width": 64, "depth": 2, "tokens": 64_800, "status": "oom"})
-    fits = {f["processes"]: f for f in fit_rows(rows, budget_gib=20.0)}
-    one, four = fits[1], fits[4]
-    assert one["a_bytes"] == pytest.approx(a) and one["b_bytes_per_token"] == pytest.approx(b)
-    assert one["max_tokens_in_budget"] == pytest.approx((20 * gib - a) / b)
-    assert four["max_tokens_vs_one_process"] == pytest.approx((20 * gib - a / 4) / (20 * gib - a) * 4)
-    assert one["projected"]["0.25deg-p4"]["tokens"] == 64_800
-    assert one["projected"]["0.25deg-p4"]["fits"] == (a + b * 64_800 <= 20 * gib)
+    c, gib = 30.0, 2**30
+    ab = {64: (2.0 * gib, 40_000.0), 256: (1.0 * gib, 9_000.0)}
+    cases = [("5.625deg-p2", 512, 2), ("1.40625deg-p4", 2048, 4), ("1.40625deg-p2", 8192, 2),
+             ("0.25deg-p8", 16_200, 8), ("0.25deg-p4", 64_800, 4)]
+    rows = [{"contender": "ours", "processes": p, "width": w, "depth": 2, "resolution": res, "tokens": n,
+             "status": "ok", "peak_bytes": ab[w][0] / p + ab[w][1] / p * n + c * n * q * q * 48 / p,
+             "time_s": 1e-3 * n} for p in (1, 4) for w in ab for res, n, q in cases]
+    rows.append({"contender": "ours", "processes": 1, "width": 64, "depth": 2, "resolution": "0.25deg-p2",
+                 "tokens": 259_200, "status": "oom"})
+    fits = {(f["processes"], f["width"]): f for f in fit_rows(rows, budget_gib=20.0)}
+    one, four = fits[1, 64], fits[4, 64]
+    assert one["a_bytes"] == pytest.approx(2 * gib) and one["b_bytes_per_token"] == pytest.approx(40_000)
+    assert one["c_bytes_per_field_value"] == pytest.approx(c) and fits[4, 256]["c_bytes_per_field_value"] == pytest.approx(c)
+    assert one["max_tokens_in_budget_p2"] == pytest.approx((20 * gib - 2 * gib) / (40_000 + c * 4 * 48))
+    assert four["max_tokens_vs_one_process"] == pytest.approx(
+        (20 * gib - gib / 2) / (10_000 + c * 4 * 48 / 4) / one["max_tokens_in_budget_p2"])
+    held = one["holdout"]
+    assert held["resolution"] == "0.25deg-p4" and held["predicted_gib"] == pytest.approx(held["measured_gib"])
+    assert one["projected"]["0.25deg-p2"]["tokens"] == 259_200
     assert one["time_per_token_s"] == pytest.approx(1e-3) and one["time_per_token2_s"] == pytest.approx(0, abs=1e-12)

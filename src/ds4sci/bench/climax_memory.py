@@ -218,40 +218,86 @@ def run(resolutions, contenders, width, depth, heads, budget_gib, out_dir: Path,
 # Fit over lengths
 
 
-def fit_rows(rows: list[dict], budget_gib: float) -> list[dict]:
-    """Per (contender, processes, width, depth) with >= 2 measured lengths: least-squares
-    ``peak = a + b L`` (bytes) and ``time = c L + e L^2`` (s), the projected peak and time at
-    every resolution, and the longest sequence that fits the budget, ``(budget - a) / b``."""
-    groups: dict[tuple, list[dict]] = {}
+N_VARS = 48
+"""Variables of the published configuration (every benchmark case uses them all)."""
+
+
+def field_values(row: dict) -> float:
+    """Grid values of one process's input fields, ``V * H * W / P`` (each rank holds the band of
+    rows its patches need): the memory that scales with the field, not the token count (the
+    inputs, targets, head outputs ``[L, p*p*V]`` and the loss's temporaries)."""
+    p = RESOLUTIONS[row["resolution"]][2]
+    return row["tokens"] * p * p * N_VARS / row.get("processes", 1)
+
+
+def fit_rows(rows: list[dict], budget_gib: float, holdout: str | None = "0.25deg-p4") -> list[dict]:
+    """Memory model of ``ours`` per number of processes P, by least squares over every measured
+    width: ``peak = a_w + b_w L + c F`` (bytes), ``a_w`` and ``b_w`` per (width, depth), ``c``
+    shared (bytes per field value per process, :func:`field_values`: it depends on the data,
+    not the model's width). Step time ``t = t1 L + t2 L^2`` per (width, depth). For each group:
+    the projected peak and time at every resolution, the longest sequence within the budget at
+    the finest patch (p = 2: ``(budget - a) / (b + c * 4 * V / P)``) and its ratio to one
+    process's. Rows at ``holdout`` are left out of the fit and compared with its prediction."""
+    budget = budget_gib * 2**30
+    by_p: dict[tuple, list[dict]] = {}
     for r in rows:
-        if r.get("status") == "ok":
-            groups.setdefault((r["contender"], r.get("processes", 1), r["width"], r["depth"]), []).append(r)
+        if r.get("status") == "ok" and r["contender"].startswith("ours"):
+            by_p.setdefault((r["contender"], r.get("processes", 1)), []).append(r)
     fits = []
-    for (contender, p, width, depth), ok in sorted(groups.items()):
-        lengths = sorted({r["tokens"] for r in ok})
-        if len(lengths) < 2:
+    for (contender, procs), ok in sorted(by_p.items()):
+        train = [r for r in ok if r["resolution"] != holdout] or ok
+        groups = sorted({(r["width"], r["depth"]) for r in train})
+        groups = [g for g in groups if len({r["tokens"] for r in train if (r["width"], r["depth"]) == g}) >= 2]
+        train = [r for r in train if (r["width"], r["depth"]) in groups]
+        if not groups:
             continue
-        L = np.array([r["tokens"] for r in ok], dtype=float)
-        peak = np.array([r["peak_bytes"] for r in ok], dtype=float)
-        t = np.array([r["time_s"] for r in ok], dtype=float)
-        b, a = np.polyfit(L, peak, 1)
-        (c, e), *_ = np.linalg.lstsq(np.stack([L, L**2], 1), t, rcond=None)
-        budget = budget_gib * 2**30
-        residual = float(np.max(np.abs(a + b * L - peak)))
-        fits.append({
-            "contender": contender, "processes": p, "width": width, "depth": depth, "measured_tokens": lengths,
-            "a_bytes": float(a), "b_bytes_per_token": float(b), "max_residual_bytes": residual,
-            "time_per_token_s": float(c), "time_per_token2_s": float(e),
-            "max_tokens_in_budget": float((budget - a) / b) if b > 0 else None,
-            "projected": {res: {"tokens": n, "peak_gib": float((a + b * n) / 2**30),
-                                "time_s": float(c * n + e * n * n), "fits": bool(a + b * n <= budget)}
-                          for res, n in _tokens_by_resolution(width, depth).items()},
-        })
+        # Unknowns: (a_g, b_g) per group, then c.
+        design = np.zeros((len(train), 2 * len(groups) + 1))
+        for i, r in enumerate(train):
+            g = groups.index((r["width"], r["depth"]))
+            design[i, 2 * g], design[i, 2 * g + 1], design[i, -1] = 1.0, r["tokens"], field_values(r)
+        peak = np.array([r["peak_bytes"] for r in train], dtype=float)
+        if np.linalg.matrix_rank(design) < design.shape[1]:  # no field-size variety: c not determined
+            design = design[:, :-1]
+        coef, *_ = np.linalg.lstsq(design, peak, rcond=None)
+        c = float(coef[-1]) if design.shape[1] % 2 else 0.0
+        for g, (width, depth) in enumerate(groups):
+            a, b = float(coef[2 * g]), float(coef[2 * g + 1])
+            mine = [r for r in ok if (r["width"], r["depth"]) == (width, depth)]
+            fitted = [r for r in mine if r in train]
+            L = np.array([r["tokens"] for r in fitted], dtype=float)
+            t = np.array([r["time_s"] for r in fitted], dtype=float)
+            (t1, t2), *_ = np.linalg.lstsq(np.stack([L, L**2], 1), t, rcond=None)
+
+            def model(n, p, a=a, b=b, c=c, procs=procs):
+                return a + b * n + c * n * p * p * N_VARS / procs
+
+            per_token_p2 = b + c * 4 * N_VARS / procs
+            fit = {
+                "contender": contender, "processes": procs, "width": width, "depth": depth,
+                "measured_tokens": sorted({r["tokens"] for r in fitted}),
+                "a_bytes": a, "b_bytes_per_token": b, "c_bytes_per_field_value": c,
+                "max_residual_bytes": float(max(abs(model(r["tokens"], RESOLUTIONS[r["resolution"]][2])
+                                                    - r["peak_bytes"]) for r in fitted)),
+                "time_per_token_s": float(t1), "time_per_token2_s": float(t2),
+                "max_tokens_in_budget_p2": float((budget - a) / per_token_p2) if per_token_p2 > 0 else None,
+                "projected": {res: {"tokens": n, "peak_gib": float(model(n, RESOLUTIONS[res][2]) / 2**30),
+                                    "time_s": float(t1 * n + t2 * n * n),
+                                    "fits": bool(model(n, RESOLUTIONS[res][2]) <= budget)}
+                              for res, n in _tokens_by_resolution(width, depth).items()},
+            }
+            held = [r for r in mine if r not in train]
+            if held:
+                r = held[0]
+                fit["holdout"] = {"resolution": r["resolution"], "tokens": r["tokens"],
+                                  "measured_gib": r["peak_bytes"] / 2**30,
+                                  "predicted_gib": float(model(r["tokens"], RESOLUTIONS[r["resolution"]][2]) / 2**30)}
+            fits.append(fit)
     singles = {(f["contender"], f["width"], f["depth"]): f for f in fits if f["processes"] == 1}
     for f in fits:
         one = singles.get((f["contender"], f["width"], f["depth"]))
-        if one and f["max_tokens_in_budget"] and one["max_tokens_in_budget"]:
-            f["max_tokens_vs_one_process"] = f["max_tokens_in_budget"] / one["max_tokens_in_budget"]
+        if one and f["max_tokens_in_budget_p2"] and one["max_tokens_in_budget_p2"]:
+            f["max_tokens_vs_one_process"] = f["max_tokens_in_budget_p2"] / one["max_tokens_in_budget_p2"]
     return fits
 
 
@@ -264,21 +310,25 @@ def write_fit(rows: list[dict], budget_gib: float, out_dir: Path, stem: str) -> 
     fits = fit_rows(rows, budget_gib)
     path = out_dir / f"{stem}_fit.json"
     path.write_text(json.dumps({"machine": meta, "budget_gib": budget_gib, "fits": fits}, indent=2) + "\n")
-    header = ("| contender | P | width x depth | measured L | a (GiB) | b (KiB/token) | L_max in budget | "
-              "vs P=1 | 64,800 tokens | 259,200 tokens |")
+    header = ("| contender | P | width x depth | measured L | a (GiB) | b (KiB/token) | c (B/field value) | "
+              "L_max at p=2 | vs P=1 | 64,800 tokens (p4) | 259,200 tokens (p2) | held out: measured / predicted |")
     machine = (f"Machine: {meta['host_cpu']}, {meta['cpu_count']} cores, torch {meta['torch']}, "
                f"commit {meta['git_commit']}, {meta['date'][:10]}. Rows: `{stem}.json`.")
-    lines = [f"# ClimaX memory fit (budget {budget_gib:g} GiB per process)", "", machine, "", header, "|" + "---|" * 10]
+    lines = [f"# ClimaX memory fit (budget {budget_gib:g} GiB per process)", "", machine, "", header, "|" + "---|" * 12]
+
     def cell(proj: dict) -> str:
         return f"{proj['peak_gib']:.1f} GiB" + ("" if proj["fits"] else " (over)")
 
     for f in fits:
         ratio = f"{f['max_tokens_vs_one_process']:.2f}" if "max_tokens_vs_one_process" in f else ""
-        lmax = f"{f['max_tokens_in_budget']:,.0f}" if f["max_tokens_in_budget"] else "-"
+        lmax = f"{f['max_tokens_in_budget_p2']:,.0f}" if f["max_tokens_in_budget_p2"] else "-"
+        held = f.get("holdout")
+        held = (f"{held['resolution']} ({held['tokens']:,}): {held['measured_gib']:.2f} / "
+                f"{held['predicted_gib']:.2f} GiB") if held else ""
         lines.append(f"| {f['contender']} | {f['processes']} | {f['width']} x {f['depth']} | "
                      f"{', '.join(f'{n:,}' for n in f['measured_tokens'])} | {f['a_bytes'] / 2**30:.2f} | "
-                     f"{f['b_bytes_per_token'] / 1024:.1f} | {lmax} | {ratio} | {cell(f['projected']['0.25deg-p4'])} | "
-                     f"{cell(f['projected']['0.25deg-p2'])} |")
+                     f"{f['b_bytes_per_token'] / 1024:.1f} | {f['c_bytes_per_field_value']:.1f} | {lmax} | {ratio} | "
+                     f"{cell(f['projected']['0.25deg-p4'])} | {cell(f['projected']['0.25deg-p2'])} | {held} |")
     (out_dir / f"{stem}_fit.md").write_text("\n".join(lines) + "\n")
     plot(rows, fits, budget_gib, out_dir / f"{stem}.png")
     return path
@@ -290,9 +340,10 @@ def plot(rows, fits, budget_gib, path: Path) -> Path:
     for f in fits:
         label = f"{f['contender']} P={f['processes']} w={f['width']}"
         n = np.geomspace(256, 300_000, 64)
-        line, = ax.plot(n, (f["a_bytes"] + f["b_bytes_per_token"] * n) / 2**30, "--", lw=1)
+        per_token = f["b_bytes_per_token"] + f["c_bytes_per_field_value"] * 4 * N_VARS / f["processes"]
+        line, = ax.plot(n, (f["a_bytes"] + per_token * n) / 2**30, "--", lw=1)
         colors[(f["contender"], f["processes"], f["width"])] = line.get_color()
-        line.set_label(label + " (fit)")
+        line.set_label(label + " (fit at p=2)")
     for r in rows:
         c = colors.get((r["contender"], r.get("processes", 1), r["width"]), "k")
         if r.get("status") == "ok":
