@@ -232,7 +232,7 @@ def field_values(row: dict) -> float:
 
 def fit_rows(rows: list[dict], budget_gib: float, holdout: str | None = "0.25deg-p4") -> list[dict]:
     """Memory model of ``ours`` per number of processes P, by least squares over every measured
-    width: ``peak = a_w + b_w L + c F`` (bytes), ``a_w`` and ``b_w`` per (width, depth), ``c``
+    width (lengths from one whole aggregation tile per rank on): ``peak = a_w + b_w L + c F`` (bytes), ``a_w`` and ``b_w`` per (width, depth), ``c``
     shared (bytes per field value per process, :func:`field_values`: it depends on the data,
     not the model's width). Step time ``t = t1 L + t2 L^2`` per (width, depth). For each group:
     the projected peak and time at every resolution, the longest sequence within the budget at
@@ -241,7 +241,10 @@ def fit_rows(rows: list[dict], budget_gib: float, holdout: str | None = "0.25deg
     budget = budget_gib * 2**30
     by_p: dict[tuple, list[dict]] = {}
     for r in rows:
-        if r.get("status") == "ok" and r["contender"].startswith("ours"):
+        # With every switch on, the aggregation's tile transients grow until a rank has a whole
+        # tile of patches (agg_tile) and are constant after: fit the lengths past that point.
+        short = r["contender"] == "ours" and r["tokens"] / r.get("processes", 1) < OUR_SETTINGS["agg_tile"]
+        if r.get("status") == "ok" and r["contender"].startswith("ours") and not short:
             by_p.setdefault((r["contender"], r.get("processes", 1)), []).append(r)
     fits = []
     for (contender, procs), ok in sorted(by_p.items()):
