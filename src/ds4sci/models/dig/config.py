@@ -58,6 +58,15 @@ class DiGConfig:
     """Materialise the attention logits (stock PyTorch) instead of ds4sci.evoformer_attention."""
     attention_backend: str = "auto"
     """Backend name passed to ds4sci.evoformer_attention ("auto", "torch", "triton"...)."""
+    pair_chunk: int = 0
+    """Rows i of the pair track z_ij per tile (0 = whole). Every op on z (input features,
+    pair-bias projection, pair update, output head) then runs tile by tile, and under autograd
+    each tile is recomputed in backward, so no [B, N, N, C_z] temporary other than z itself
+    exists whole. Exact (same values and gradients)."""
+    checkpoint_layers: int = 0
+    """Activation checkpointing in training: layers per checkpointed segment (0 = off). Only
+    each segment's input z is kept, and one segment's layer inputs while it is recomputed:
+    with pair_chunk set, about num_layers/k + k copies of z instead of num_layers."""
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_pair", "num_layers", "num_heads", "d_ffn", "max_atoms",
@@ -66,7 +75,8 @@ class DiGConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"DiGConfig.{name} = {value!r}; expected a positive integer")
-        for name in ("num_chiral", "d_single_in", "d_pair_in", "relpos_bins"):
+        for name in ("num_chiral", "d_single_in", "d_pair_in", "relpos_bins", "pair_chunk",
+                     "checkpoint_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"DiGConfig.{name} = {value!r}; expected an integer >= 0")
