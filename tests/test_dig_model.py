@@ -122,7 +122,7 @@ def test_protein_preset_shapes():
     assert model(torch.randn(2, L, 3), torch.ones(2), mol).shape == (2, L, 3)
 
 
-@pytest.mark.parametrize("pair_chunk,checkpoint_layers", [(3, 0), (4, 2), (0, 1), (1, 3)])
+@pytest.mark.parametrize("pair_chunk,checkpoint_layers", [(3, 2), (0, 1)])
 def test_pair_chunking_and_checkpointing_are_exact(pair_chunk, checkpoint_layers):
     # Protein-style conditioning too (external single/pair representations, relative
     # positions), N = 11 not a multiple of the tile: every op on z runs tile by tile.
