@@ -122,6 +122,12 @@ class PairBiasedLayer(nn.Module):
         y = self.norm_outer(s_BNC)
         a_BNC, b_BNC = self.outer_a(y), self.outer_b(y)
         a_tiles = a_BNC.split([z.shape[1] for z in z_tiles], dim=1)
+        if chunked and not torch.is_grad_enabled():
+            # Sampling: update the tiles in place (they are this forward's own tensors, never
+            # the cached z0), so the old and the new z never coexist whole.
+            for z, a in zip(z_tiles, a_tiles):
+                z += self.outer_out(a.unsqueeze(2) * b_BNC.unsqueeze(1))
+            return s_BNC, z_tiles
         z_tiles = [_tile(chunked, self._update_tile, z, a, b_BNC) for z, a in zip(z_tiles, a_tiles)]
         return s_BNC, z_tiles
 
