@@ -75,7 +75,8 @@ class PairBiasedLayer(nn.Module):
     """Pre-LN transformer layer on s with a pair bias from z, then an outer-product update of z.
 
     The pair track arrives as row tiles ``z_tiles``: a list of ``[B, t, N, C_z]`` (one tile of
-    all N rows when ``pair_chunk`` is 0); every op on z is row-local, so tiling is exact.
+    all N rows when ``pair_chunk`` is 0), updated in place (list and, without autograd, the
+    tiles) and returned; every op on z is row-local, so tiling is exact.
     """
 
     def __init__(self, cfg: DiGConfig):
@@ -128,7 +129,9 @@ class PairBiasedLayer(nn.Module):
             for z, a in zip(z_tiles, a_tiles):
                 z += self.outer_out(a.unsqueeze(2) * b_BNC.unsqueeze(1))
             return s_BNC, z_tiles
-        z_tiles = [_tile(chunked, self._update_tile, z, a, b_BNC) for z, a in zip(z_tiles, a_tiles)]
+        for i, a in enumerate(a_tiles):  # replaced in the caller's list one by one: an old
+            # tile that backward does not need is freed at once, not after the whole new z
+            z_tiles[i] = _tile(chunked, self._update_tile, z_tiles[i], a, b_BNC)
         return s_BNC, z_tiles
 
 
