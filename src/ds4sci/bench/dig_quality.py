@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"MD: {md['steps_per_second']:.0f} steps/s ({md['engine']}, {md['threads']} "
               f"threads); decorrelation {g[slowest] * dt_ps:.0f} ps ({slowest}) -> "
               f"{md['independent_samples_per_second']:.3f} independent samples/s", flush=True)
+    meta["basins_reference"] = conf.basin_populations(*conf.phi_psi(ref_xyz, topology))
     rows = []
     for sampler, steps in settings:
         start = time.perf_counter()
@@ -197,11 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{sampler:9s} {steps:4d} steps: JS {row['js_divergence_phi_psi_nats']:.3f} "
               f"valid bonds {row['valid_bond_fraction']:.3f} {row['samples_per_second']:.2f} "
               f"samples/s basins {metrics['basins_samples']}", flush=True)
-    meta["basins_reference"] = conf.basin_populations(*conf.phi_psi(ref_xyz, topology))
-    rows = merge_rows(args.out / f"{args.stem}.json", rows,
-                      lambda r: (r["sampler"], r["steps"]), meta)
-    json_path, _ = write_rows(rows, meta, args.out, args.stem)
-    plot(rows, meta, args.out / f"{args.stem}.png")
+        # Written after every setting: a long run cut short keeps what it measured.
+        merged = merge_rows(args.out / f"{args.stem}.json", rows,
+                            lambda r: (r["sampler"], r["steps"]), dict(meta))
+        json_path, _ = write_rows(merged, meta, args.out, args.stem)
+        plot(merged, meta, args.out / f"{args.stem}.png")
     print(f"wrote {json_path} and {args.stem}.png")
     return 0
 
