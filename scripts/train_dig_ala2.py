@@ -34,13 +34,24 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs/dig_ala2")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="DiGConfig overrides, e.g. train_sigma=lognormal num_layers=4")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     ds = alanine_dipeptide_dataset()
-    model = build_model(get_config(args.preset), seed=args.seed)
+    overrides = {}
+    for item in args.set:
+        field, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}; expected FIELD=VALUE")
+        default = getattr(get_config(args.preset), field, None)
+        if default is None:
+            raise ValueError(f"--set {item!r}: DiGConfig has no field {field!r}")
+        overrides[field] = type(default)(value)
+    model = build_model(get_config(args.preset, **overrides), seed=args.seed)
     ema = copy.deepcopy(model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
@@ -69,7 +80,7 @@ def main(argv=None) -> None:
             print(f"step {step} loss {running:.4f} {time.time() - start:.0f}s", flush=True)
     save_checkpoint(ema, out / "dig_ala2.pt")
     (out / "train_log.json").write_text(json.dumps(
-        {"preset": args.preset, "steps": step, "batch_size": args.batch_size, "lr": args.lr,
+        {"preset": args.preset, "overrides": overrides, "threads": args.threads, "steps": step, "batch_size": args.batch_size, "lr": args.lr,
          "seconds": time.time() - start, "log": log}, indent=1) + "\n")
     print(f"saved {out / 'dig_ala2.pt'} after {step} steps")
 

@@ -135,3 +135,22 @@ def test_trained_tiny_model_matches_radial_double_well():
 def _wasserstein_1d(a, b):
     q = np.linspace(0.005, 0.995, 199)
     return float(np.mean(np.abs(np.quantile(a, q) - np.quantile(b, q))))
+
+
+def test_training_sigma_distributions():
+    from ds4sci.models.dig.diffusion import training_sigmas
+
+    gen = torch.Generator().manual_seed(0)
+    dig = get_config("dig-tiny")
+    log_s = training_sigmas(dig, 20000, gen).log()
+    # DiG: ln sigma uniform on [ln sigma_min, ln sigma_max], pairs mirrored about the middle.
+    lo, hi = np.log(dig.sigma_min), np.log(dig.sigma_max)
+    assert log_s.min() >= lo - 1e-6 and log_s.max() <= hi + 1e-6
+    assert abs(log_s.mean().item() - (lo + hi) / 2) < 1e-4  # antithetic: exact mean
+    assert abs(log_s.std().item() - (hi - lo) / 12 ** 0.5) < 0.05
+    edm = dig.replace(train_sigma="lognormal", train_log_sigma_mean=-0.3, train_log_sigma_std=0.8)
+    log_s = training_sigmas(edm, 20001, gen).log()
+    assert abs(log_s.median().item() + 0.3) < 0.03
+    assert abs(log_s.std().item() - 0.8) < 0.03
+    with pytest.raises(ValueError, match="train_sigma = 'uniform'; expected 'dig' or"):
+        dig.replace(train_sigma="uniform")

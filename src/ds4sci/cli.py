@@ -152,6 +152,7 @@ def generate(args) -> int:
 BENCHMARKS = {
     "climax-memory": "climax_memory",
     "dig": "dig",
+    "dig-quality": "dig_quality",
     "evoformer-attention": "evoformer_attention",
     "evoformer-block": "evoformer_block",
     "genslm-generate": "genslm_generate",

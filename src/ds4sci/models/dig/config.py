@@ -50,6 +50,15 @@ class DiGConfig:
     """Largest noise std of the VE schedule; must exceed the molecule's size."""
     sigma_data: float = 1.5
     """Typical per-coordinate std of the data, for input scaling c_in = 1/sqrt(sigma^2+sd^2)."""
+    train_sigma: str = "dig"
+    """Noise levels drawn in training: "dig" (DiG: t uniform in [0, 1], antithetic, i.e.
+    log sigma uniform between sigma_min and sigma_max) or "lognormal" (EDM, Karras et al. 2022:
+    ln sigma ~ N(train_log_sigma_mean, train_log_sigma_std^2), antithetic, clipped to
+    [sigma_min, sigma_max]), which spends the steps on the middle noise levels."""
+    train_log_sigma_mean: float = -0.5
+    """Mean of ln sigma (sigma in coordinate units) for train_sigma = "lognormal"."""
+    train_log_sigma_std: float = 1.2
+    """Std of ln sigma for train_sigma = "lognormal"."""
     num_steps: int = 500
     """Steps of DiG's ancestral sampler (DiG uses 500)."""
     fast_steps: int = 40
@@ -58,6 +67,15 @@ class DiGConfig:
     """Materialise the attention logits (stock PyTorch) instead of ds4sci.evoformer_attention."""
     attention_backend: str = "auto"
     """Backend name passed to ds4sci.evoformer_attention ("auto", "torch", "triton"...)."""
+    pair_chunk: int = 0
+    """Rows i of the pair track z_ij per tile (0 = whole). Every op on z (input features,
+    pair-bias projection, pair update, output head) then runs tile by tile, and under autograd
+    each tile is recomputed in backward, so no [B, N, N, C_z] temporary other than z itself
+    exists whole. Exact (same values and gradients)."""
+    checkpoint_layers: int = 0
+    """Activation checkpointing in training: layers per checkpointed segment (0 = off). Only
+    each segment's input z is kept, and one segment's layer inputs while it is recomputed:
+    with pair_chunk set, about num_layers/k + k copies of z instead of num_layers."""
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_pair", "num_layers", "num_heads", "d_ffn", "max_atoms",
@@ -66,7 +84,8 @@ class DiGConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"DiGConfig.{name} = {value!r}; expected a positive integer")
-        for name in ("num_chiral", "d_single_in", "d_pair_in", "relpos_bins"):
+        for name in ("num_chiral", "d_single_in", "d_pair_in", "relpos_bins", "pair_chunk",
+                     "checkpoint_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"DiGConfig.{name} = {value!r}; expected an integer >= 0")
@@ -76,6 +95,12 @@ class DiGConfig:
         if not 0 < self.sigma_min < self.sigma_max:
             raise ValueError(f"DiGConfig sigma_min = {self.sigma_min}, sigma_max = "
                              f"{self.sigma_max}; expected 0 < sigma_min < sigma_max")
+        if self.train_sigma not in ("dig", "lognormal"):
+            raise ValueError(f"DiGConfig.train_sigma = {self.train_sigma!r}; expected 'dig' or "
+                             "'lognormal'")
+        if self.train_log_sigma_std <= 0:
+            raise ValueError(f"DiGConfig.train_log_sigma_std = {self.train_log_sigma_std}; "
+                             "expected > 0")
         if self.sigma_data <= 0:
             raise ValueError(f"DiGConfig.sigma_data = {self.sigma_data}; expected > 0")
 

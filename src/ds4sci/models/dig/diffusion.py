@@ -40,6 +40,18 @@ def centred_noise(shape, mask_BN: torch.Tensor, generator: torch.Generator | Non
     return centre(eps, mask_BN.expand(shape[:2]))
 
 
+def training_sigmas(cfg, B: int, generator: torch.Generator | None, device=None) -> torch.Tensor:
+    """Noise levels ``[B]`` of one training batch, drawn antithetically (``cfg.train_sigma``)."""
+    if cfg.train_sigma == "lognormal":
+        half = torch.randn((B + 1) // 2, generator=generator, device=device)
+        z = torch.cat([half, -half])[:B]
+        return (cfg.train_log_sigma_mean + cfg.train_log_sigma_std * z).exp().clamp(
+            cfg.sigma_min, cfg.sigma_max)
+    half = torch.rand((B + 1) // 2, generator=generator, device=device)
+    t = torch.cat([half, 1 - half])[:B]
+    return sigma_of_t(t, cfg.sigma_min, cfg.sigma_max)
+
+
 def denoising_loss_sum(model: DiGModel, batch: dict, generator: torch.Generator | None = None):
     """Summed squared noise-prediction error and the number of terms (real coordinates).
 
@@ -50,9 +62,7 @@ def denoising_loss_sum(model: DiGModel, batch: dict, generator: torch.Generator 
     x0 = batch["x"]
     B, N = x0.shape[:2]
     mask = batch["mask"].expand(B, N)
-    half = torch.rand((B + 1) // 2, generator=generator, device=x0.device)
-    t = torch.cat([half, 1 - half])[:B]
-    sigma = sigma_of_t(t, cfg.sigma_min, cfg.sigma_max).to(x0.dtype)
+    sigma = training_sigmas(cfg, B, generator, x0.device).to(x0.dtype)
     eps = centred_noise(x0.shape, mask, generator, x0.dtype)
     x_t = centre(x0, mask) + sigma[:, None, None] * eps
     pred = model(x_t, sigma, batch)

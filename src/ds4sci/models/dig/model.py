@@ -29,6 +29,7 @@ import math
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ...ops.evoformer_attention import evoformer_attention, evoformer_attention_naive
 from .config import DiGConfig
@@ -61,8 +62,22 @@ class NoiseEmbedding(nn.Module):
         return self.proj_out(torch.nn.functional.silu(self.proj_in(feats)))
 
 
+def _tile(chunked: bool, fn, *args):
+    """``fn(*args)`` on one row tile of the pair track. Chunked and under autograd, the tile is
+    recomputed in backward (only ``args`` are kept), so its [B, t, N, C_z] intermediates never
+    accumulate over the tiles; otherwise a plain call (the unchunked model as written)."""
+    if chunked and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
 class PairBiasedLayer(nn.Module):
-    """Pre-LN transformer layer on s with a pair bias from z, then an outer-product update of z."""
+    """Pre-LN transformer layer on s with a pair bias from z, then an outer-product update of z.
+
+    The pair track arrives as row tiles ``z_tiles``: a list of ``[B, t, N, C_z]`` (one tile of
+    all N rows when ``pair_chunk`` is 0), updated in place (list and, without autograd, the
+    tiles) and returned; every op on z is row-local, so tiling is exact.
+    """
 
     def __init__(self, cfg: DiGConfig):
         super().__init__()
@@ -87,22 +102,37 @@ class PairBiasedLayer(nn.Module):
             return evoformer_attention_naive(q, k, v, biases)
         return evoformer_attention(q, k, v, biases, backend=self.cfg.attention_backend)
 
-    def forward(self, s_BNC, z_BNNC, mask_bias_B11N):
+    def _bias_tile(self, z_BtNC):
+        return self.pair_bias(self.norm_z(z_BtNC)).permute(0, 3, 1, 2)  # [B, H, t, N]
+
+    def _update_tile(self, z_BtNC, a_BtC, b_BNC):
+        # z_ij += W (a_i * b_j): a per-channel outer product of the refined single track
+        # (DiG's/Graphormer's way of letting z follow the node features).
+        return z_BtNC + self.outer_out(a_BtC.unsqueeze(2) * b_BNC.unsqueeze(1))
+
+    def forward(self, s_BNC, z_tiles: list[torch.Tensor], mask_bias_B11N):
         B, N, C = s_BNC.shape
-        H = self.cfg.num_heads
+        H, chunked = self.cfg.num_heads, len(z_tiles) > 1
         x = self.norm_s(s_BNC)
         q_BNHD, k_BNHD, v_BNHD = self.qkv(x).view(B, N, 3, H, C // H).unbind(2)
-        bias_BHNN = self.pair_bias(self.norm_z(z_BNNC)).permute(0, 3, 1, 2)
+        bias_BHNN = torch.cat([_tile(chunked, self._bias_tile, z) for z in z_tiles], dim=2)
         o_BNHD = self.attention(q_BNHD, k_BNHD, v_BNHD, [mask_bias_B11N, bias_BHNN])
         o_BNC = o_BNHD.reshape(B, N, C) * torch.sigmoid(self.gate(x))
         s_BNC = s_BNC + self.attn_out(o_BNC)
         s_BNC = s_BNC + self.ffn_out(torch.nn.functional.gelu(self.ffn_in(self.norm_ffn(s_BNC))))
-        # Pair update from the single track: z_ij += W (a_i * b_j) (a per-channel outer
-        # product, DiG's/Graphormer's way of letting z follow the refined node features).
         y = self.norm_outer(s_BNC)
         a_BNC, b_BNC = self.outer_a(y), self.outer_b(y)
-        z_BNNC = z_BNNC + self.outer_out(a_BNC.unsqueeze(2) * b_BNC.unsqueeze(1))
-        return s_BNC, z_BNNC
+        a_tiles = a_BNC.split([z.shape[1] for z in z_tiles], dim=1)
+        if chunked and not torch.is_grad_enabled():
+            # Sampling: update the tiles in place (they are this forward's own tensors, never
+            # the cached z0), so the old and the new z never coexist whole.
+            for z, a in zip(z_tiles, a_tiles):
+                z += self.outer_out(a.unsqueeze(2) * b_BNC.unsqueeze(1))
+            return s_BNC, z_tiles
+        for i, a in enumerate(a_tiles):  # replaced in the caller's list one by one: an old
+            # tile that backward does not need is freed at once, not after the whole new z
+            z_tiles[i] = _tile(chunked, self._update_tile, z_tiles[i], a, b_BNC)
+        return s_BNC, z_tiles
 
 
 class DiGModel(nn.Module):
@@ -154,19 +184,63 @@ class DiGModel(nn.Module):
             raise ValueError(f"DiGModel: bond types in [{int(bonds.min())}, {int(bonds.max())}]; "
                              f"expected [0, {cfg.bond_vocab_size})")
         s0 = self.atom_embed(types)
-        z0 = self.bond_embed(bonds) + self.path_embed(
-            molecule["path"].clamp(max=cfg.max_path_length + 1))
         if self.single_in is not None:
             s0 = s0 + self.single_in(molecule["single_repr"])
-        if self.pair_in is not None:
-            z0 = z0 + self.pair_in(molecule["pair_repr"])
+        idx = None
         if self.relpos_embed is not None:
             idx = molecule.get("residue_index")
             if idx is None:
                 idx = torch.arange(N, device=types.device).expand_as(types)
-            rel = (idx.unsqueeze(-1) - idx.unsqueeze(-2)).clamp(-cfg.relpos_bins, cfg.relpos_bins)
-            z0 = z0 + self.relpos_embed(rel + cfg.relpos_bins)
+        rows = self.row_tiles(N)
+        if len(rows) == 1:
+            return s0, self._pair_input(molecule, idx, 0, N)
+        if torch.is_grad_enabled():
+            return s0, torch.cat([self._pair_input(molecule, idx, i0, i1) for i0, i1 in rows], 1)
+        # Without autograd, filled in place: only one tile's temporaries besides z0.
+        z0 = None
+        for i0, i1 in rows:
+            tile = self._pair_input(molecule, idx, i0, i1)
+            if z0 is None:
+                z0 = tile.new_empty(tile.shape[0], N, *tile.shape[2:])
+            z0[:, i0:i1] = tile
         return s0, z0
+
+    def row_tiles(self, N: int) -> list[tuple[int, int]]:
+        """Row ranges ``[(i0, i1), ...]`` of the pair-track tiles (one if not chunked)."""
+        t = self.config.pair_chunk or N
+        return [(i0, min(i0 + t, N)) for i0 in range(0, N, t)] or [(0, 0)]
+
+    def _pair_input(self, molecule: dict, idx, i0: int, i1: int) -> torch.Tensor:
+        """Molecule-only pair features of rows ``i0:i1``: ``[B, i1-i0, N, C_z]``."""
+        cfg = self.config
+        z = self.bond_embed(molecule["bonds"][:, i0:i1]) + self.path_embed(
+            molecule["path"][:, i0:i1].clamp(max=cfg.max_path_length + 1))
+        if self.pair_in is not None:
+            z = z + self.pair_in(molecule["pair_repr"][:, i0:i1])
+        if self.relpos_embed is not None:
+            rel = (idx[:, i0:i1, None] - idx[:, None, :]).clamp(-cfg.relpos_bins, cfg.relpos_bins)
+            z = z + self.relpos_embed(rel + cfg.relpos_bins)
+        return z
+
+    def _embed_tile(self, z0_BtNC, dist_BtN, triple_BtNc):
+        centres = torch.linspace(0.0, 6.0, self.num_rbf, device=dist_BtN.device,
+                                 dtype=dist_BtN.dtype)
+        width = centres[1] - centres[0]
+        rbf = torch.exp(-((dist_BtN.unsqueeze(-1) - centres) / width).pow(2))
+        z = z0_BtNC + self.rbf_proj(rbf)
+        if triple_BtNc is not None:
+            z = z + self.chiral_proj(triple_BtNc)
+        return z
+
+    def _head_tile(self, z_BtNC):
+        return self.head_out(torch.nn.functional.silu(
+            self.head_hidden(self.head_norm(z_BtNC)))).squeeze(-1)  # [B, t, N]
+
+    def _run_layers(self, first: int, last: int, s_BNC, mask_bias_B11N, *z_tiles):
+        z_tiles = list(z_tiles)
+        for layer in self.layers[first:last]:
+            s_BNC, z_tiles = layer(s_BNC, z_tiles, mask_bias_B11N)
+        return (s_BNC, *z_tiles)
 
     def forward(self, x_BN3: torch.Tensor, sigma_B: torch.Tensor, molecule: dict,
                 cond: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -177,17 +251,17 @@ class DiGModel(nn.Module):
         cfg = self.config
         s0, z0 = self.condition(molecule) if cond is None else cond
         B, N = x_BN3.shape[:2]
+        rows = self.row_tiles(N)
+        chunked = len(rows) > 1
+        sizes = [i1 - i0 for i0, i1 in rows]
         mask_BN = molecule["mask"].expand(B, N)
         mask_f = mask_BN.to(x_BN3.dtype)
         c_in_B = (sigma_B.pow(2) + cfg.sigma_data ** 2).rsqrt()
         x_BN3 = centre(x_BN3, mask_BN) * c_in_B[:, None, None]
         diff_BNN3 = x_BN3.unsqueeze(2) - x_BN3.unsqueeze(1)
         dist_BNN = diff_BNN3.pow(2).sum(-1).add(1e-8).sqrt()
-        centres = torch.linspace(0.0, 6.0, self.num_rbf, device=dist_BNN.device, dtype=dist_BNN.dtype)
-        width = centres[1] - centres[0]
-        rbf = torch.exp(-((dist_BNN.unsqueeze(-1) - centres) / width).pow(2))
         s_BNC = (s0 + self.noise_embed(sigma_B)[:, None, :]).expand(B, N, -1)
-        z_BNNC = z0 + self.rbf_proj(rbf)
+        triples = [None] * len(rows)
         if self.chiral_weight is not None:
             # m_c = mean_k h_kc x_k: learned centroids (equivariant vectors); the triple
             # product det[x_i, x_j, m_c] is rotation-invariant and changes sign under a mirror.
@@ -196,13 +270,22 @@ class DiGModel(nn.Module):
                 :, None, None]
             cross_BNc3 = torch.cross(x_BN3.unsqueeze(2), m_Bc3.unsqueeze(1).expand(-1, N, -1, -1),
                                      dim=-1)
-            triple_BNNc = torch.einsum("bid,bjcd->bijc", x_BN3, cross_BNc3)
-            z_BNNC = z_BNNC + self.chiral_proj(triple_BNNc)
+            triples = [torch.einsum("bid,bjcd->bijc", x_t, cross_BNc3)
+                       for x_t in x_BN3.split(sizes, dim=1)]
+        z_tiles = [_tile(chunked, self._embed_tile, z0_t, d_t, tr_t)
+                   for z0_t, d_t, tr_t in zip(z0.split(sizes, dim=1), dist_BNN.split(sizes, dim=1),
+                                              triples)]
         mask_bias_B11N = ((~mask_BN).to(s_BNC.dtype) * MASK_BIAS)[:, None, None, :]
-        for layer in self.layers:
-            s_BNC, z_BNNC = layer(s_BNC, z_BNNC, mask_bias_B11N)
-        w_BNN = self.head_out(torch.nn.functional.silu(
-            self.head_hidden(self.head_norm(z_BNNC)))).squeeze(-1)
+        k = cfg.checkpoint_layers
+        if k and torch.is_grad_enabled():
+            # Segments of k layers recomputed in backward: only segment inputs are kept.
+            for first in range(0, len(self.layers), k):
+                s_BNC, *z_tiles = checkpoint(self._run_layers, first, first + k, s_BNC,
+                                             mask_bias_B11N, *z_tiles, use_reentrant=False)
+        else:
+            s_BNC, *z_tiles = self._run_layers(0, len(self.layers), s_BNC, mask_bias_B11N,
+                                               *z_tiles)
+        w_BNN = torch.cat([_tile(chunked, self._head_tile, z) for z in z_tiles], dim=1)
         w_BNN = w_BNN * mask_f.unsqueeze(1)
         eps_BN3 = torch.einsum("bij,bijd->bid", w_BNN / (1 + dist_BNN), diff_BNN3)
         return centre(eps_BN3, mask_BN)

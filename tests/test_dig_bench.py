@@ -1,0 +1,35 @@
+"""DiG benchmarks' helpers: sampler settings, MD decorrelation, JS noise floor, a + b L^2 fits."""
+
+import pytest
+
+from ds4sci.bench.dig import fit_quadratic
+from ds4sci.bench.dig_quality import (md_decorrelation, md_noise_floor, network_evaluations,
+                                      parse_setting)
+from ds4sci.data import conformations as conf
+
+
+def test_sampler_settings_and_evaluations():
+    assert parse_setting("heun:40") == ("heun", 40)
+    assert network_evaluations("heun", 40) == 79 and network_evaluations("ancestral", 500) == 500
+    with pytest.raises(ValueError, match="'euler:10'; expected 'heun:<steps>'"):
+        parse_setting("euler:10")
+
+
+def test_md_decorrelation_and_noise_floor_on_the_embedded_md():
+    xyz, top, dt = conf.load_alanine_dipeptide()
+    g = md_decorrelation(xyz, top)
+    # psi is the slow coordinate (C7eq/C5 <-> alpha_R hops), phi relaxes within a basin.
+    assert max(g, key=g.get) in ("cos_psi", "basin_alpha_R")
+    assert 20 < g["cos_psi"] < 80 and g["cos_phi"] < 15
+    floor = md_noise_floor(xyz[::4], top, 200, repeats=2)
+    # 200 frames fill a 36 x 36 histogram sparsely: a large finite-sample JS even for MD itself.
+    assert 0.05 < floor["js_random_frames_mean"] < 0.5
+
+
+def test_quadratic_fit_recovers_a_plus_b_L2():
+    rows = [{"mode": "train", "contender": "ds4sci", "status": "ok", "residues": L,
+             "peak_bytes": 3.0 + 2.0 * L * L} for L in (256, 512)]
+    rows.append({"mode": "train", "contender": "ds4sci", "status": "oom", "residues": 1024})
+    a, b, Ls = fit_quadratic(rows, "train", "ds4sci", "peak_bytes")
+    assert abs(a - 3.0) < 1e-6 and abs(b - 2.0) < 1e-12 and Ls == [256, 512]
+    assert fit_quadratic(rows[:1], "train", "ds4sci", "peak_bytes") is None
