@@ -231,8 +231,9 @@ def field_values(row: dict) -> float:
 
 
 def fit_rows(rows: list[dict], budget_gib: float, holdout: str | None = "0.25deg-p4") -> list[dict]:
-    """Memory model of ``ours`` per number of processes P, by least squares over every measured
-    width (lengths from one whole aggregation tile per rank on): ``peak = a_w + b_w L + c F`` (bytes), ``a_w`` and ``b_w`` per (width, depth), ``c``
+    """Memory model of ``ours`` (every switch on; the other contenders are measured only: their
+    memory is not linear, or not run long enough to fit) per number of processes P, by least
+    squares over every measured width (lengths from one whole aggregation tile per rank on): ``peak = a_w + b_w L + c F`` (bytes), ``a_w`` and ``b_w`` per (width, depth), ``c``
     shared (bytes per field value per process, :func:`field_values`: it depends on the data,
     not the model's width). Step time ``t = t1 L + t2 L^2`` per (width, depth). For each group:
     the projected peak and time at every resolution, the longest sequence within the budget at
@@ -244,7 +245,7 @@ def fit_rows(rows: list[dict], budget_gib: float, holdout: str | None = "0.25deg
         # With every switch on, the aggregation's tile transients grow until a rank has a whole
         # tile of patches (agg_tile) and are constant after: fit the lengths past that point.
         short = r["contender"] == "ours" and r["tokens"] / r.get("processes", 1) < OUR_SETTINGS["agg_tile"]
-        if r.get("status") == "ok" and r["contender"].startswith("ours") and not short:
+        if r.get("status") == "ok" and r["contender"] == "ours" and not short:
             by_p.setdefault((r["contender"], r.get("processes", 1)), []).append(r)
     fits = []
     for (contender, procs), ok in sorted(by_p.items()):
@@ -347,15 +348,21 @@ def plot(rows, fits, budget_gib, path: Path) -> Path:
         line, = ax.plot(n, (f["a_bytes"] + per_token * n) / 2**30, "--", lw=1)
         colors[(f["contender"], f["processes"], f["width"])] = line.get_color()
         line.set_label(label + " (fit at p=2)")
+    measured_only = iter(["black", "grey", "brown", "olive", "teal", "navy", "maroon", "darkorange"])
     for r in rows:
-        c = colors.get((r["contender"], r.get("processes", 1), r["width"]), "k")
+        key = (r["contender"], r.get("processes", 1), r["width"])
+        label = None
+        if key not in colors:  # a contender measured only (not fitted)
+            colors[key] = next(measured_only, "k")
+            label = f"{key[0]} P={key[1]} w={key[2]} (measured)"
+        marker = "s" if r["contender"].startswith("climax") else "o"
         if r.get("status") == "ok":
-            ax.plot(r["tokens"], r["peak_bytes"] / 2**30, "o", color=c)
+            ax.plot(r["tokens"], r["peak_bytes"] / 2**30, marker, color=colors[key], label=label, ms=5)
         elif r.get("status") == "oom":
-            ax.plot(r["tokens"], budget_gib, "x", color=c, ms=9)
+            ax.plot(r["tokens"], budget_gib, "x", color=colors[key], ms=9, label=label)
     ax.axhline(budget_gib, color="grey", lw=0.8)
     ax.set(xscale="log", yscale="log", xlabel="patch tokens L (x 48 variables)", ylabel="peak memory per process (GiB)",
-           title="ClimaX one training step: measured (o), OOM at budget (x), linear fit (--)")
+           title="ClimaX one training step: measured (o ours, s ClimaX), OOM (x), fit (--)")
     ax.legend(fontsize=7)
     return save_figure(fig, path)
 
