@@ -45,10 +45,20 @@ def zero_momentum(v_N3: Tensor, masses_N: Tensor, batch_N: Tensor | None = None)
 
 
 class Integrator:
-    """Shared state: positions x, velocities v (float64), forces, energy, step counter."""
+    """Shared state: positions x, velocities v (float64), forces, energy, step counter.
+
+    Two execution paths with the same numbers (up to float32 rounding of the model):
+      * eager (``Potential(compile=False)``): the exact within-cutoff pair list every step;
+      * fused (``Potential(compile=True)``, or ``fused=True``): the model sees a fixed-shape pair
+        list (``Potential.static_pairs``) and forces come from ``torch.func.grad``, so forces and
+        (for velocity Verlet) the whole step compile into one graph with static shapes: no
+        recompiles between list rebuilds, one small host read per step (force max, energy,
+        displacement) for the instability and rebuild checks.
+    """
 
     def __init__(self, potential: Potential, positions_N3: Tensor, masses_N: Tensor,
-                 velocities_N3: Tensor | None, dt_fs: float, max_force: float = 1e3):
+                 velocities_N3: Tensor | None, dt_fs: float, max_force: float = 1e3,
+                 fused: bool | None = None):
         if not dt_fs > 0:
             raise ValueError(f"dt={dt_fs} fs; expected > 0")
         self.pot = potential
@@ -60,21 +70,42 @@ class Integrator:
         self.dt_fs = dt_fs
         self.max_force = max_force
         self.step = 0
+        self.fused = getattr(potential, "compile", False) if fused is None else fused
+        if self.fused:
+            self._forces = potential.forces_on_pairs
         self._evaluate()
 
-    def _evaluate(self) -> None:
-        ev = self.pot.compute(self.x)
-        f = ev.forces.double()
-        if not bool(torch.isfinite(f).all()) or not bool(torch.isfinite(ev.energy).all()):
+    def _check(self, fmax: float, energy: float) -> None:
+        if not (math.isfinite(fmax) and math.isfinite(energy)):
             raise MDInstabilityError(self.step, f"MD stopped at step {self.step}: forces or "
                                      "energy are NaN/inf")
-        fmax = float(f.abs().max()) if f.numel() else 0.0
         if fmax > self.max_force:
             raise MDInstabilityError(self.step, f"MD stopped at step {self.step}: a force of "
                                      f"{fmax:.3g} eV/A exceeds max_force={self.max_force:g} eV/A "
                                      "(exploding simulation)")
+
+    def _evaluate(self) -> None:
+        if self.fused:
+            ei, off, _ = self.pot.static_pairs(self.x)
+            with torch.no_grad():
+                e_B, f = self._forces(self.x, ei, off)
+            self._set(f, e_B)
+            return
+        ev = self.pot.compute(self.x)
+        f = ev.forces.double()
+        fmax = float(f.abs().max()) if f.numel() else 0.0
+        self._check(fmax, float(ev.energy.sum()))
         self.f = f
-        self.epot = float(ev.energy.sum())
+        self.energy_B = ev.energy
+
+    def _set(self, f: Tensor, e_B: Tensor) -> None:
+        fmax = float(f.abs().max()) if f.numel() else 0.0
+        self._check(fmax, float(e_B.sum()))
+        self.f, self.energy_B = f, e_B
+
+    @property
+    def epot(self) -> float:
+        return float(self.energy_B.sum())
 
     @property
     def ekin(self) -> float:
@@ -94,11 +125,47 @@ class Integrator:
 class VelocityVerlet(Integrator):
     """NVE: v += dt/2 F/m; x += dt v; F(x); v += dt/2 F/m."""
 
+    def __init__(self, potential, positions_N3, masses_N, velocities_N3, dt_fs: float,
+                 max_force: float = 1e3, fused: bool | None = None):
+        super().__init__(potential, positions_N3, masses_N, velocities_N3, dt_fs, max_force,
+                         fused)
+        if self.fused:
+            self._fused = self._fused_step
+            if potential.compile:
+                self._fused = torch.compile(self._fused_step, fullgraph=True, dynamic=False)
+
+    def _fused_step(self, x_N3: Tensor, v_N3: Tensor, f_N3: Tensor, edge_index_2C: Tensor,
+                    offset_C3: Tensor):
+        """One whole step as one traceable function; returns the new state and
+        [max |F|, energy] for the instability check."""
+        v_N3 = v_N3 + 0.5 * self.dt * f_N3 / self.m
+        x_N3 = x_N3 + self.dt * v_N3
+        e_B, f_N3 = self.pot.forces_on_pairs(x_N3, edge_index_2C, offset_C3)
+        v_N3 = v_N3 + 0.5 * self.dt * f_N3 / self.m
+        stats = torch.stack([f_N3.abs().amax(), e_B.sum().double()])
+        return x_N3, v_N3, f_N3, e_B, stats
+
     def _step(self) -> None:
-        self.v += 0.5 * self.dt * self.f / self.m
-        self.x += self.dt * self.v
-        self._evaluate()
-        self.v += 0.5 * self.dt * self.f / self.m
+        if not self.fused:
+            self.v += 0.5 * self.dt * self.f / self.m
+            self.x += self.dt * self.v
+            self._evaluate()
+            self.v += 0.5 * self.dt * self.f / self.m
+            return
+        pot = self.pot
+        if pot.all_pairs:
+            ei, off = pot._static if pot._static is not None else pot.static_pairs(self.x)[:2]
+        else:
+            # The drift is predicted here (same formula as in the step) so the list is rebuilt
+            # before the step when an atom will have left the skin; the fused step then never
+            # needs redoing.
+            x_next = self.x + self.dt * (self.v + 0.5 * self.dt * self.f / self.m)
+            ei, off, _ = pot.static_pairs(x_next)
+        with torch.no_grad():
+            x, v, f, e_B, stats = self._fused(self.x, self.v, self.f, ei, off)
+        fmax, energy = stats.tolist()
+        self._check(fmax, energy)
+        self.x, self.v, self.f, self.energy_B = x, v, f, e_B
 
 
 class LangevinBAOAB(Integrator):
@@ -106,12 +173,16 @@ class LangevinBAOAB(Integrator):
 
     def __init__(self, potential, positions_N3, masses_N, velocities_N3, dt_fs: float,
                  temperature_K: float, friction_per_fs: float = 0.01,
-                 generator: torch.Generator | None = None, max_force: float = 1e3):
+                 generator: torch.Generator | None = None, max_force: float = 1e3,
+                 fused: bool | None = None):
         if temperature_K < 0:
             raise ValueError(f"temperature={temperature_K} K; expected >= 0")
         if friction_per_fs < 0:
             raise ValueError(f"friction={friction_per_fs} 1/fs; expected >= 0")
-        super().__init__(potential, positions_N3, masses_N, velocities_N3, dt_fs, max_force)
+        super().__init__(potential, positions_N3, masses_N, velocities_N3, dt_fs, max_force,
+                         fused)
+        if self.fused and getattr(potential, "compile", False):
+            self._forces = torch.compile(potential.forces_on_pairs, fullgraph=True, dynamic=False)
         self.c1 = math.exp(-friction_per_fs * dt_fs)
         self.c2 = math.sqrt(1.0 - self.c1 ** 2)
         self.sigma = torch.sqrt(KB * temperature_K / self.m)

@@ -20,6 +20,15 @@ from ds4sci.ops.neighbors import neighbor_list
 MIN_DISTANCE = 0.1
 """Atoms closer than this (A) are reported as overlapping."""
 
+ALL_PAIRS_MAX_ATOMS = 64
+"""Open-boundary systems up to this many atoms per molecule use every ordered pair as their fixed
+pair list in the compiled path (no neighbour search, shapes never change); ViSNet masks pairs
+beyond r_c. Above it, the Verlet list (cutoff + skin) padded to a capacity is used."""
+
+PAD_GROWTH = 1.25
+"""The padded Verlet list's capacity grows to this factor times the pairs needed, so capacity
+changes (and recompiles) are rare; it never shrinks."""
+
 
 def save_model(path, model: ViSNet) -> None:
     """Checkpoint = {"config": ViSNetConfig dict, "state_dict": ...} (what ``load_model`` reads)."""
@@ -95,6 +104,12 @@ class Potential:
         self.cutoff = float(model.cfg.cutoff)
         self.nlist = VerletList(self.cutoff, skin, self.cell, self.pbc,
                                 None if self.num_graphs <= 1 else self.batch)
+        self.compile = compile
+        counts = torch.bincount(self.batch, minlength=max(self.num_graphs, 1))
+        self.all_pairs = (not periodic and n > 1
+                          and int(counts.max()) <= ALL_PAIRS_MAX_ATOMS)
+        self._static: tuple[Tensor, Tensor] | None = None
+        self.capacity = 0
 
     def check_elements(self, numbers_N: Tensor) -> None:
         cfg = self.model.cfg
@@ -127,3 +142,52 @@ class Potential:
                             forces=True, stress=stress and self.cell is not None)
         return Evaluation(out.energy.detach(), out.forces.detach(),
                           None if out.stress is None else out.stress[0].detach())
+
+    # ------------------------------------------------------------ static-shape (compiled) path
+    def static_pairs(self, pos_N3: Tensor) -> tuple[Tensor, Tensor, bool]:
+        """Fixed-shape pair list for the compiled path: (edge_index [2, C], offset_C3, rebuilt).
+
+        A superset of the pairs within r_c (ViSNet masks the rest exactly): every ordered pair
+        of each small molecule (built once), or the Verlet candidates (cutoff + skin) padded to
+        ``capacity`` C. offset_C3 (model dtype) is the periodic image vector, shifts @ cell;
+        padding slots are self pairs of atom 0 placed 3 r_c away, so they carry no energy and no
+        force. ``rebuilt`` says the list changed (the caller re-evaluates forces).
+        """
+        if self.all_pairs:
+            if self._static is None:
+                same = self.batch.unsqueeze(0) == self.batch.unsqueeze(1)
+                same.fill_diagonal_(False)
+                dst, src = same.nonzero(as_tuple=True)
+                ei = torch.stack([src, dst])
+                self._static = (ei, torch.zeros(ei.shape[1], 3, dtype=self.dtype,
+                                                device=self.device))
+                return (*self._static, True)
+            return (*self._static, False)
+        if self._static is not None and not self.nlist.needs_rebuild(pos_N3):
+            return (*self._static, False)
+        ei, sh = self.nlist.update(pos_N3)
+        E = ei.shape[1]
+        if E > self.capacity:
+            self.capacity = int(PAD_GROWTH * E) + 16
+        pad = self.capacity - E
+        off = (sh.double() @ self.cell if self.cell is not None
+               else torch.zeros(E, 3, dtype=torch.float64, device=self.device))
+        pad_off = torch.zeros(pad, 3, dtype=torch.float64, device=self.device)
+        pad_off[:, 0] = 3.0 * self.cutoff
+        ei = torch.cat([ei, ei.new_zeros(2, pad)], dim=1)
+        self._static = (ei, torch.cat([off, pad_off]).to(self.dtype))
+        return (*self._static, True)
+
+    def energy_on_pairs(self, pos_N3: Tensor, edge_index_2C: Tensor,
+                        offset_C3: Tensor) -> tuple[Tensor, Tensor]:
+        """(sum of energies [], energies [B]) for model-dtype positions on a static pair list."""
+        vec_C3 = pos_N3[edge_index_2C[0]] - pos_N3[edge_index_2C[1]] + offset_C3
+        e_B = self.model(self.numbers, edge_index_2C, vec_C3, self.batch, self.num_graphs)
+        return e_B.sum(), e_B
+
+    def forces_on_pairs(self, pos_N3: Tensor, edge_index_2C: Tensor,
+                        offset_C3: Tensor) -> tuple[Tensor, Tensor]:
+        """(energies [B], forces [N, 3] float64) by ``torch.func.grad`` (traceable by compile)."""
+        grad_fn = torch.func.grad(self.energy_on_pairs, has_aux=True)
+        g_N3, e_B = grad_fn(pos_N3.to(self.dtype), edge_index_2C, offset_C3)
+        return e_B, -g_N3.to(torch.float64)

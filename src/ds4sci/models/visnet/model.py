@@ -179,6 +179,11 @@ class ViSMP(nn.Module):
         m_EF = (v_NHD[src_E] * dv_EHD * attn_EH.unsqueeze(2)).reshape(E, F)
         s1_EF, s2_EF = fn.silu(self.s_proj(m_EF)).split(F, dim=1)
         mvec_ESF = vec_NSF[src_E] * s1_EF.unsqueeze(1) + s2_EF.unsqueeze(1) * d_ES.unsqueeze(2)
+        # Scalar messages vanish beyond r_c through phi(r); vector messages do not (s1, s2 keep
+        # the s_proj bias), so pairs at r >= r_c are masked explicitly. A no-op on PyG's graph
+        # (all pairs inside r_c); it lets a superset of pairs (a Verlet list with skin, all pairs
+        # of a small molecule, padding) give the same energy, with static shapes.
+        mvec_ESF = mvec_ESF * (r_E < self.cutoff).to(mvec_ESF.dtype)[:, None, None]
         x_agg = m_EF.new_zeros(N, F).index_add_(0, dst_E, m_EF)
         vec_agg = mvec_ESF.new_zeros(vec_NSF.shape).index_add_(0, dst_E, mvec_ESF)
         if self.last_layer:
@@ -344,6 +349,13 @@ class ViSNet(nn.Module):
                 num_graphs: int) -> Tensor:
         """Energies [B]."""
         e_N = self.atomic_energies(z_N, edge_index_2E, vec_E3)
+        if num_graphs == 1:
+            # A plain sum: same value, and Inductor's CPU code generation (torch 2.13, 2 threads)
+            # fails on a scatter into a single slot.
+            e_B = e_N.sum().reshape(1)
+            if self.cfg.reduce_op == "mean":
+                e_B = e_B / max(e_N.shape[0], 1)
+            return e_B + self.mean
         e_B = e_N.new_zeros(num_graphs).index_add_(0, batch_N, e_N)
         if self.cfg.reduce_op == "mean":
             count_B = e_N.new_zeros(num_graphs).index_add_(0, batch_N, torch.ones_like(e_N))
