@@ -32,7 +32,7 @@ def build_parser(prog: str = "ds4sci md") -> argparse.ArgumentParser:
     r.add_argument("--max-force", type=float, default=1e3, help="stop if any force exceeds (eV/A)")
     r.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 is fastest for small molecules on a busy machine)")
-    r.add_argument("--compile", action="store_true", help="torch.compile the model (dynamic shapes)")
+    r.add_argument("--compile", action="store_true", help="compile the whole MD step (small systems, <= 4096 atoms; compile time ~10-100 s)")
     r.add_argument("--no-plot", action="store_true")
     r.add_argument("--no-progress", action="store_true")
     return ap
