@@ -122,3 +122,41 @@ def test_compiled_fused_step_equals_eager_to_float32_rounding(monkeypatch):
     torch.testing.assert_close(fast.f, eager.f, atol=2e-5 * scale, rtol=0)
     torch.testing.assert_close(fast.x, eager.x, atol=1e-6, rtol=0)
     assert abs(fast.epot - eager.epot) < 1e-5 * max(1.0, abs(eager.epot))
+
+
+def _cross_cutoff_energies(smooth: bool, biases: bool):
+    cfg = CFG.replace(smooth_cutoff=smooth)
+    m = _model(cfg).double()
+    if biases:  # a trained model's s_proj bias: vector messages survive m = 0 (PyG's jump)
+        with torch.no_grad():
+            for layer in m.layers:
+                layer.s_proj.bias.normal_(0, 1, generator=torch.Generator().manual_seed(1))
+    z = torch.tensor([6, 8, 1])
+    out = []
+    for r in (cfg.cutoff - 1e-7, cfg.cutoff + 1e-7):  # atom 2 crosses r_c of atom 0
+        pos = torch.tensor([[0.0, 0, 0], [1.2, 0, 0], [0.0, r, 0]], dtype=torch.float64)
+        out.append(float(energy_forces(m, z, pos).energy[0]))
+    return out
+
+
+def test_smooth_cutoff_makes_the_energy_continuous_at_rc():
+    lo, hi = _cross_cutoff_energies(smooth=False, biases=True)
+    assert abs(hi - lo) > 1e-4  # PyG's equations: a jump when a pair crosses r_c
+    lo, hi = _cross_cutoff_energies(smooth=True, biases=True)
+    assert abs(hi - lo) < 1e-8
+    lo, hi = _cross_cutoff_energies(smooth=False, biases=False)
+    assert abs(hi - lo) < 1e-8  # zero biases (initialisation): no jump either way
+
+
+def test_reference_energies_added_in_float64():
+    """atomref and mean (hundreds of eV) are added outside the float32 model."""
+    cfg = CFG.replace(atomref=(0.0, -13.6, 0, 0, 0, 0, -1030.5, -1486.0, -2040.8), mean=-3.25)
+    m = _model(cfg)
+    atoms = _molecule()
+    z, pos = torch.as_tensor(atoms.numbers), torch.as_tensor(atoms.positions)
+    ref = energy_forces(m.double(), z, pos)  # float64 throughout
+    ev = _potential(atoms, m, dtype=torch.float32).compute(pos)
+    assert ev.energy.dtype == torch.float64
+    assert abs(float(ev.energy[0] - ref.energy[0])) < 1e-5  # float32 rounding of ~1 eV, not ~4000 eV
+    torch.testing.assert_close(ev.forces.double(), ref.forces, atol=1e-4, rtol=0)
+    assert float(m.atomref.weight[8, 0]) == float(torch.tensor(-2040.8))  # caller's model untouched

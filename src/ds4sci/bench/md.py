@@ -276,6 +276,77 @@ def _contender_calculator(contender: str, atoms):
     return calc, info
 
 
+def _nve(model_spec: str, dt_fs: float, steps: int, every: int, seed: int = 0,
+         smooth: bool = False):
+    """Velocity Verlet (compiled fused path, float32 model, float64 state and energy sums) of
+    alanine dipeptide from 300 K Maxwell-Boltzmann velocities: (rows, wall_s, warmup_s)."""
+    from ds4sci.md.integrators import VelocityVerlet, maxwell_boltzmann
+    from ds4sci.md.potential import Potential, load_model
+
+    atoms = system("ala2")
+    masses = torch.as_tensor(atoms.get_masses())
+    model = load_model(model_spec)
+    if smooth:
+        model.cfg = model.cfg.replace(smooth_cutoff=True)
+        for layer in model.layers:
+            layer.smooth_cutoff = True
+    pot = Potential(model, torch.as_tensor(atoms.numbers), compile=True)
+    v0 = maxwell_boltzmann(masses, 300.0, torch.Generator().manual_seed(seed))
+    t0 = time.perf_counter()
+    integ = VelocityVerlet(pot, torch.as_tensor(atoms.positions), masses, v0, dt_fs)
+    integ.run(2)
+    integ.step = 0
+    warmup = time.perf_counter() - t0
+    rows = [(0, 0.0, integ.epot, integ.ekin, integ.epot + integ.ekin, integ.temperature)]
+    t0 = time.perf_counter()
+    while integ.step < steps:
+        integ.run(min(every, steps - integ.step))
+        rows.append((integ.step, integ.step * dt_fs, integ.epot, integ.ekin,
+                     integ.epot + integ.ekin, integ.temperature))
+    return np.array(rows), time.perf_counter() - t0, warmup
+
+
+def drift(model_spec: str, steps: int, dt_fs: float, threads: int, smooth: bool) -> dict:
+    """NVE energy conservation of alanine dipeptide over ``steps`` steps, and the dt^2 check
+    (RMS Etot error over 1 ps at dt and dt/2; velocity Verlet's error scales as dt^2 -> 4)."""
+    torch.set_num_threads(threads)
+    every = max(1, steps // 1000)
+    a, wall, warmup = _nve(model_spec, dt_fs, steps, every, smooth=smooth)
+    t_ns = a[:, 1] * 1e-6
+    etot = a[:, 4]
+    slope, _ = np.polyfit(t_ns, etot, 1)
+    n_atoms = 22
+    sps = steps / wall
+    out = {"system": "ala2", "n_atoms": n_atoms, "model": model_spec, "smooth_cutoff": smooth,
+           "dt_fs": dt_fs,
+           "steps": steps, "simulated_ps": steps * dt_fs * 1e-3, "threads": threads,
+           "wall_s": wall, "warmup_s_incl_compile": warmup, "steps_per_s": sps,
+           "ns_per_day": sps * dt_fs * 1e-6 * 86400.0,
+           "projected_hours_per_1M_steps": 1e6 / sps / 3600.0,
+           "etot0_eV": float(etot[0]),
+           "drift_eV_per_ns_linear_fit": float(slope),
+           "drift_meV_per_atom_per_ns": float(slope) / n_atoms * 1e3,
+           "etot_final_minus_initial_eV": float(etot[-1] - etot[0]),
+           "etot_max_abs_deviation_eV": float(np.abs(etot - etot[0]).max()),
+           "etot_std_eV": float(etot.std()), "epot_std_eV": float(a[:, 2].std()),
+           "temperature_mean_K": float(a[:, 5].mean()),
+           "temperature_min_max_K": [float(a[:, 5].min()), float(a[:, 5].max())]}
+    # dt^2: 1 ps at dt and dt/2, same start, Etot sampled every dt
+    fluct = {}
+    for d in (dt_fs, dt_fs / 2):
+        n = int(round(1000.0 / d))
+        b, _, _ = _nve(model_spec, d, n, max(1, int(round(dt_fs / d))), smooth=smooth)
+        fluct[d] = float(np.sqrt(np.mean((b[:, 4] - b[0, 4]) ** 2)))
+    out["dt2_check"] = {"rms_etot_error_eV": {str(k): v for k, v in fluct.items()},
+                        "ratio": fluct[dt_fs] / fluct[dt_fs / 2], "expected_ratio": 4.0,
+                        "simulated_ps_each": 1.0}
+    out["series_every_steps"] = every
+    out["series"] = {"step": a[:, 0].astype(int).tolist()[:: max(1, len(a) // 200)],
+                     "etot_eV": etot.tolist()[:: max(1, len(a) // 200)],
+                     "temperature_K": a[:, 5].tolist()[:: max(1, len(a) // 200)]}
+    return out
+
+
 def neighbor_rows(repeats: int = 3) -> list[dict]:
     """Time one neighbour-list build (r = 6 A = cutoff + skin) per backend on periodic water."""
     from ds4sci.ops.neighbors import neighbor_list, vesin_available
@@ -311,6 +382,11 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-contenders", default="ours-eval,ours-eval-ckpt,ours-eval-chunk")
     ap.add_argument("--neighbors", action="store_true",
                     help="only: neighbour-list build time, torch cell list vs vesin")
+    ap.add_argument("--drift", action="store_true",
+                    help="only: NVE energy drift of alanine dipeptide (--drift-steps, --dt, --model)")
+    ap.add_argument("--drift-steps", type=int, default=100_000)
+    ap.add_argument("--dt", type=float, default=0.5, help="fs (--drift)")
+    ap.add_argument("--model", default="preset:visnet-tiny", help="checkpoint for --drift")
     ap.add_argument("--large", action="store_true",
                     help="water 10k (open: vs PyG+ASE; periodic) and 100k (periodic, chunked)")
     ap.add_argument("--systems", default=None, help="comma-separated subset of the mode's systems")
@@ -327,6 +403,17 @@ def main(argv=None) -> int:
     if args.worker:
         c, s, p, n, t = args.worker
         print(json.dumps(worker(c, s, p, int(n), int(t))))
+        return 0
+    if args.drift:
+        res = []
+        for smooth in (True, False):  # smooth-cutoff variant first (the conservation figure)
+            res.append(drift(args.model, args.drift_steps, args.dt, args.threads, smooth))
+            print(json.dumps({k: v for k, v in res[-1].items() if k != "series"}), flush=True)
+        meta = {**machine_info(), "load_average_at_end": os.getloadavg()}
+        path = Path(args.out) / "md_cpu_nve_drift.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"machine": meta, "results": res}, indent=2) + "\n")
+        print("wrote", path)
         return 0
     if args.neighbors:
         torch.set_num_threads(args.threads)

@@ -123,27 +123,37 @@ class Integrator:
 
 
 class VelocityVerlet(Integrator):
-    """NVE: v += dt/2 F/m; x += dt v; F(x); v += dt/2 F/m."""
+    """NVE: v += dt/2 F/m; x += dt v; F(x); v += dt/2 F/m.
+
+    Fused path: one traced function per step takes x(t+dt) and v(t+dt/2) (its inputs, so forces
+    are the gradient with respect to an input), evaluates F(t+dt), finishes v(t+dt) and already
+    does the next half kick and drift, returning x(t+2dt) and v(t+3dt/2) for the next call. The
+    pending next positions are known exactly, so the Verlet list is rebuilt before a step when
+    needed, never redone. Read ``x``/``v``/``f``; set them only before the first ``run``.
+    (With the drift inside the graph, i.e. forces as the gradient with respect to an intermediate,
+    Inductor in torch 2.13 returned wrong forces, right energies, for the smooth-cutoff model.)
+    """
 
     def __init__(self, potential, positions_N3, masses_N, velocities_N3, dt_fs: float,
                  max_force: float = 1e3, fused: bool | None = None):
         super().__init__(potential, positions_N3, masses_N, velocities_N3, dt_fs, max_force,
                          fused)
+        self._pending: tuple[Tensor, Tensor] | None = None
         if self.fused:
             self._fused = self._fused_step
             if potential.compile:
                 self._fused = torch.compile(self._fused_step, fullgraph=True, dynamic=False)
 
-    def _fused_step(self, x_N3: Tensor, v_N3: Tensor, f_N3: Tensor, edge_index_2C: Tensor,
+    def _fused_step(self, x_N3: Tensor, v_half_N3: Tensor, edge_index_2C: Tensor,
                     offset_C3: Tensor):
-        """One whole step as one traceable function; returns the new state and
-        [max |F|, energy] for the instability check."""
-        v_N3 = v_N3 + 0.5 * self.dt * f_N3 / self.m
-        x_N3 = x_N3 + self.dt * v_N3
+        """F(x); v = v_half + dt/2 F/m; then the next v_half and x. Returns
+        (v, F, energies, next x, next v_half, [max |F|, energy])."""
         e_B, f_N3 = self.pot.forces_on_pairs(x_N3, edge_index_2C, offset_C3)
-        v_N3 = v_N3 + 0.5 * self.dt * f_N3 / self.m
+        v_N3 = v_half_N3 + 0.5 * self.dt * f_N3 / self.m
+        v_next = v_N3 + 0.5 * self.dt * f_N3 / self.m
+        x_next = x_N3 + self.dt * v_next
         stats = torch.stack([f_N3.abs().amax(), e_B.sum().double()])
-        return x_N3, v_N3, f_N3, e_B, stats
+        return v_N3, f_N3, e_B, x_next, v_next, stats
 
     def _step(self) -> None:
         if not self.fused:
@@ -153,19 +163,21 @@ class VelocityVerlet(Integrator):
             self.v += 0.5 * self.dt * self.f / self.m
             return
         pot = self.pot
-        if pot.all_pairs:
-            ei, off = pot._static if pot._static is not None else pot.static_pairs(self.x)[:2]
+        if self._pending is None:  # first step: the half kick and drift from the initial state
+            v_half = self.v + 0.5 * self.dt * self.f / self.m
+            self._pending = (self.x + self.dt * v_half, v_half)
+        x, v_half = self._pending
+        if pot.all_pairs and pot._static is not None:
+            ei, off = pot._static
         else:
-            # The drift is predicted here (same formula as in the step) so the list is rebuilt
-            # before the step when an atom will have left the skin; the fused step then never
-            # needs redoing.
-            x_next = self.x + self.dt * (self.v + 0.5 * self.dt * self.f / self.m)
-            ei, off, _ = pot.static_pairs(x_next)
+            ei, off, _ = pot.static_pairs(x)  # rebuilds the Verlet list when x needs it
         with torch.no_grad():
-            x, v, f, e_B, stats = self._fused(self.x, self.v, self.f, ei, off)
+            v, f, e_B, x_next, v_next, stats = self._fused(x, v_half, ei, off)
         fmax, energy = stats.tolist()
+        self.x = x
         self._check(fmax, energy)
-        self.x, self.v, self.f, self.energy_B = x, v, f, e_B
+        self.v, self.f, self.energy_B = v, f, e_B
+        self._pending = (x_next, v_next)
 
 
 class LangevinBAOAB(Integrator):

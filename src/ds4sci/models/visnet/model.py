@@ -99,6 +99,7 @@ class ViSMP(nn.Module):
         self.F, self.H, self.Dh = F, cfg.num_heads, F // cfg.num_heads
         self.cutoff, self.vertex, self.last_layer = cfg.cutoff, cfg.vertex, last_layer
         self.edge_chunk_size = cfg.edge_chunk_size
+        self.smooth_cutoff = cfg.smooth_cutoff
         self.layernorm = nn.LayerNorm(F)
         self.vec_layernorm = VecLayerNorm(F, cfg.trainable_vecnorm, cfg.vecnorm_type, cfg.lmax)
         self.vec_proj = nn.Linear(F, 3 * F, bias=False)
@@ -183,7 +184,9 @@ class ViSMP(nn.Module):
         # the s_proj bias), so pairs at r >= r_c are masked explicitly. A no-op on PyG's graph
         # (all pairs inside r_c); it lets a superset of pairs (a Verlet list with skin, all pairs
         # of a small molecule, padding) give the same energy, with static shapes.
-        mvec_ESF = mvec_ESF * (r_E < self.cutoff).to(mvec_ESF.dtype)[:, None, None]
+        keep_E = (cosine_cutoff(r_E, self.cutoff) if self.smooth_cutoff
+                  else (r_E < self.cutoff).to(mvec_ESF.dtype))
+        mvec_ESF = mvec_ESF * keep_E[:, None, None]
         x_agg = m_EF.new_zeros(N, F).index_add_(0, dst_E, m_EF)
         vec_agg = mvec_ESF.new_zeros(vec_NSF.shape).index_add_(0, dst_E, mvec_ESF)
         if self.last_layer:
