@@ -277,6 +277,60 @@ def _contender_calculator(contender: str, atoms):
     return calc, info
 
 
+def _domain_rank(rank: int, world: int, init_file: str, sys_name: str, preset_name: str,
+                 steps: int, queue) -> None:
+    """One gloo rank of the domain-decomposed contender: velocity Verlet with DomainPotential."""
+    import torch.distributed as dist
+
+    from ds4sci.md.domain import DomainPotential
+    from ds4sci.md.integrators import VelocityVerlet, maxwell_boltzmann
+    from ds4sci.md.potential import load_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    atoms = system(sys_name)
+    masses = torch.as_tensor(atoms.get_masses())
+    pot = DomainPotential(load_model(f"preset:{preset_name}"), torch.as_tensor(atoms.numbers),
+                          torch.as_tensor(np.asarray(atoms.cell)), torch.as_tensor(atoms.pbc))
+    v0 = maxwell_boltzmann(masses, 300.0, torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    integ = VelocityVerlet(pot, torch.as_tensor(atoms.positions), masses, v0, 1.0)
+    first = time.perf_counter() - t0
+    dist.barrier()
+    t0 = time.perf_counter()
+    integ.run(steps)
+    wall = time.perf_counter() - t0
+    queue.put({"rank": rank, "wall_s": wall, "first_eval_s": first, "epot": integ.epot,
+               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    dist.destroy_process_group()
+
+
+def domain_worker(sys_name: str, preset_name: str, steps: int, world: int) -> dict:
+    """``world`` gloo processes (one thread each) sharing one MD run of ``sys_name``."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    init_file = tempfile.mktemp(prefix="ds4sci_md_domain_")
+    procs = [ctx.Process(target=_domain_rank, args=(r, world, init_file, sys_name, preset_name,
+                                                    steps, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    res = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+    res.sort(key=lambda r: r["rank"])
+    wall = max(r["wall_s"] for r in res)
+    return {"status": "ok", "n_atoms": len(system(sys_name)), "processes": world, "steps": steps,
+            "wall_s": wall, "steps_per_s": steps / wall, "ns_per_day_1fs": steps / wall * 0.0864,
+            "epot_eV": res[0]["epot"], "peak_rss_mib_per_rank": [r["peak_rss_mib"] for r in res],
+            "peak_rss_mib_sum": sum(r["peak_rss_mib"] for r in res),
+            "first_eval_s_per_rank": [r["first_eval_s"] for r in res]}
+
+
 def _nve(model_spec: str, dt_fs: float, steps: int, every: int, seed: int = 0,
          smooth: bool = False):
     """Velocity Verlet (compiled fused path, float32 model, float64 state and energy sums) of
@@ -399,8 +453,32 @@ def main(argv=None) -> int:
     ap.add_argument("--contenders-path", default=None,
                     help="directory with mace-torch / torchmd-net (pip install --target DIR)")
     ap.add_argument("--stem", default=None, help="results file name (default: by mode)")
+    ap.add_argument("--domain", action="store_true",
+                    help="only: one MD step of --domain-system over 1, 2, 4 gloo processes")
+    ap.add_argument("--domain-system", default="water-10k-pbc")
+    ap.add_argument("--domain-procs", default="1,2,4")
+    ap.add_argument("--domain-worker", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.domain_worker:
+        s_, p_, n_, w_ = args.domain_worker
+        print(json.dumps(domain_worker(s_, p_, int(n_), int(w_))))
+        return 0
+    if args.domain:
+        env = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+        if args.mem_limit_gib:
+            env["DS4SCI_BENCH_AS_LIMIT_GIB"] = str(args.mem_limit_gib)
+        rows = []
+        for world in [int(w) for w in args.domain_procs.split(",")]:
+            res = run_worker("ds4sci.bench.md", ["--domain-worker", args.domain_system,
+                                                 args.preset, "1", str(world)],
+                             timeout=args.timeout, env=env)
+            rows.append({"system": args.domain_system, "contender": "ours-domain",
+                         "preset": args.preset, "threads_per_process": 1, **res})
+            print(json.dumps(rows[-1]), flush=True)
+        meta = {**machine_info(), "load_average_at_end": os.getloadavg()}
+        print("wrote", *write_rows(rows, meta, Path(args.out), args.stem or "md_cpu_domain"))
+        return 0
     if args.worker:
         c, s, p, n, t = args.worker
         print(json.dumps(worker(c, s, p, int(n), int(t))))
