@@ -176,8 +176,8 @@ class VelocityVerlet(Integrator):
         x, v_half = self._pending
         if pot.all_pairs and pot._static is not None:
             ei, off = pot._static
-        else:
-            ei, off, _ = pot.static_pairs(x)  # rebuilds the Verlet list when x needs it
+        else:  # the pairs inside r_c at x (the Verlet list is rebuilt when x needs it)
+            ei, off, _ = pot.static_pairs(x)
         with torch.no_grad():
             v, f, e_B, x_next, v_next, stats = self._fused(x, v_half, ei, off)
         fmax, energy = stats.tolist()
