@@ -49,3 +49,37 @@ def test_domain_decomposition_equals_one_process(world, periodic, vecnorm, tol):
     for e, f in results:
         assert abs(float(e) - float(ref.energy)) < tol
         assert (f - ref.forces).abs().max() < tol * max(1.0, float(ref.forces.abs().max()))
+
+
+def _md_worker(rank, world, out):
+    from ase import Atoms
+
+    from ds4sci.md.run import run_md
+    m, z, pos = _setup(True)
+    atoms = Atoms(numbers=z.numpy(), positions=pos.numpy(), cell=CELL.numpy(), pbc=True)
+    summary = run_md(atoms, m, "nve", dt_fs=0.5, temperature_K=300.0, steps=4, out_dir=out,
+                     log_every=2, traj_every=2, dtype="float64", plot=False, domain=True)
+    return summary
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world", [2, 4])
+def test_domain_md_run_equals_one_process(world, tmp_path):
+    """``run_md(domain=True)`` on 2 / 4 gloo ranks writes the one-process trajectory."""
+    import ase.io
+    from ase import Atoms
+
+    from ds4sci.md.run import run_md
+    m, z, pos = _setup(True)
+    atoms = Atoms(numbers=z.numpy(), positions=pos.numpy(), cell=CELL.numpy(), pbc=True)
+    run_md(atoms, m, "nve", dt_fs=0.5, temperature_K=300.0, steps=4, out_dir=tmp_path / "one",
+           log_every=2, traj_every=2, dtype="float64", plot=False)
+    results = run_distributed(_md_worker, world, str(tmp_path / "dd"))
+    assert results[0]["status"] == "completed" and results[0]["steps_done"] == 4
+    assert all(r["steps_done"] == 4 for r in results[1:])
+    ref = ase.io.read(tmp_path / "one" / "trajectory.extxyz", ":")
+    got = ase.io.read(tmp_path / "dd" / "trajectory.extxyz", ":")
+    assert len(got) == len(ref) == 3
+    for a, b in zip(ref, got):
+        assert abs(a.positions - b.positions).max() < 1e-10
+        assert abs(a.get_potential_energy() - b.get_potential_energy()) < 1e-9

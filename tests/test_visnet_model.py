@@ -156,10 +156,13 @@ def test_edge_chunking_matches_unchunked():
     m = _model()
     z, pos = _mol(9)
     ref = energy_forces(m, z, pos)
-    for layer in m.layers:
-        layer.edge_chunk_size = 7  # several chunks, last one partial
+    m.set_edge_chunk_size(7)  # several chunks, last one partial; embedding stage and layers
+    assert m.cfg.edge_chunk_size == 7 and all(la.edge_chunk_size == 7 for la in m.layers)
     out = energy_forces(m, z, pos)
     assert torch.allclose(out.energy, ref.energy, atol=1e-12, rtol=0)
+    assert torch.allclose(out.forces, ref.forces, atol=1e-12, rtol=0)
+    m.cfg = m.cfg.replace(activation_checkpointing=True)  # both memory options together
+    out = energy_forces(m, z, pos)
     assert torch.allclose(out.forces, ref.forces, atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="edge_chunk_size=0"):
         CFG.replace(edge_chunk_size=0)

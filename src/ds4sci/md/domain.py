@@ -8,6 +8,9 @@ owned atoms and differentiates that sum with respect to all its local positions 
 forces are scatter-added into a global [N, 3] buffer and all-reduced, so
 F = -d(sum_r E_r)/dx equals the one-process forces.
 
+``DomainPotential`` plugs this into the integrators and ``run_md`` (``ds4sci md run --domain``
+under torchrun).
+
 # DISCREPANCY (halo exchange): positions are replicated on every rank and forces combined with
 # one all-reduce, instead of point-to-point exchange of halo positions/forces between
 # neighbouring slabs. Graph memory and compute per rank are O(N/P + halo); the O(N) position and
@@ -20,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ds4sci.md.potential import Evaluation, Potential
 from ds4sci.ops.neighbors import cell_heights, neighbor_list
 
 
@@ -74,3 +78,31 @@ def domain_energy_forces(model, z_N: Tensor, pos_N3: Tensor, cell_33: Tensor | N
         dist.all_reduce(forces, group=group)
         dist.all_reduce(energy, group=group)
     return energy[0] + model.mean, forces
+
+
+class DomainPotential(Potential):
+    """A ``Potential`` whose ``compute`` is split over the ranks of ``group`` (slabs + halo,
+    ``domain_energy_forces``): every rank runs the same integrator on replicated positions, and
+    the all-reduced forces keep all ranks' states identical (rank 0 writes the outputs).
+
+    Energies and forces only (no stress); eager execution (``compile`` is ignored); a fresh local
+    neighbour list per evaluation (no Verlet reuse).
+    """
+
+    def __init__(self, *args, group=None, **kwargs):
+        kwargs["compile"] = False
+        super().__init__(*args, **kwargs)
+        if self.num_graphs > 1:
+            raise ValueError(f"DomainPotential: {self.num_graphs} molecules in batch_N; expected "
+                             "one system")
+        self.group = group
+
+    def compute(self, pos_N3: Tensor, stress: bool = False) -> Evaluation:
+        if stress:
+            raise ValueError("DomainPotential: stress=True is not supported; expected "
+                             "stress=False")
+        self.nlist.builds += 1  # one fresh local list per evaluation
+        energy, forces = domain_energy_forces(self.model, self.numbers, pos_N3.to(self.dtype),
+                                              self.cell, self.pbc, self.group)
+        return Evaluation(energy.detach().double().reshape(1) + self.e0_B, forces.detach(),
+                          None)

@@ -7,6 +7,7 @@ for periodic cells, stress. Several molecules/replicas can share one call via ``
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,20 @@ from ds4sci.ops.neighbors import neighbor_list
 
 MIN_DISTANCE = 0.1
 """Atoms closer than this (A) are reported as overlapping."""
+
+ALL_PAIRS_MAX_ATOMS = 64
+"""Open-boundary systems up to this many atoms per molecule use every ordered pair as their fixed
+pair list in the compiled path (no neighbour search, shapes never change); ViSNet masks pairs
+beyond r_c. Above it, the Verlet list (cutoff + skin) padded to a capacity is used."""
+
+FUSED_MAX_ATOMS = 4096
+"""``compile=True`` compiles the fused step only up to this many atoms: the compiled
+torch.func.grad graph keeps every edge intermediate (18 GiB at 10k atoms, measured) and is slower
+there than the eager path; larger systems run the eager path (edge chunking applies)."""
+
+PAD_GROWTH = 1.1
+"""The padded pair list's capacity grows to this factor times the pairs within r_c, so capacity
+changes (and recompiles) are rare (the count fluctuates by ~1% in a liquid); it never shrinks."""
 
 
 def save_model(path, model: ViSNet) -> None:
@@ -52,7 +67,7 @@ def load_model(spec: str) -> ViSNet:
 @dataclass
 class Evaluation:
     energy: Tensor
-    """[B] eV."""
+    """[B] eV (float64: the reference energies are added in float64)."""
     forces: Tensor
     """[N, 3] eV/A."""
     stress: Tensor | None
@@ -69,32 +84,52 @@ class Potential:
         batch_N: molecule index per atom for batched replicas (open boundaries).
         skin: Verlet skin (A).
         dtype: model dtype (float32 default; positions/velocities stay float64 in integrators).
-        compile: run the model through ``torch.compile(dynamic=True)`` (first steps compile).
+        compile: integrators compile their whole step (fixed-shape pair list, forces by
+            torch.func.grad) with ``torch.compile``; up to ``FUSED_MAX_ATOMS`` atoms.
     """
 
     def __init__(self, model: ViSNet, numbers_N: Tensor, cell_33: Tensor | None = None,
                  pbc_3: Tensor | None = None, batch_N: Tensor | None = None, skin: float = 1.0,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  compile: bool = False):
-        self.model = model.to(device=device, dtype=dtype).eval()
-        for p in self.model.parameters():
+        # A private copy: the per-element reference energies (atomref, ~ -400 eV per O atom) and
+        # the mean are constants, moved out of the float32 model and added in float64, so the
+        # reported energy keeps ~1e-9 eV resolution (NVE drift) instead of float32's ~1e-4 eV
+        # at -900 eV. Forces are unchanged (constants have no gradient).
+        model = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+        for p in model.parameters():
             p.requires_grad_(False)
+        self.model = model
         self.dtype, self.device = dtype, torch.device(device)
-        # torch.compile with dynamic shapes (the edge count changes every step): fuses the many
-        # small ops that dominate small molecules; the backward is compiled too (AOTAutograd).
-        self.net = torch.compile(self.model, dynamic=True) if compile else self.model
+        self.net = self.model  # compute() (ASE calculator, stress) runs eagerly
         self.numbers = torch.as_tensor(numbers_N, dtype=torch.long, device=device)
         self.check_elements(self.numbers)
         n = self.numbers.shape[0]
         self.batch = (torch.zeros(n, dtype=torch.long, device=device) if batch_N is None
                       else torch.as_tensor(batch_N, dtype=torch.long, device=device))
         self.num_graphs = int(self.batch.max()) + 1 if n else 0
+        ref_N = model.atomref.weight.detach().double()[self.numbers, 0]
+        self.e0_B = torch.zeros(max(self.num_graphs, 1), dtype=torch.float64,
+                                device=device).index_add_(0, self.batch, ref_N)
+        if model.cfg.reduce_op == "mean":
+            count_B = torch.bincount(self.batch, minlength=max(self.num_graphs, 1))
+            self.e0_B = self.e0_B / count_B.clamp(min=1)
+        self.e0_B = self.e0_B + float(model.mean)
+        with torch.no_grad():
+            model.atomref.weight.zero_()
+            model.mean.zero_()
         periodic = cell_33 is not None and pbc_3 is not None and bool(torch.as_tensor(pbc_3).any())
         self.cell = torch.as_tensor(cell_33, dtype=torch.float64, device=device) if periodic else None
         self.pbc = torch.as_tensor(pbc_3, dtype=torch.bool, device=device) if periodic else None
         self.cutoff = float(model.cfg.cutoff)
         self.nlist = VerletList(self.cutoff, skin, self.cell, self.pbc,
                                 None if self.num_graphs <= 1 else self.batch)
+        self.compile = compile and n <= FUSED_MAX_ATOMS
+        counts = torch.bincount(self.batch, minlength=max(self.num_graphs, 1))
+        self.all_pairs = (not periodic and n > 1
+                          and int(counts.max()) <= ALL_PAIRS_MAX_ATOMS)
+        self._static: tuple[Tensor, Tensor] | None = None
+        self.capacity = 0
 
     def check_elements(self, numbers_N: Tensor) -> None:
         cfg = self.model.cfg
@@ -125,5 +160,59 @@ class Potential:
         out = energy_forces(self.net, self.numbers, pos_N3.to(self.dtype), self.batch,
                             self.num_graphs, ei, sh if self.cell is not None else None, cell,
                             forces=True, stress=stress and self.cell is not None)
-        return Evaluation(out.energy.detach(), out.forces.detach(),
+        return Evaluation(out.energy.detach().double() + self.e0_B, out.forces.detach(),
                           None if out.stress is None else out.stress[0].detach())
+
+    # ------------------------------------------------------------ static-shape (compiled) path
+    def static_pairs(self, pos_N3: Tensor) -> tuple[Tensor, Tensor, bool]:
+        """Fixed-shape pair list for the compiled path: (edge_index [2, C], offset_C3, rebuilt).
+
+        A superset of the pairs within r_c (ViSNet masks the rest exactly): every ordered pair
+        of each small molecule (built once), or the Verlet candidates (cutoff + skin, rebuilt
+        when an atom moved > skin/2) that are inside r_c at ``pos``, padded to ``capacity`` C.
+        offset_C3 (model dtype) is the periodic image vector, shifts @ cell; padding slots are
+        self pairs of atom 0 placed 3 r_c away, so they carry no energy and no force.
+        ``rebuilt`` says the list may have changed.
+        """
+        if self.all_pairs:
+            if self._static is None:
+                same = self.batch.unsqueeze(0) == self.batch.unsqueeze(1)
+                same.fill_diagonal_(False)
+                dst, src = same.nonzero(as_tuple=True)
+                ei = torch.stack([src, dst])
+                self._static = (ei, torch.zeros(ei.shape[1], 3, dtype=self.dtype,
+                                                device=self.device))
+                return (*self._static, True)
+            return (*self._static, False)
+        ei, sh = self.nlist.update(pos_N3)  # candidates within cutoff + skin (cached)
+        off = (sh.double() @ self.cell if self.cell is not None
+               else torch.zeros(ei.shape[1], 3, dtype=torch.float64, device=self.device))
+        # Keep only the pairs inside r_c at these positions (the skin's extra pairs would be
+        # ~70% more edge work at r_c = 5 A, skin 1 A); the shape stays fixed by padding.
+        pos = pos_N3.detach().double()
+        vec = pos[ei[0]] - pos[ei[1]] + off
+        keep = (vec * vec).sum(-1) < self.cutoff ** 2
+        ei, off = ei[:, keep], off[keep]
+        E = ei.shape[1]
+        if E > self.capacity:
+            self.capacity = int(PAD_GROWTH * E) + 16
+        pad = self.capacity - E
+        pad_off = torch.zeros(pad, 3, dtype=torch.float64, device=self.device)
+        pad_off[:, 0] = 3.0 * self.cutoff
+        ei = torch.cat([ei, ei.new_zeros(2, pad)], dim=1)
+        self._static = (ei, torch.cat([off, pad_off]).to(self.dtype))
+        return (*self._static, True)
+
+    def energy_on_pairs(self, pos_N3: Tensor, edge_index_2C: Tensor,
+                        offset_C3: Tensor) -> tuple[Tensor, Tensor]:
+        """(sum of energies [], energies [B]) for model-dtype positions on a static pair list."""
+        vec_C3 = pos_N3[edge_index_2C[0]] - pos_N3[edge_index_2C[1]] + offset_C3
+        e_B = self.model(self.numbers, edge_index_2C, vec_C3, self.batch, self.num_graphs)
+        return e_B.sum(), e_B.to(torch.float64) + self.e0_B
+
+    def forces_on_pairs(self, pos_N3: Tensor, edge_index_2C: Tensor,
+                        offset_C3: Tensor) -> tuple[Tensor, Tensor]:
+        """(energies [B], forces [N, 3] float64) by ``torch.func.grad`` (traceable by compile)."""
+        grad_fn = torch.func.grad(self.energy_on_pairs, has_aux=True)
+        g_N3, e_B = grad_fn(pos_N3.to(self.dtype), edge_index_2C, offset_C3)
+        return e_B, -g_N3.to(torch.float64)

@@ -54,6 +54,11 @@ class ViSNetConfig:
     """Process each ViS-MP layer's edges in chunks of this many, recomputing each chunk in the
     force backward (not in PyG): memory ~ one chunk's edge activations, for 100k-atom systems.
     None = all edges at once. Results equal the unchunked model up to summation order."""
+    smooth_cutoff: bool = False
+    """Scale vector messages by the cosine cutoff phi(r) instead of cutting them at r_c (not in
+    PyG): PyG's ViSNet keeps a jump there (the s_proj bias survives m = 0), which breaks NVE
+    energy conservation of a trained model whenever a pair crosses r_c; True makes the energy
+    continuous (C1) in the positions. False = PyG's equations."""
     elements: tuple[int, ...] | None = field(default=None)
     """Atomic numbers the model was trained on (None = any Z < max_z); inputs with other elements
     are rejected by the MD engine."""

@@ -99,6 +99,7 @@ class ViSMP(nn.Module):
         self.F, self.H, self.Dh = F, cfg.num_heads, F // cfg.num_heads
         self.cutoff, self.vertex, self.last_layer = cfg.cutoff, cfg.vertex, last_layer
         self.edge_chunk_size = cfg.edge_chunk_size
+        self.smooth_cutoff = cfg.smooth_cutoff
         self.layernorm = nn.LayerNorm(F)
         self.vec_layernorm = VecLayerNorm(F, cfg.trainable_vecnorm, cfg.vecnorm_type, cfg.lmax)
         self.vec_proj = nn.Linear(F, 3 * F, bias=False)
@@ -179,6 +180,13 @@ class ViSMP(nn.Module):
         m_EF = (v_NHD[src_E] * dv_EHD * attn_EH.unsqueeze(2)).reshape(E, F)
         s1_EF, s2_EF = fn.silu(self.s_proj(m_EF)).split(F, dim=1)
         mvec_ESF = vec_NSF[src_E] * s1_EF.unsqueeze(1) + s2_EF.unsqueeze(1) * d_ES.unsqueeze(2)
+        # Scalar messages vanish beyond r_c through phi(r); vector messages do not (s1, s2 keep
+        # the s_proj bias), so pairs at r >= r_c are masked explicitly. A no-op on PyG's graph
+        # (all pairs inside r_c); it lets a superset of pairs (a Verlet list with skin, all pairs
+        # of a small molecule, padding) give the same energy, with static shapes.
+        keep_E = (cosine_cutoff(r_E, self.cutoff) if self.smooth_cutoff
+                  else (r_E < self.cutoff).to(mvec_ESF.dtype))
+        mvec_ESF = mvec_ESF * keep_E[:, None, None]
         x_agg = m_EF.new_zeros(N, F).index_add_(0, dst_E, m_EF)
         vec_agg = mvec_ESF.new_zeros(vec_NSF.shape).index_add_(0, dst_E, mvec_ESF)
         if self.last_layer:
@@ -291,12 +299,29 @@ class ViSNet(nn.Module):
         for name, t in list(self.named_parameters()) + list(self.named_buffers()):
             t.copy_(self.initial_value(name, t.shape, generator))
 
+    def set_edge_chunk_size(self, edge_chunk_size: int | None) -> None:
+        """Switch edge chunking (embedding stage and every layer) on an existing model."""
+        self.cfg = self.config = self.cfg.replace(edge_chunk_size=edge_chunk_size)
+        for layer in self.layers:
+            layer.edge_chunk_size = edge_chunk_size
+
     # ---------------------------------------------------------------- forward
     def rbf(self, r_E: Tensor) -> Tensor:
         """[E] -> [E, R]"""
         r = r_E.unsqueeze(-1)
         return cosine_cutoff(r, self.cfg.cutoff) * torch.exp(
             -self.rbf_betas * (torch.exp(-self.alpha * r) - self.rbf_means) ** 2)
+
+    def _neighbor_messages(self, emb_NF: Tensor, src_E: Tensor, dst_E: Tensor, r_E: Tensor,
+                           N: int) -> Tensor:
+        """Neighbour embedding sum_j emb(Z_j) W rbf(r_ij) phi(r_ij), aggregated at i: [N, F]."""
+        w_EF = self.neighbor_distance_proj(self.rbf(r_E)) * cosine_cutoff(
+            r_E, self.cfg.cutoff).unsqueeze(1)
+        return emb_NF.new_zeros(N, emb_NF.shape[1]).index_add_(0, dst_E, emb_NF[src_E] * w_EF)
+
+    def _edge_features(self, x_NF: Tensor, src_E: Tensor, dst_E: Tensor, r_E: Tensor) -> Tensor:
+        """Initial edge features f_ij = (x_i + x_j) * W rbf(r_ij): [E, F]."""
+        return (x_NF[dst_E] + x_NF[src_E]) * self.edge_proj(self.rbf(r_E))
 
     def atomic_energies(self, z_N: Tensor, edge_index_2E: Tensor, vec_E3: Tensor) -> Tensor:
         """Per-atom energies [N] (std and atomref applied) from edges without self loops.
@@ -307,24 +332,38 @@ class ViSNet(nn.Module):
         src_E, dst_E = edge_index_2E[0], edge_index_2E[1]
         r_E = torch.linalg.vector_norm(vec_E3, dim=-1)
         d_E3 = vec_E3 / r_E.unsqueeze(-1)
-        rbf_ER = self.rbf(r_E)
 
         x_NF = self.embedding(z_N)
-        # neighbour embedding (real edges only)
-        w_EF = self.neighbor_distance_proj(rbf_ER) * cosine_cutoff(r_E, cfg.cutoff).unsqueeze(1)
-        nb_NF = x_NF.new_zeros(x_NF.shape).index_add_(
-            0, dst_E, self.neighbor_embedding(z_N)[src_E] * w_EF)
-        x_NF = self.neighbor_combine(torch.cat([x_NF, nb_NF], dim=1))
+        chunk = cfg.edge_chunk_size
+        E = src_E.shape[0]
+        if chunk is not None and E > chunk and torch.is_grad_enabled():
+            # Memory-lean embedding: the [E, R] / [E, F] intermediates of each edge chunk are
+            # recomputed in the force backward (only r, indices and node features are kept).
+            ckpt = torch.utils.checkpoint.checkpoint
+            emb_NF = self.neighbor_embedding(z_N)
+            nb_NF = x_NF.new_zeros(x_NF.shape)
+            for c0 in range(0, E, chunk):
+                sl = slice(c0, c0 + chunk)
+                nb_NF = nb_NF + ckpt(self._neighbor_messages, emb_NF, src_E[sl], dst_E[sl],
+                                     r_E[sl], N, use_reentrant=False)
+            x_NF = self.neighbor_combine(torch.cat([x_NF, nb_NF], dim=1))
+            f_parts = [ckpt(self._edge_features, x_NF, src_E[c0:c0 + chunk],
+                            dst_E[c0:c0 + chunk], r_E[c0:c0 + chunk], use_reentrant=False)
+                       for c0 in range(0, E, chunk)]
+        else:
+            x_NF = self.neighbor_combine(torch.cat(
+                [x_NF, self._neighbor_messages(self.neighbor_embedding(z_N), src_E, dst_E, r_E,
+                                               N)], dim=1))
+            f_parts = [self._edge_features(x_NF, src_E, dst_E, r_E)]
 
         # Self loops (r = 0, d = 0) are edges in PyG's graph; appended after the real edges.
         loop_N = torch.arange(N, device=z_N.device)
         src_E = torch.cat([src_E, loop_N])
         dst_E = torch.cat([dst_E, loop_N])
         r_E = torch.cat([r_E, r_E.new_zeros(N)])
-        rbf_ER = torch.cat([rbf_ER, self.rbf(r_E.new_zeros(N))])
         d_ES = spherical_harmonics(torch.cat([d_E3, d_E3.new_zeros(N, 3)]), cfg.lmax)
-
-        f_EF = (x_NF[dst_E] + x_NF[src_E]) * self.edge_proj(rbf_ER)
+        f_EF = torch.cat(f_parts + [self._edge_features(x_NF, loop_N, loop_N, r_E.new_zeros(N))])
+        del f_parts
         vec_NSF = x_NF.new_zeros(N, cfg.num_sh, cfg.hidden_channels)
         for layer in self.layers:
             if cfg.activation_checkpointing and torch.is_grad_enabled():
@@ -344,6 +383,13 @@ class ViSNet(nn.Module):
                 num_graphs: int) -> Tensor:
         """Energies [B]."""
         e_N = self.atomic_energies(z_N, edge_index_2E, vec_E3)
+        if num_graphs == 1:
+            # A plain sum: same value, and Inductor's CPU code generation (torch 2.13, 2 threads)
+            # fails on a scatter into a single slot.
+            e_B = e_N.sum().reshape(1)
+            if self.cfg.reduce_op == "mean":
+                e_B = e_B / max(e_N.shape[0], 1)
+            return e_B + self.mean
         e_B = e_N.new_zeros(num_graphs).index_add_(0, batch_N, e_N)
         if self.cfg.reduce_op == "mean":
             count_B = e_N.new_zeros(num_graphs).index_add_(0, batch_N, torch.ones_like(e_N))
