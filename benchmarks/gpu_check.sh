@@ -3,7 +3,10 @@
 #   1. the Triton backend's unit tests compiled on CUDA (tiny shapes, every case; <= 150 s),
 #   2. correctness at DeepSpeed's test shapes vs the fp64 truth, then the fwd+bwd benchmark of
 #      triton / torch backend / naive / SDPA / compiled FlexAttention in bf16 and fp16
-#      (starts no new case after --budget-s; results in benchmarks/results/evoformer_attention_gpu.*).
+#      (starts no new case after --budget-s; results in benchmarks/results/evoformer_attention_gpu.*),
+#   3. every other CUDA-only test of the suite (skipped on CPU machines; <= 120 s),
+#   4. DiG's protein-scale sampling/training steps on the GPU at 256 and 1,024 residues, bf16
+#      (benchmarks/results/gpu/dig_cuda.*; written for a GPU session, not yet run on one).
 # Extra arguments go to step 2 (e.g. --shapes ds-test-256 --dtypes bfloat16).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,4 +21,8 @@ elif [ $rc -ne 0 ]; then
   status=1
 fi
 python3 -m ds4sci.bench.gpu_check --budget-s 240 "$@" || status=1
+timeout 120 python3 -m pytest -q tests -k "cuda" --ignore=tests/test_evoformer_attention_triton.py -p no:cacheprovider
+rc=$?
+[ $rc -ne 0 ] && [ $rc -ne 5 ] && status=1   # 5: nothing selected
+timeout 300 python3 -m ds4sci.bench.dig --device cuda --residues 256 1024 --timeout 120 --out benchmarks/results/gpu || status=1
 exit $status
