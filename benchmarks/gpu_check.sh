@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command on a CUDA machine (< 8 minutes on an H100/H200), from anywhere in the repo:
+# One command on a CUDA machine (< 15 minutes on an H100/H200), from anywhere in the repo:
 #   1. the Triton backend's unit tests compiled on CUDA (tiny shapes, every case; <= 150 s),
 #   2. correctness at DeepSpeed's test shapes vs the fp64 truth, then the fwd+bwd benchmark of
 #      triton / torch backend / naive / SDPA / compiled FlexAttention in bf16 and fp16
