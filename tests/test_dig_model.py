@@ -26,6 +26,16 @@ def random_rotation(seed):
     return (q * torch.linalg.det(q)).float()  # det +1
 
 
+
+def assert_same_gradients(model, out, ref_model, ref_out, *, rtol, atol):
+    """Backward of ``sum(out^2)`` through both models; every parameter's gradient equal."""
+    ref_out.square().sum().backward()
+    out.square().sum().backward()
+    ref_params = dict(ref_model.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=rtol, atol=atol,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
 def test_pair_biased_attention_matches_naive_values_and_gradients():
     mol = molecule(9)
     ours = build_model(CFG, seed=1)
@@ -34,12 +44,7 @@ def test_pair_biased_attention_matches_naive_values_and_gradients():
     sigma = torch.tensor([0.1, 1.0, 5.0])
     out_a, out_b = ours(x, sigma, mol), naive(x, sigma, mol)
     torch.testing.assert_close(out_a, out_b, rtol=1e-4, atol=1e-5)
-    out_a.square().sum().backward()
-    out_b.square().sum().backward()
-    grads_b = dict(naive.named_parameters())
-    for name, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, grads_b[name].grad, rtol=1e-3, atol=1e-5,
-                                   msg=lambda m, n=name: f"{n}: {m}")
+    assert_same_gradients(ours, out_a, naive, out_b, rtol=1e-3, atol=1e-5)
 
 
 def test_padding_does_not_change_real_nodes():
@@ -140,12 +145,7 @@ def test_pair_chunking_and_checkpointing_are_exact(pair_chunk, checkpoint_layers
     assert len(tiled.row_tiles(n)) == (-(-n // pair_chunk) if pair_chunk else 1)
     out_ref, out = ref(x, sigma, mol), tiled(x, sigma, mol)
     torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
-    out_ref.square().sum().backward()
-    out.square().sum().backward()
-    ref_params = dict(ref.named_parameters())
-    for name, p in tiled.named_parameters():
-        torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-10, atol=1e-12,
-                                   msg=lambda m, n=name: f"{n}: {m}")
+    assert_same_gradients(tiled, out, ref, out_ref, rtol=1e-10, atol=1e-12)
     with torch.no_grad():  # the sampler's path: z0 filled tile by tile, no recomputation
         cond = tiled.condition(mol)
         torch.testing.assert_close(cond[1], ref.condition(mol)[1], rtol=1e-12, atol=1e-12)

@@ -41,7 +41,9 @@ import torch
 from .common import (
     WORKER_ENV,
     finish_worker,
+    gather_ranks,
     init_gloo,
+    is_out_of_memory,
     limit_address_space,
     machine_info,
     merge_rows,
@@ -104,8 +106,7 @@ def worker(contender: str, resolution: str, width: int, depth: int, heads: int, 
         optimizer.step()
         elapsed = time.perf_counter() - start
     except (RuntimeError, MemoryError) as err:
-        text = str(err).lower()
-        if not isinstance(err, MemoryError) and "can't allocate" not in text and "out of memory" not in text:
+        if not is_out_of_memory(err):
             raise
         return {"status": "oom", "error": str(err).splitlines()[0][:200] if str(err) else "MemoryError",
                 "peak_bytes": peak_rss_bytes()}
@@ -160,15 +161,11 @@ def sp_worker(resolution: str, width: int, depth: int, heads: int, budget: int) 
         optimizer.step()
         elapsed, loss_value = time.perf_counter() - start, float(totals[0] / totals[1])
     except (RuntimeError, MemoryError) as err:
-        text = str(err).lower()
-        if not isinstance(err, MemoryError) and "can't allocate" not in text and "out of memory" not in text:
+        if not is_out_of_memory(err):
             raise
         status, error = "oom", (str(err).splitlines()[0][:200] if str(err) else "MemoryError")
-    mine = {"status": status, "peak": peak_rss_bytes(), "time": elapsed}
-    gathered = [None] * p
-    dist.all_gather_object(gathered, mine)
-    dist.destroy_process_group()
-    if rank:
+    gathered = gather_ranks({"status": status, "peak": peak_rss_bytes(), "time": elapsed})
+    if gathered is None:
         return {}
     if any(g["status"] != "ok" for g in gathered):
         return {"status": "oom", "error": error, "peak_bytes": max(g["peak"] for g in gathered)}

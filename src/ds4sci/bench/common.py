@@ -108,6 +108,25 @@ def run_torchrun(module: str, processes: int, args: list[str], timeout: float, e
                       timeout=timeout, env={**env, "OMP_NUM_THREADS": threads})
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation failure (a ``MemoryError``, or the allocator's
+    RuntimeError under the address-space limit) rather than a bug to raise."""
+    text = str(err).lower()
+    return isinstance(err, MemoryError) or "can't allocate" in text or "out of memory" in text
+
+
+def gather_ranks(mine: dict) -> list[dict] | None:
+    """In a torchrun worker: every rank's ``mine`` on rank 0 (None on the others); the process
+    group is destroyed afterwards."""
+    import torch.distributed as dist
+
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    rank = dist.get_rank()
+    dist.destroy_process_group()
+    return None if rank else gathered
+
+
 def finish_worker(result: dict | None) -> None:
     """End a torchrun worker: print its result (rank 0's) as the JSON line and leave at once.
 

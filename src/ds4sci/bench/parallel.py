@@ -52,7 +52,8 @@ from typing import NamedTuple
 import torch
 
 from .common import (
-    current_rss_bytes, finish_worker, init_gloo, limit_address_space, machine_info, merge_rows,
+    current_rss_bytes, finish_worker, gather_ranks, init_gloo, is_out_of_memory, limit_address_space, machine_info,
+    merge_rows,
     peak_rss_bytes, reset_peak_rss, run_torchrun, save_figure, subplots, write_rows, WORKER_ENV,
 )
 from .genslm_memory import BUDGET, fit_and_predict
@@ -247,7 +248,7 @@ def worker(contender: str, length: int, preset_name: str) -> dict:
     from ..parallel.sequence import count_sent_bytes
 
     _, config, _, step = _setup(contender, preset_name)
-    p, rank = dist.get_world_size(), dist.get_rank()
+    p = dist.get_world_size()
     step(256)  # warm-up: kernels, optimizer state, communicators (same weights for every P)
     dist.barrier()
     limit_address_space(BUDGET + 4 * 2**30)
@@ -259,15 +260,12 @@ def worker(contender: str, length: int, preset_name: str) -> dict:
         try:
             loss = step(length)
         except RuntimeError as err:
-            if "can't allocate" not in str(err).lower() and "out of memory" not in str(err).lower():
+            if not is_out_of_memory(err):
                 raise
             status, error = "oom", str(err).splitlines()[0][:200]
     elapsed = time.perf_counter() - start
-    mine = {"peak": peak_rss_bytes() - base, "time": elapsed, "status": status, "sent": sent.total}
-    gathered = [None] * p
-    dist.all_gather_object(gathered, mine)
-    dist.destroy_process_group()
-    if rank:
+    gathered = gather_ranks({"peak": peak_rss_bytes() - base, "time": elapsed, "status": status, "sent": sent.total})
+    if gathered is None:
         return {}
     if any(g["status"] != "ok" for g in gathered):
         return {"status": "oom", "error": error}
