@@ -198,7 +198,7 @@ def run(resolutions, contenders, width, depth, heads, budget_gib, out_dir: Path,
                     r = run_torchrun("ds4sci.bench.climax_memory", p, ["--sp-worker", *args[1:]], timeout=timeout,
                                      env=WORKER_ENV)
                 rows.append({"contender": contender, "resolution": res, "processes": p, "width": width,
-                             "depth": depth, "heads": heads, "tokens": _config(res, width, depth, heads).num_patches,
+                             "depth": depth, "heads": heads, "tokens": _tokens(res),
                              "budget_gib": budget_gib, **r})
                 peak = f"{r['peak_bytes'] / 2**30:7.2f} GiB" if r.get("status") == "ok" else r["status"].upper()
                 extra = f"  {r['time_s']:8.2f} s" if r.get("status") == "ok" else ""
@@ -258,10 +258,9 @@ def fit_rows(rows: list[dict], budget_gib: float, holdout: str | None = "0.25deg
             g = groups.index((r["width"], r["depth"]))
             design[i, 2 * g], design[i, 2 * g + 1], design[i, -1] = 1.0, r["tokens"], field_values(r)
         peak = np.array([r["peak_bytes"] for r in train], dtype=float)
-        if np.linalg.matrix_rank(design) < design.shape[1]:  # no field-size variety: c not determined
-            design = design[:, :-1]
-        coef, *_ = np.linalg.lstsq(design, peak, rcond=None)
-        c = float(coef[-1]) if design.shape[1] % 2 else 0.0
+        fit_c = np.linalg.matrix_rank(design) == design.shape[1]  # else no field-size variety
+        coef, *_ = np.linalg.lstsq(design if fit_c else design[:, :-1], peak, rcond=None)
+        c = float(coef[-1]) if fit_c else 0.0
         for g, (width, depth) in enumerate(groups):
             a, b = float(coef[2 * g]), float(coef[2 * g + 1])
             mine = [r for r in ok if (r["width"], r["depth"]) == (width, depth)]
@@ -285,7 +284,7 @@ def fit_rows(rows: list[dict], budget_gib: float, holdout: str | None = "0.25deg
                 "projected": {res: {"tokens": n, "peak_gib": float(model(n, RESOLUTIONS[res][2]) / 2**30),
                                     "time_s": float(t1 * n + t2 * n * n),
                                     "fits": bool(model(n, RESOLUTIONS[res][2]) <= budget)}
-                              for res, n in _tokens_by_resolution(width, depth).items()},
+                              for res, n in ((res, _tokens(res)) for res in RESOLUTIONS)},
             }
             held = [r for r in mine if r not in train]
             if held:
@@ -302,8 +301,13 @@ def fit_rows(rows: list[dict], budget_gib: float, holdout: str | None = "0.25deg
     return fits
 
 
-def _tokens_by_resolution(width: int, depth: int) -> dict[str, int]:
-    return {res: _config(res, width, depth, 16 if width % 16 == 0 else 4).num_patches for res in RESOLUTIONS}
+def _tokens(resolution: str) -> int:
+    """Patch tokens of a resolution (the cropped grid over the patch; no model needed)."""
+    from ds4sci.data.climate import fitted_size
+
+    h, w, p = RESOLUTIONS[resolution]
+    fh, fw = fitted_size(h, w, p, "crop")
+    return (fh // p) * (fw // p)
 
 
 def write_fit(rows: list[dict], budget_gib: float, out_dir: Path, stem: str) -> Path:

@@ -355,9 +355,11 @@ class ClimaX(nn.Module):
         of patch rows from ``row0`` that holds them (a shard need not load the whole field)."""
         c = self.config
         variables = list(variables)
-        band = positions is not None and (row0 or x_BVHW.dim() == 4 and x_BVHW.shape[2] != c.img_size[0])
+        # A shard (positions given) may hold any band of whole patch rows; patches_at checks
+        # that the band covers its patches.
         if (x_BVHW.dim() != 4 or x_BVHW.shape[1] != len(variables) or x_BVHW.shape[3] != c.img_size[1]
-                or (x_BVHW.shape[2] % c.patch_size if band else x_BVHW.shape[2] != c.img_size[0])):
+                or (x_BVHW.shape[2] % c.patch_size if positions is not None
+                    else x_BVHW.shape[2] != c.img_size[0])):
             raise ValueError(f"ClimaX: x has shape {tuple(x_BVHW.shape)}; expected [B, V={len(variables)} "
                              f"(len(variables)), H={c.img_size[0]}, W={c.img_size[1]}]"
                              + (" (or a band of whole patch rows of H)" if positions is not None else ""))
