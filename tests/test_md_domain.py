@@ -1,4 +1,5 @@
-"""Domain decomposition over gloo ranks equals one process (energies and forces)."""
+"""Domain decomposition over gloo ranks (atoms sharded by slab, halo exchange) equals one
+process: energies, forces, and whole MD runs (NVE and Langevin, atoms migrating between slabs)."""
 
 import pytest
 import torch
@@ -51,35 +52,66 @@ def test_domain_decomposition_equals_one_process(world, periodic, vecnorm, tol):
         assert (f - ref.forces).abs().max() < tol * max(1.0, float(ref.forces.abs().max()))
 
 
-def _md_worker(rank, world, out):
-    from ase import Atoms
+# Hot and with a long step, so atoms cross slab boundaries within the run (checked below).
+MD_ARGS = dict(dt_fs=2.0, temperature_K=3000.0, steps=12, log_every=4, traj_every=4,
+               dtype="float64", plot=False)
 
+
+def _atoms(periodic):
+    from ase import Atoms
+    m, z, pos = _setup(periodic)
+    return m, Atoms(numbers=z.numpy(), positions=pos.numpy(), cell=CELL.numpy(), pbc=periodic)
+
+
+def _md_worker(rank, world, out, ensemble, periodic):
     from ds4sci.md.run import run_md
-    m, z, pos = _setup(True)
-    atoms = Atoms(numbers=z.numpy(), positions=pos.numpy(), cell=CELL.numpy(), pbc=True)
-    summary = run_md(atoms, m, "nve", dt_fs=0.5, temperature_K=300.0, steps=4, out_dir=out,
-                     log_every=2, traj_every=2, dtype="float64", plot=False, domain=True)
-    return summary
+    m, atoms = _atoms(periodic)
+    return run_md(atoms, m, ensemble, out_dir=out, domain=True, **MD_ARGS)
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("world", [2, 4])
-def test_domain_md_run_equals_one_process(world, tmp_path):
-    """``run_md(domain=True)`` on 2 / 4 gloo ranks writes the one-process trajectory."""
+@pytest.mark.parametrize("world,ensemble,periodic", [(2, "nve", True), (4, "nve", True),
+                                                     (3, "nvt", True), (2, "nve", False)])
+def test_domain_md_run_equals_one_process(world, ensemble, periodic, tmp_path):
+    """``run_md(domain=True)`` on 2-4 gloo ranks writes the one-process trajectory (positions,
+    velocities, energies), with atoms migrating between ranks on the way."""
     import ase.io
-    from ase import Atoms
 
+    from ds4sci.md.domain import Slabs
     from ds4sci.md.run import run_md
-    m, z, pos = _setup(True)
-    atoms = Atoms(numbers=z.numpy(), positions=pos.numpy(), cell=CELL.numpy(), pbc=True)
-    run_md(atoms, m, "nve", dt_fs=0.5, temperature_K=300.0, steps=4, out_dir=tmp_path / "one",
-           log_every=2, traj_every=2, dtype="float64", plot=False)
-    results = run_distributed(_md_worker, world, str(tmp_path / "dd"))
-    assert results[0]["status"] == "completed" and results[0]["steps_done"] == 4
-    assert all(r["steps_done"] == 4 for r in results[1:])
+    m, atoms = _atoms(periodic)
+    run_md(atoms, m, ensemble, out_dir=tmp_path / "one", **MD_ARGS)
+    results = run_distributed(_md_worker, world, str(tmp_path / "dd"), ensemble, periodic)
+    assert results[0]["status"] == "completed" and results[0]["steps_done"] == 12
+    assert all(r["steps_done"] == 12 for r in results[1:])
     ref = ase.io.read(tmp_path / "one" / "trajectory.extxyz", ":")
     got = ase.io.read(tmp_path / "dd" / "trajectory.extxyz", ":")
-    assert len(got) == len(ref) == 3
+    assert len(got) == len(ref) == 4
     for a, b in zip(ref, got):
-        assert abs(a.positions - b.positions).max() < 1e-10
+        assert abs(a.positions - b.positions).max() < 1e-9
+        assert abs(a.get_velocities() - b.get_velocities()).max() < 1e-9
         assert abs(a.get_potential_energy() - b.get_potential_energy()) < 1e-9
+    pos0 = torch.as_tensor(ref[0].positions)
+    slabs = Slabs.for_system(pos0, world, CELL if periodic else None)
+    moved = slabs.owner(torch.as_tensor(ref[-1].positions)) != slabs.owner(pos0)
+    assert int(moved.sum()) > 0  # the run exercised migration
+
+
+def _unstable_worker(rank, world, out):
+    from ds4sci.md.run import run_md
+    m, atoms = _atoms(True)
+    try:
+        run_md(atoms, m, "nve", out_dir=out, domain=True, max_force=1e-3, **MD_ARGS)
+    except Exception as e:  # noqa: BLE001 - what each rank raised, for the test
+        return type(e).__name__
+    return "no error"
+
+
+@pytest.mark.distributed
+def test_domain_instability_stops_every_rank():
+    """A force limit exceeded on one rank's atoms stops all ranks with the step (no hang)."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        results = run_distributed(_unstable_worker, 2, d)
+    # the first forces already exceed the limit: every rank raises at step 0, none waits
+    assert results == ["MDInstabilityError", "MDInstabilityError"]

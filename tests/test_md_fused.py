@@ -126,6 +126,51 @@ def test_compiled_fused_step_equals_eager_to_float32_rounding(monkeypatch):
     assert abs(fast.epot - eager.epot) < 1e-5 * max(1.0, abs(eager.epot))
 
 
+def test_edge_chunks_in_the_eager_path_only():
+    """``edge_chunk_size`` chunks the eager evaluations (equal to all edges at once in float64)
+    and leaves the fused step's model unchunked; the fused run still equals the eager one."""
+    atoms = _box()
+    m = _model()
+    pos = torch.as_tensor(atoms.positions)
+    plain = _potential(atoms, m).compute(pos)
+    periodic = dict(cell_33=torch.as_tensor(np.asarray(atoms.cell)), pbc_3=torch.as_tensor(atoms.pbc))
+    chunked = Potential(m, torch.as_tensor(atoms.numbers), **periodic, skin=0.3,
+                        dtype=torch.float64, edge_chunk_size=37)
+    assert chunked.net.cfg.edge_chunk_size == 37 and m.cfg.edge_chunk_size is None
+    ev = chunked.compute(pos, stress=True)
+    torch.testing.assert_close(ev.forces, plain.forces, atol=1e-11, rtol=0)
+    assert abs(float(ev.energy[0] - plain.energy[0])) < 1e-10
+    fused_pot = Potential(m, torch.as_tensor(atoms.numbers), **periodic, skin=0.3,
+                          dtype=torch.float64, edge_chunk_size=37, compile=True)
+    assert fused_pot.model.cfg.edge_chunk_size is None
+    assert fused_pot.net.cfg.edge_chunk_size == 37
+    with pytest.raises(ValueError, match="edge_chunk_size=0"):
+        Potential(m, torch.as_tensor(atoms.numbers), edge_chunk_size=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_step_equals_eager():
+    """--compile on CUDA replays the whole velocity-Verlet step as a CUDA graph (Inductor's
+    cudagraph trees); 30 steps with list rebuilds equal the eager CPU trajectory to float32
+    rounding."""
+    atoms = _box()
+    m = _model()
+    masses = torch.as_tensor(atoms.get_masses())
+    v0 = maxwell_boltzmann(masses, 3000.0, torch.Generator().manual_seed(0))
+    pos = torch.as_tensor(atoms.positions)
+    eager = VelocityVerlet(_potential(atoms, m, torch.float32), pos, masses, v0, 1.0)
+    pot = Potential(m, torch.as_tensor(atoms.numbers), torch.as_tensor(np.asarray(atoms.cell)),
+                    torch.as_tensor(atoms.pbc), skin=0.5, device="cuda", compile=True)
+    graphed = VelocityVerlet(pot, pos.cuda(), masses.cuda(), v0.cuda(), 1.0)
+    assert graphed._graphed
+    eager.run(30)
+    graphed.run(30)
+    scale = float(eager.f.abs().max())
+    torch.testing.assert_close(graphed.f.cpu(), eager.f, atol=5e-5 * scale, rtol=0)
+    torch.testing.assert_close(graphed.x.cpu(), eager.x, atol=1e-5, rtol=0)
+    assert pot.nlist.builds > 1
+
+
 def _cross_cutoff_energies(smooth: bool, biases: bool):
     cfg = CFG.replace(smooth_cutoff=smooth)
     m = _model(cfg).double()

@@ -96,7 +96,8 @@ def worker(contender: str, sys_name: str, preset_name: str, steps: int, threads:
     from ds4sci.md.integrators import VelocityVerlet, maxwell_boltzmann
 
     v0 = maxwell_boltzmann(masses, 300.0, torch.Generator().manual_seed(0))
-    warm = 3
+    # warm-up steps (compilation, first list build, allocator): fewer for the large systems
+    warm = 3 if len(atoms) < 5_000 else 1 if len(atoms) < 50_000 else 0
     if contender in ("ours-eval", "ours-eval-ckpt", "ours-eval-chunk", "ours-eval-chunk-only"):
         # One energy+force evaluation: peak memory of large systems (with/without per-layer
         # activation checkpointing), extrapolated linearly in N by the reader.
@@ -137,11 +138,10 @@ def worker(contender: str, sys_name: str, preset_name: str, steps: int, threads:
                         compile=contender == "ours-compiled")
         t0 = time.perf_counter()
         integ = VelocityVerlet(pot, torch.as_tensor(atoms.positions), masses, v0, 1.0)
-        warm = warm if len(atoms) < 5_000 else 1 if len(atoms) < 50_000 else 0
         integ.run(warm)  # includes torch.compile's compilation for ours-compiled
         extra = {"neighbor_list_builds": pot.nlist.builds, "warmup_s": time.perf_counter() - t0,
                  "warmup_steps": warm}
-        if contender == "ours-compiled" and len(atoms) <= 2000:
+        if contender == "ours-compiled":
             # Inductor's forces at the current state vs the eager model (float32 both).
             ref = Potential(model, torch.as_tensor(atoms.numbers),
                             torch.as_tensor(np.asarray(atoms.cell)) if periodic else None,
@@ -186,7 +186,6 @@ def worker(contender: str, sys_name: str, preset_name: str, steps: int, threads:
         atoms.calc = PygCalc()
         atoms.set_velocities(v0.numpy())
         dyn = AseVV(atoms, timestep=1.0 * units.fs)
-        warm = warm if len(atoms) < 5_000 else 1 if len(atoms) < 50_000 else 0
         dyn.run(warm)
         e0 = atoms.get_total_energy()
         t0 = time.perf_counter()
@@ -281,35 +280,42 @@ def _contender_calculator(contender: str, atoms):
 
 
 def _domain_rank(rank: int, world: int, init_file: str, sys_name: str, preset_name: str,
-                 steps: int, queue) -> None:
-    """One gloo rank of the domain-decomposed contender: velocity Verlet with DomainPotential."""
+                 steps: int, chunk: int, queue) -> None:
+    """One gloo rank of the domain-decomposed contender: ``DomainMD`` velocity Verlet (atoms
+    sharded by slab, halo exchange; edges in chunks of ``chunk``, 0 = all at once)."""
     import torch.distributed as dist
 
-    from ds4sci.md.domain import DomainPotential
-    from ds4sci.md.integrators import VelocityVerlet, maxwell_boltzmann
-    from ds4sci.md.potential import load_model
+    from ds4sci.md.domain import DomainMD
+    from ds4sci.md.integrators import maxwell_boltzmann
+    from ds4sci.md.potential import Potential, load_model
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     atoms = system(sys_name)
     masses = torch.as_tensor(atoms.get_masses())
-    pot = DomainPotential(load_model(f"preset:{preset_name}"), torch.as_tensor(atoms.numbers),
-                          torch.as_tensor(np.asarray(atoms.cell)), torch.as_tensor(atoms.pbc))
+    periodic = bool(atoms.pbc.any())
+    pot = Potential(load_model(f"preset:{preset_name}"), torch.as_tensor(atoms.numbers),
+                    torch.as_tensor(np.asarray(atoms.cell)) if periodic else None,
+                    torch.as_tensor(atoms.pbc) if periodic else None,
+                    edge_chunk_size=chunk or None)
     v0 = maxwell_boltzmann(masses, 300.0, torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
-    integ = VelocityVerlet(pot, torch.as_tensor(atoms.positions), masses, v0, 1.0)
+    integ = DomainMD(pot, torch.as_tensor(atoms.positions), masses, v0, 1.0)
     first = time.perf_counter() - t0
     dist.barrier()
     t0 = time.perf_counter()
     integ.run(steps)
     wall = time.perf_counter() - t0
+    fmax = torch.tensor([float(integ.fo.abs().max())])
+    dist.all_reduce(fmax, op=dist.ReduceOp.MAX)
     queue.put({"rank": rank, "wall_s": wall, "first_eval_s": first, "epot": integ.epot,
+               "fmax": float(fmax[0]), "owned_atoms": int(integ.gid.numel()),
                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
     dist.destroy_process_group()
 
 
-def domain_worker(sys_name: str, preset_name: str, steps: int, world: int) -> dict:
+def domain_worker(sys_name: str, preset_name: str, steps: int, world: int, chunk: int) -> dict:
     """``world`` gloo processes (one thread each) sharing one MD run of ``sys_name``."""
     import tempfile
 
@@ -319,7 +325,8 @@ def domain_worker(sys_name: str, preset_name: str, steps: int, world: int) -> di
     queue = ctx.Queue()
     init_file = tempfile.mktemp(prefix="ds4sci_md_domain_")
     procs = [ctx.Process(target=_domain_rank, args=(r, world, init_file, sys_name, preset_name,
-                                                    steps, queue)) for r in range(world)]
+                                                    steps, chunk, queue))
+             for r in range(world)]
     for p in procs:
         p.start()
     res = [queue.get() for _ in procs]
@@ -328,9 +335,11 @@ def domain_worker(sys_name: str, preset_name: str, steps: int, world: int) -> di
     res.sort(key=lambda r: r["rank"])
     wall = max(r["wall_s"] for r in res)
     return {"status": "ok", "n_atoms": len(system(sys_name)), "processes": world, "steps": steps,
+            "edge_chunk": chunk, "max_abs_force_eV_A": res[0]["fmax"],
             "wall_s": wall, "steps_per_s": steps / wall, "ns_per_day_1fs": steps / wall * 0.0864,
             "epot_eV": res[0]["epot"], "peak_rss_mib_per_rank": [r["peak_rss_mib"] for r in res],
             "peak_rss_mib_sum": sum(r["peak_rss_mib"] for r in res),
+            "owned_atoms_per_rank": [r["owned_atoms"] for r in res],
             "first_eval_s_per_rank": [r["first_eval_s"] for r in res]}
 
 
@@ -460,12 +469,14 @@ def main(argv=None) -> int:
                     help="only: one MD step of --domain-system over 1, 2, 4 gloo processes")
     ap.add_argument("--domain-system", default="water-10k-pbc")
     ap.add_argument("--domain-procs", default="1,2,4")
-    ap.add_argument("--domain-worker", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--domain-chunk", type=int, default=CHUNK,
+                    help="edge chunk of --domain (0 = none)")
+    ap.add_argument("--domain-worker", nargs=5, help=argparse.SUPPRESS)
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.domain_worker:
-        s_, p_, n_, w_ = args.domain_worker
-        print(json.dumps(domain_worker(s_, p_, int(n_), int(w_))))
+        s_, p_, n_, w_, c_ = args.domain_worker
+        print(json.dumps(domain_worker(s_, p_, int(n_), int(w_), int(c_))))
         return 0
     if args.domain:
         env = {"MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -474,7 +485,8 @@ def main(argv=None) -> int:
         rows = []
         for world in [int(w) for w in args.domain_procs.split(",")]:
             res = run_worker("ds4sci.bench.md", ["--domain-worker", args.domain_system,
-                                                 args.preset, "1", str(world)],
+                                                 args.preset, "1", str(world),
+                                                 str(args.domain_chunk)],
                              timeout=args.timeout, env=env)
             rows.append({"system": args.domain_system, "contender": "ours-domain",
                          "preset": args.preset, "threads_per_process": 1, **res})
@@ -519,7 +531,9 @@ def main(argv=None) -> int:
                 ("water-1k", "ours", 5, t), ("water-1k", "mace-ase", 5, t),
                 ("water-1k", "torchmdnet-ase", 5, t), ("water-1k-pbc", "ours-compiled", 10, t)]
     elif args.large:
-        jobs = [("water-10k", "ours", 2, t), ("water-10k", "pyg-ase", 2, t),
+        jobs = [("water-10k", "ours-compiled", 3, t), ("water-10k", "pyg-ase", 2, t),
+                ("water-10k", "ours", 2, t), ("water-10k", "torchmdnet-ase", 2, t),
+                ("water-10k", "mace-ase", 1, t), ("water-10k-pbc", "ours-compiled", 3, t),
                 ("water-10k-pbc", "ours", 2, t), ("water-10k-pbc", "ours-chunked", 2, t),
                 ("water-100k-pbc", "ours-chunked", 1, t), ("water-100k", "pyg-ase", 1, t)]
     else:

@@ -73,7 +73,8 @@ def run_md(structure, model="preset:visnet-tiny", ensemble: str = "nvt", dt_fs: 
            traj_format: str = "extxyz", traj_every: int = 10, log_every: int = 10,
            friction_per_fs: float = 0.01, seed: int = 0, dtype: str = "float32",
            device: str = "cpu", skin: float = 1.0, max_force: float = 1e3, plot: bool = True,
-           progress: bool = False, compile: bool = False, domain: bool = False) -> dict:
+           progress: bool = False, compile: bool = False, domain: bool = False,
+           edge_chunk_size: int | None = None) -> dict:
     """Run MD; returns a summary dict (also written to ``out_dir/summary.json``).
 
     Raises ValueError / FileNotFoundError for bad input and ``MDInstabilityError`` (with
@@ -81,6 +82,8 @@ def run_md(structure, model="preset:visnet-tiny", ensemble: str = "nvt", dt_fs: 
 
     ``domain=True``: force evaluation split over the torch.distributed ranks (started by torchrun;
     gloo is initialised here if needed), see ``ds4sci.md.domain``; rank 0 writes the outputs.
+    ``edge_chunk_size``: the eager force evaluation takes edges in chunks (large systems:
+    100,000 water atoms need < 5 GiB with 32,768).
     """
     from ase.calculators.singlepoint import SinglePointCalculator
 
@@ -97,31 +100,37 @@ def run_md(structure, model="preset:visnet-tiny", ensemble: str = "nvt", dt_fs: 
     net = load_model(model) if isinstance(model, str) else model
     periodic = bool(atoms.pbc.any())
     rank = 0
-    pot_cls = Potential
     if domain:
         import torch.distributed as dist
 
-        from ds4sci.md.domain import DomainPotential
         if not dist.is_initialized():
             dist.init_process_group("gloo")
-        rank, pot_cls = dist.get_rank(), DomainPotential
-    pot = pot_cls(net, torch.as_tensor(atoms.numbers),
+        rank = dist.get_rank()
+        compile = False  # each rank's local graph changes size every step: eager
+    pot = Potential(net, torch.as_tensor(atoms.numbers),
                     torch.as_tensor(np.asarray(atoms.cell), dtype=torch.float64) if periodic else None,
                     torch.as_tensor(atoms.pbc) if periodic else None, skin=skin,
-                    dtype=getattr(torch, dtype), device=device, compile=compile)
+                    dtype=getattr(torch, dtype), device=device, compile=compile,
+                    edge_chunk_size=edge_chunk_size)
     pos = torch.as_tensor(atoms.positions, dtype=torch.float64)
     pot.check_overlap(pos)
     masses = torch.as_tensor(atoms.get_masses(), dtype=torch.float64)
     gen = torch.Generator().manual_seed(seed)
     v0 = maxwell_boltzmann(masses, temperature_K, gen) if temperature_K > 0 else None
-    if ensemble == "nve":
+    if domain:
+        from ds4sci.md.domain import DomainMD
+        integ = DomainMD(pot, pos, masses, v0, dt_fs, ensemble, temperature_K, friction_per_fs,
+                         gen, max_force=max_force)
+    elif ensemble == "nve":
         integ = VelocityVerlet(pot, pos, masses, v0, dt_fs, max_force=max_force)
     else:
         integ = LangevinBAOAB(pot, pos, masses, v0, dt_fs, temperature_K, friction_per_fs, gen,
                               max_force=max_force)
 
-    if rank != 0:  # the other ranks only help with the forces
-        return _follow(integ, steps, log_every, traj_every)
+    # a domain-decomposed run gathers the sharded state on rank 0 before each output
+    gather = getattr(integ, "gather", lambda: None)
+    if rank != 0:  # the other ranks run the same steps and collectives, write nothing
+        return _follow(integ, steps, log_every, traj_every, gather)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     traj_path = out / f"trajectory.{traj_format}"
@@ -151,6 +160,7 @@ def run_md(structure, model="preset:visnet-tiny", ensemble: str = "nvt", dt_fs: 
         bar = tqdm(total=steps, unit="step")
     status, error = "completed", None
     t_start = time.perf_counter()
+    gather()
     record(float("nan"))
     snapshot()
     try:
@@ -161,6 +171,8 @@ def run_md(structure, model="preset:visnet-tiny", ensemble: str = "nvt", dt_fs: 
             integ.run(n)
             dt_wall = time.perf_counter() - t0
             ns_day = n * dt_fs * 1e-6 / max(dt_wall, 1e-12) * 86400.0
+            if integ.step % traj_every == 0 or integ.step == steps:
+                gather()
             if integ.step % log_every == 0 or integ.step == steps:
                 record(ns_day)
             if integ.step % traj_every == 0 or integ.step == steps:
@@ -193,13 +205,16 @@ def run_md(structure, model="preset:visnet-tiny", ensemble: str = "nvt", dt_fs: 
     return summary
 
 
-def _follow(integ, steps: int, log_every: int, traj_every: int) -> dict:
+def _follow(integ, steps: int, log_every: int, traj_every: int, gather) -> dict:
     """A non-zero rank of a domain-decomposed run: the same steps in the same chunks as rank 0
-    (every force evaluation is collective), no files."""
+    and the same collectives (force evaluations, gathers before output), no files."""
     chunk = int(np.gcd(traj_every, log_every))
     try:
+        gather()
         while integ.step < steps:
             integ.run(min(chunk, steps - integ.step))
+            if integ.step % traj_every == 0 or integ.step == steps:
+                gather()
     except MDInstabilityError:
         return {"status": "unstable", "steps_done": integ.step}
     return {"status": "completed", "steps_done": integ.step}
