@@ -106,12 +106,18 @@ def _send_back(rows_mK: Tensor, recv_P: Tensor, send_P: Tensor, group) -> Tensor
     return out
 
 
+def _rank_world(group) -> tuple[int, int]:
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
 def sharded_energy_forces(net, z_n: Tensor, x_n3: Tensor, slabs: Slabs, halo: float,
                           cell_33: Tensor | None, pbc_3: Tensor | None, dtype: torch.dtype,
                           group=None) -> tuple[Tensor, Tensor]:
     """(energy of this rank's owned atoms [] , forces on them [n, 3] float64): halo exchange,
     local graph, one backward, reverse halo exchange. Collective over ``group``."""
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    rank, world = _rank_world(group)
     n = x_n3.shape[0]
     idx = [torch.zeros(0, dtype=torch.long)]
     dest = [torch.zeros(0, dtype=torch.long)]
@@ -122,7 +128,10 @@ def sharded_energy_forces(net, z_n: Tensor, x_n3: Tensor, slabs: Slabs, halo: fl
             dest.append(torch.full_like(sel, r))
     idx_h, dest_h = torch.cat(idx), torch.cat(dest)
     rows = torch.cat([x_n3[idx_h].double(), z_n[idx_h].double().unsqueeze(1)], dim=1)
-    got, recv, order = _all_to_all(rows, dest_h, world, group)
+    if world > 1:
+        got, recv, order = _all_to_all(rows, dest_h, world, group)
+    else:
+        got, recv, order = rows, torch.zeros(1, dtype=torch.long), idx_h
     pos_l = torch.cat([x_n3.double(), got[:, :3]]).to(dtype).requires_grad_(True)
     z_l = torch.cat([z_n, got[:, 3].long()])
     ei, sh = neighbor_list(pos_l.detach().double(), net.cfg.cutoff, cell_33, pbc_3)
@@ -133,8 +142,9 @@ def sharded_energy_forces(net, z_n: Tensor, x_n3: Tensor, slabs: Slabs, halo: fl
     (g,) = torch.autograd.grad(e_owned, [pos_l])
     f = -g.double()
     f_owned = f[:n].clone()
-    back = _send_back(f[n:], recv, torch.bincount(dest_h, minlength=world), group)
-    f_owned.index_add_(0, idx_h[order], back)
+    if world > 1:
+        back = _send_back(f[n:], recv, torch.bincount(dest_h, minlength=world), group)
+        f_owned.index_add_(0, idx_h[order], back)
     return e_owned.detach().double(), f_owned
 
 
@@ -147,16 +157,17 @@ def domain_energy_forces(model, z_N: Tensor, pos_N3: Tensor, cell_33: Tensor | N
                          "'add' or 'sum'")
     periodic = cell_33 is not None and pbc_3 is not None and bool(torch.as_tensor(pbc_3).any())
     cell = cell_33.double() if periodic else None
-    world = dist.get_world_size(group)
+    rank, world = _rank_world(group)
     slabs = Slabs.for_system(pos_N3, world, cell)
-    mine = (slabs.owner(pos_N3) == dist.get_rank(group)).nonzero().squeeze(1)
+    mine = (slabs.owner(pos_N3) == rank).nonzero().squeeze(1)
     e, f = sharded_energy_forces(model, z_N[mine], pos_N3[mine], slabs,
                                  model.cfg.num_layers * model.cfg.cutoff, cell,
                                  pbc_3 if periodic else None, pos_N3.dtype, group)
     forces = pos_N3.new_zeros(pos_N3.shape, dtype=torch.float64).index_add_(0, mine, f)
     energy = e.reshape(1)
-    dist.all_reduce(forces, group=group)
-    dist.all_reduce(energy, group=group)
+    if world > 1:
+        dist.all_reduce(forces, group=group)
+        dist.all_reduce(energy, group=group)
     return energy[0] + model.mean, forces.to(pos_N3.dtype)
 
 
