@@ -80,12 +80,16 @@ def system(name: str):
     return atoms
 
 
-def worker(contender: str, sys_name: str, preset_name: str, steps: int, threads: int) -> dict:
-    torch.set_num_threads(threads)
+def _cap_address_space() -> None:
     limit = os.environ.get("DS4SCI_BENCH_AS_LIMIT_GIB")
     if limit:  # address-space cap: a contender that needs more fails with "oom", not the machine
         cap = int(float(limit) * 2 ** 30)
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+
+def worker(contender: str, sys_name: str, preset_name: str, steps: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    _cap_address_space()
     from ase import units
 
     from ds4sci.md.potential import load_model
@@ -290,6 +294,7 @@ def _domain_rank(rank: int, world: int, init_file: str, sys_name: str, preset_na
     from ds4sci.md.potential import Potential, load_model
 
     torch.set_num_threads(1)
+    _cap_address_space()  # per process
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     atoms = system(sys_name)

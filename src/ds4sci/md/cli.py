@@ -37,7 +37,8 @@ def build_parser(prog: str = "ds4sci md") -> argparse.ArgumentParser:
                    help="eager force evaluation in chunks of E edges (memory of large systems; "
                         "32768: 100,000 water atoms in < 5 GiB)")
     r.add_argument("--domain", action="store_true",
-                   help="split force evaluation over torchrun's processes (slabs + halo, gloo)")
+                   help="shard the atoms over torchrun's processes by slab, with halo "
+                        "exchange (gloo; each rank holds its slab + halo)")
     r.add_argument("--no-plot", action="store_true")
     r.add_argument("--no-progress", action="store_true")
     return ap
