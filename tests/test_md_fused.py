@@ -106,6 +106,17 @@ def test_fused_langevin_equals_eager():
     torch.testing.assert_close(runs[1].v, runs[0].v, atol=1e-11, rtol=0)
 
 
+def _assert_same_run(eager, fast, steps: int, f_rel: float, x_abs: float) -> None:
+    """Run both integrators ``steps`` steps; forces (relative to the largest), positions and
+    energies agree to float32 rounding."""
+    eager.run(steps)
+    fast.run(steps)
+    scale = float(eager.f.abs().max())
+    torch.testing.assert_close(fast.f.cpu(), eager.f, atol=f_rel * scale, rtol=0)
+    torch.testing.assert_close(fast.x.cpu(), eager.x, atol=x_abs, rtol=0)
+    assert abs(fast.epot - eager.epot) < 1e-5 * max(1.0, abs(eager.epot))
+
+
 def test_compiled_fused_step_equals_eager_to_float32_rounding(monkeypatch):
     """torch.compile of the whole step (the fast path of ``--compile``), float32 model. Traced by
     Dynamo + AOTAutograd as in production; the "aot_eager" backend skips Inductor's C++ build
@@ -118,12 +129,7 @@ def test_compiled_fused_step_equals_eager_to_float32_rounding(monkeypatch):
     pos = torch.as_tensor(atoms.positions)
     eager = VelocityVerlet(_potential(atoms, m, torch.float32), pos, masses, v0, 1.0)
     fast = VelocityVerlet(_potential(atoms, m, torch.float32, compile=True), pos, masses, v0, 1.0)
-    eager.run(5)
-    fast.run(5)
-    scale = float(eager.f.abs().max())
-    torch.testing.assert_close(fast.f, eager.f, atol=2e-5 * scale, rtol=0)
-    torch.testing.assert_close(fast.x, eager.x, atol=1e-6, rtol=0)
-    assert abs(fast.epot - eager.epot) < 1e-5 * max(1.0, abs(eager.epot))
+    _assert_same_run(eager, fast, 5, f_rel=2e-5, x_abs=1e-6)
 
 
 def test_edge_chunks_in_the_eager_path_only():
@@ -163,11 +169,7 @@ def test_cuda_graph_step_equals_eager():
                     torch.as_tensor(atoms.pbc), skin=0.5, device="cuda", compile=True)
     graphed = VelocityVerlet(pot, pos.cuda(), masses.cuda(), v0.cuda(), 1.0)
     assert graphed._graphed
-    eager.run(30)
-    graphed.run(30)
-    scale = float(eager.f.abs().max())
-    torch.testing.assert_close(graphed.f.cpu(), eager.f, atol=5e-5 * scale, rtol=0)
-    torch.testing.assert_close(graphed.x.cpu(), eager.x, atol=1e-5, rtol=0)
+    _assert_same_run(eager, graphed, 30, f_rel=5e-5, x_abs=1e-5)
     assert pot.nlist.builds > 1
 
 

@@ -358,10 +358,9 @@ def _nve(model_spec: str, dt_fs: float, steps: int, every: int, seed: int = 0,
     atoms = system("ala2")
     masses = torch.as_tensor(atoms.get_masses())
     model = load_model(model_spec)
-    if smooth:
-        model.cfg = model.cfg.replace(smooth_cutoff=True)
-        for layer in model.layers:
-            layer.smooth_cutoff = True
+    model.cfg = model.cfg.replace(smooth_cutoff=smooth)  # either way: the variant asked for
+    for layer in model.layers:
+        layer.smooth_cutoff = smooth
     pot = Potential(model, torch.as_tensor(atoms.numbers), compile=True)
     v0 = maxwell_boltzmann(masses, 300.0, torch.Generator().manual_seed(seed))
     t0 = time.perf_counter()
@@ -457,6 +456,8 @@ def main(argv=None) -> int:
     ap.add_argument("--drift", action="store_true",
                     help="only: NVE energy drift of alanine dipeptide (--drift-steps, --dt, --model)")
     ap.add_argument("--drift-steps", type=int, default=100_000)
+    ap.add_argument("--drift-variants", default="smooth,pyg",
+                    help="smooth: the smooth cutoff; pyg: PyG's equations (same weights)")
     ap.add_argument("--dt", type=float, default=0.5, help="fs (--drift)")
     ap.add_argument("--model", default="preset:visnet-tiny", help="checkpoint for --drift")
     ap.add_argument("--large", action="store_true",
@@ -505,13 +506,18 @@ def main(argv=None) -> int:
         return 0
     if args.drift:
         res = []
-        for smooth in (True, False):  # smooth-cutoff variant first (the conservation figure)
+        variants = {"smooth": True, "pyg": False}
+        for v in args.drift_variants.split(","):
+            if v not in variants:
+                raise SystemExit(f"--drift-variants: {v!r}; expected a subset of smooth,pyg")
+        for smooth in [variants[v] for v in args.drift_variants.split(",")]:
+            # smooth-cutoff variant first (the conservation figure)
             # PyG's equations: the jumps at r_c dominate within 10 ps, so 20k steps suffice
             n = args.drift_steps if smooth else min(args.drift_steps, 20_000)
             res.append(drift(args.model, n, args.dt, args.threads, smooth))
             print(json.dumps({k: v for k, v in res[-1].items() if k != "series"}), flush=True)
         meta = {**machine_info(), "load_average_at_end": os.getloadavg()}
-        path = Path(args.out) / "md_cpu_nve_drift.json"
+        path = Path(args.out) / f"{args.stem or 'md_cpu_nve_drift'}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"machine": meta, "results": res}, indent=2) + "\n")
         print("wrote", path)

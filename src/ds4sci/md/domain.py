@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ds4sci.md.integrators import MDInstabilityError
+from ds4sci.md.integrators import check_stability
 from ds4sci.md.potential import Potential
 from ds4sci.md.units import FS, KB
 from ds4sci.ops.neighbors import cell_heights, neighbor_list
@@ -255,13 +255,7 @@ class DomainMD:
         dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=self.group)
         dist.all_reduce(energy, group=self.group)
         fmax, self._epot = float(stats[0]), float(energy[0] + pot.e0_B[0])
-        if not (math.isfinite(fmax) and math.isfinite(self._epot)):
-            raise MDInstabilityError(self.step, f"MD stopped at step {self.step}: forces or "
-                                     "energy are NaN/inf")
-        if fmax > self.max_force:
-            raise MDInstabilityError(self.step, f"MD stopped at step {self.step}: a force of "
-                                     f"{fmax:.3g} eV/A exceeds max_force={self.max_force:g} eV/A "
-                                     "(exploding simulation)")
+        check_stability(self.step, fmax, self._epot, self.max_force)  # same on every rank
 
     def gather(self) -> None:
         """Collect x, v, f of the whole system on rank 0 (None on the others)."""

@@ -40,6 +40,16 @@ class MDInstabilityError(RuntimeError):
         self.step = step
 
 
+def check_stability(step: int, fmax: float, energy: float, max_force: float) -> None:
+    """Raise ``MDInstabilityError`` at ``step`` for NaN/inf forces or energy, or a force above
+    ``max_force`` (eV/A)."""
+    if not (math.isfinite(fmax) and math.isfinite(energy)):
+        raise MDInstabilityError(step, f"MD stopped at step {step}: forces or energy are NaN/inf")
+    if fmax > max_force:
+        raise MDInstabilityError(step, f"MD stopped at step {step}: a force of {fmax:.3g} eV/A "
+                                 f"exceeds max_force={max_force:g} eV/A (exploding simulation)")
+
+
 def maxwell_boltzmann(masses_N: Tensor, temperature_K: float, generator: torch.Generator | None = None,
                       batch_N: Tensor | None = None) -> Tensor:
     """Velocities [N, 3] drawn at ``temperature_K`` with zero net momentum (per molecule)."""
@@ -91,13 +101,7 @@ class Integrator:
         self._evaluate(initial=True)
 
     def _check(self, fmax: float, energy: float) -> None:
-        if not (math.isfinite(fmax) and math.isfinite(energy)):
-            raise MDInstabilityError(self.step, f"MD stopped at step {self.step}: forces or "
-                                     "energy are NaN/inf")
-        if fmax > self.max_force:
-            raise MDInstabilityError(self.step, f"MD stopped at step {self.step}: a force of "
-                                     f"{fmax:.3g} eV/A exceeds max_force={self.max_force:g} eV/A "
-                                     "(exploding simulation)")
+        check_stability(self.step, fmax, energy, self.max_force)
 
     def _evaluate(self, initial: bool = False) -> None:
         # The first evaluation of a fused run on a padded Verlet list runs eagerly (same model,
