@@ -463,6 +463,8 @@ def main(argv=None) -> int:
     ap.add_argument("--large", action="store_true",
                     help="water 10k (open: vs PyG+ASE; periodic) and 100k (periodic, chunked)")
     ap.add_argument("--systems", default=None, help="comma-separated subset of the mode's systems")
+    ap.add_argument("--contenders", default=None,
+                    help="comma-separated subset of the mode's contenders")
     ap.add_argument("--repeats", type=int, default=1,
                     help="repeat each system's contenders, alternating (ratios per repeat)")
     ap.add_argument("--mem-limit-gib", type=float, default=None,
@@ -546,13 +548,16 @@ def main(argv=None) -> int:
                 ("water-10k", "ours", 2, t), ("water-10k", "torchmdnet-ase", 2, t),
                 ("water-10k", "mace-ase", 1, t), ("water-10k-pbc", "ours-compiled", 3, t),
                 ("water-10k-pbc", "ours", 2, t), ("water-10k-pbc", "ours-chunked", 2, t),
-                ("water-100k-pbc", "ours-chunked", 1, t), ("water-100k", "pyg-ase", 1, t)]
+                ("water-100k-pbc", "ours-chunked", 1, t), ("water-100k", "pyg-ase", 1, t),
+                ("water-100k", "torchmdnet-ase", 1, t), ("water-100k", "mace-ase", 1, t)]
     else:
         jobs = [("ala2", "ours-compiled", 3000, t), ("ala2", "pyg-ase", 1000, t),
                 ("ala2", "ours", 500, t), ("water-1k", "ours-compiled", 50, t),
                 ("water-1k", "pyg-ase", 20, t), ("water-1k-pbc", "ours-compiled", 50, t)]
     if args.systems:
         jobs = [j for j in jobs if j[0] in args.systems.split(",")]
+    if args.contenders:
+        jobs = [j for j in jobs if j[1] in args.contenders.split(",")]
     env = {"DS4SCI_BENCH_AS_LIMIT_GIB": str(args.mem_limit_gib)} if args.mem_limit_gib else {}
     if args.large or args.memory:
         # glibc's adaptive mmap threshold keeps freed chunk buffers (MBs each) in the heap, so
