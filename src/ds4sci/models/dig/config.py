@@ -38,6 +38,15 @@ class DiGConfig:
     """Gaussian radial basis functions expanding pair distances of the scaled coordinates."""
     num_chiral: int = 4
     """Channels of the pseudoscalar (triple-product) pair features that make the model chiral."""
+    num_local_chiral: int = 0
+    """Channels of the local chirality feature, one pseudoscalar per atom and channel k:
+    ``chi_ki = det[v_k1, v_k2, v_k3] / (|v_k1| |v_k2| |v_k3| + eps)`` with
+    ``v_km,i = sum_(a bonded to i) w_km(a) (x_a - x_i)`` and ``w`` a learned function of
+    neighbour a's element, degree and neighbours' elements (fixed per molecule). Rotation- and
+    translation-invariant, permutation-equivariant, in [-1, 1], zero at atoms with < 3 bonds
+    and sign-flipping under a mirror: it tells the network the handedness at each stereocentre
+    (alanine's C-alpha), added to the single track's input. 0 = off (so checkpoints saved
+    before this field existed load unchanged); the dig-tiny preset uses 8."""
     d_single_in: int = 0
     """Width of an external single representation to condition on (proteins: 384); 0 = none."""
     d_pair_in: int = 0
@@ -84,8 +93,8 @@ class DiGConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"DiGConfig.{name} = {value!r}; expected a positive integer")
-        for name in ("num_chiral", "d_single_in", "d_pair_in", "relpos_bins", "pair_chunk",
-                     "checkpoint_layers"):
+        for name in ("num_chiral", "num_local_chiral", "d_single_in", "d_pair_in",
+                     "relpos_bins", "pair_chunk", "checkpoint_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"DiGConfig.{name} = {value!r}; expected an integer >= 0")
@@ -110,7 +119,7 @@ class DiGConfig:
 
 
 PRESETS: dict[str, DiGConfig] = {
-    "dig-tiny": DiGConfig(),
+    "dig-tiny": DiGConfig(num_local_chiral=8),
     # DiG's protein model: 768/256/12/32, conditioned on AlphaFold single/pair representations,
     # relative positions in 64 buckets, translations' sigma from 0.1 to 35 Angstrom.
     "dig-protein": DiGConfig(

@@ -14,7 +14,10 @@ the centred, scaled coordinates in a radial basis, and pseudoscalar triple produ
 ``det[x_i, x_j, m_c]`` with learned weighted centroids ``m_c``), and leave through an
 equivariant head ``eps_i = sum_j w_ij (x_i - x_j) / (1 + |x_i - x_j|)`` with invariant weights.
 So the predicted noise rotates with the input, ignores translations and permutes with the
-nodes. The triple products flip sign under reflection: the model is deliberately *not*
+nodes. Optionally (``num_local_chiral``) a local pseudoscalar per atom from its bonded
+neighbours, ``det[v_1, v_2, v_3]`` of learned weighted sums of bond vectors, enters the single
+track: the handedness at each stereocentre, read directly from the bonds around it. The triple
+products flip sign under reflection: the model is deliberately *not*
 reflection-symmetric, because alanine (like every L-amino acid) is chiral and an
 E(3)-invariant model would learn the racemic mixture (phi, psi) -> (-phi, -psi).
 
@@ -35,6 +38,7 @@ from ...ops.evoformer_attention import evoformer_attention, evoformer_attention_
 from .config import DiGConfig
 
 MASK_BIAS = -1e9  # finite, as OpenFold: a padded key gets zero weight without -inf arithmetic
+MAX_DEGREE = 6  # bond counts above this share one degree embedding (local chirality weights)
 
 
 def centre(x_BN3: torch.Tensor, mask_BN: torch.Tensor) -> torch.Tensor:
@@ -162,6 +166,10 @@ class DiGModel(nn.Module):
         self.rbf_proj = nn.Linear(cfg.num_rbf, C_z)
         self.chiral_weight = nn.Linear(C_s, cfg.num_chiral) if cfg.num_chiral else None
         self.chiral_proj = nn.Linear(cfg.num_chiral, C_z) if cfg.num_chiral else None
+        K = cfg.num_local_chiral
+        self.local_chiral_degree_embed = nn.Embedding(MAX_DEGREE + 1, C_s) if K else None
+        self.local_chiral_weight = nn.Linear(C_s, 3 * K) if K else None
+        self.local_chiral_proj = nn.Linear(K, C_s) if K else None
         self.layers = nn.ModuleList(PairBiasedLayer(cfg) for _ in range(cfg.num_layers))
         self.head_norm = nn.LayerNorm(C_z)
         self.head_hidden = nn.Linear(C_z, C_z)
@@ -222,6 +230,34 @@ class DiGModel(nn.Module):
             z = z + self.relpos_embed(rel + cfg.relpos_bins)
         return z
 
+    def local_chirality(self, x_BN3: torch.Tensor, molecule: dict) -> torch.Tensor:
+        """Local pseudoscalars ``chi [B, N, K]`` (K = ``num_local_chiral``) from bonded neighbours.
+
+        ``chi_ki = v_k1 . (v_k2 x v_k3) / (|v_k1| |v_k2| |v_k3| + eps)``, ``v_km,i = sum_a
+        A_ia w_km(a) (x_a - x_i)`` over bonded neighbours a (adjacency A). The weights depend
+        only on the molecule (a's element, degree and the sum of its neighbours' element
+        embeddings), so the methyl carbon and the carbonyl carbon around alanine's C-alpha get
+        different weights and the sign of chi is the handedness there. Rotation/translation
+        invariant, flips sign under a mirror; 0 at atoms with fewer than 3 bonds (their v's are
+        coplanar). Bounded by 1 (Hadamard's inequality).
+        """
+        K = self.config.num_local_chiral
+        B, N = x_BN3.shape[:2]
+        adj_1NN = ((molecule["bonds"] > 0) & molecule["mask"].unsqueeze(1)
+                   & molecule["mask"].unsqueeze(2)).to(x_BN3.dtype)
+        degree = adj_1NN.sum(-1).long().clamp(max=MAX_DEGREE)
+        emb = self.atom_embed(molecule["atom_types"]).to(x_BN3.dtype)
+        h = emb + self.local_chiral_degree_embed(degree).to(x_BN3.dtype) + adj_1NN @ emb
+        w_1N3K = self.local_chiral_weight(h)  # per neighbour a: 3K scalars w_km(a)
+        aw_1NN3K = adj_1NN.unsqueeze(-1) * w_1N3K.unsqueeze(1)  # [., i, a, 3K]
+        # v_i = sum_a A_ia w(a) x_a - (sum_a A_ia w(a)) x_i: bond vectors, weighted
+        v_BN3K3 = (torch.einsum("bian,bad->bind", aw_1NN3K.expand(B, -1, -1, -1), x_BN3)
+                   - aw_1NN3K.sum(2).unsqueeze(-1) * x_BN3.unsqueeze(2))
+        v1, v2, v3 = v_BN3K3.view(B, N, 3, K, 3).unbind(2)  # each [B, N, K, 3]
+        det_BNK = (v1 * torch.cross(v2, v3, dim=-1)).sum(-1)
+        norms = v1.norm(dim=-1) * v2.norm(dim=-1) * v3.norm(dim=-1)
+        return det_BNK / (norms + 1e-6)
+
     def _embed_tile(self, z0_BtNC, dist_BtN, triple_BtNc):
         centres = torch.linspace(0.0, 6.0, self.num_rbf, device=dist_BtN.device,
                                  dtype=dist_BtN.dtype)
@@ -261,6 +297,8 @@ class DiGModel(nn.Module):
         diff_BNN3 = x_BN3.unsqueeze(2) - x_BN3.unsqueeze(1)
         dist_BNN = diff_BNN3.pow(2).sum(-1).add(1e-8).sqrt()
         s_BNC = (s0 + self.noise_embed(sigma_B)[:, None, :]).expand(B, N, -1)
+        if self.local_chiral_proj is not None:  # scale-free: raw coordinates will do
+            s_BNC = s_BNC + self.local_chiral_proj(self.local_chirality(x_BN3, molecule))
         triples = [None] * len(rows)
         if self.chiral_weight is not None:
             # m_c = mean_k h_kc x_k: learned centroids (equivariant vectors); the triple
