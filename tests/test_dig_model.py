@@ -248,3 +248,39 @@ def test_checkpoint_without_local_chirality_field_loads_as_off(tmp_path):
     model = load_checkpoint(committed)
     assert model.config.num_local_chiral == 0 and model.local_chiral_proj is None
     assert get_config("dig-tiny").num_local_chiral > 0
+
+
+def test_edm_preconditioning_formula_and_loss_weight():
+    from ds4sci.models.dig import denoising_loss_sum
+    from ds4sci.models.dig.diffusion import centred_noise, training_sigmas
+    from ds4sci.models.dig.model import centre
+
+    mol = stereocentre_molecule()
+    plain = build_model(CFG, seed=7).double()
+    edm = build_model(CFG.replace(precondition="edm"), seed=7).double()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 8, 3, generator=g, dtype=torch.float64) * 2
+    sigma = torch.tensor([0.02, 0.7, 9.0], dtype=torch.float64)
+    sd = CFG.sigma_data
+    c_in = (sigma ** 2 + sd ** 2).rsqrt()[:, None, None]
+    # D = c_skip x + c_out F with F the plain model's head output; eps = (x - D) / sigma
+    xc = centre(x, mol["mask"].expand(3, 8))
+    c_skip, c_out = sd ** 2 * c_in ** 2, sigma[:, None, None] * sd * c_in
+    D = c_skip * xc + c_out * plain(x, sigma, mol)
+    expected = (xc - D) / sigma[:, None, None]
+    torch.testing.assert_close(edm(x, sigma, mol), expected, rtol=1e-10, atol=1e-12)
+    R = random_rotation(3, torch.float64)
+    torch.testing.assert_close(edm(x @ R.T, sigma, mol), edm(x, sigma, mol) @ R.T, rtol=1e-9,
+                               atol=1e-11)
+    # The loss weights each sample's eps error by (sigma^2 + sd^2)/sd^2: redo its draws.
+    batch = {"x": xc, **mol}
+    loss, count = denoising_loss_sum(edm, batch, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    s_B = training_sigmas(edm.config, 3, g).double()
+    eps = centred_noise(xc.shape, mol["mask"], g, torch.float64)
+    err_B = (edm(xc + s_B[:, None, None] * eps, s_B, mol) - eps).pow(2).sum((1, 2))
+    torch.testing.assert_close(loss.double(), (err_B * (s_B ** 2 + sd ** 2) / sd ** 2).sum(),
+                               rtol=1e-5, atol=0)
+    assert count == 3 * 8 * 3
+    with pytest.raises(ValueError, match="precondition = 'karras'; expected 'none' or 'edm'"):
+        CFG.replace(precondition="karras")

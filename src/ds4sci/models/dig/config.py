@@ -68,6 +68,15 @@ class DiGConfig:
     """Mean of ln sigma (sigma in coordinate units) for train_sigma = "lognormal"."""
     train_log_sigma_std: float = 1.2
     """Std of ln sigma for train_sigma = "lognormal"."""
+    precondition: str = "none"
+    """Output parametrisation and loss weight. "none" (DiG): the network's equivariant head is
+    eps itself, loss |eps_theta - eps|^2. "edm" (Karras et al. 2022, section 5, written for
+    eps): ``eps_theta = c_in^2 sigma x - sigma_data c_in F`` with ``c_in = 1/sqrt(sigma^2 +
+    sigma_data^2)``, i.e. the denoiser ``D = c_skip x + c_out F``, and the loss weighted by
+    ``(sigma^2 + sigma_data^2)/sigma_data^2`` so that it is |F - F_target|^2 with a unit-scale
+    target at every sigma: at high noise the head only corrects ``x/sigma`` instead of
+    producing it, and the noise levels where the global shape is decided weigh as much as the
+    bond-length ones. Checkpoints saved before this field existed mean "none"."""
     num_steps: int = 500
     """Steps of DiG's ancestral sampler (DiG uses 500)."""
     fast_steps: int = 40
@@ -107,6 +116,9 @@ class DiGConfig:
         if self.train_sigma not in ("dig", "lognormal"):
             raise ValueError(f"DiGConfig.train_sigma = {self.train_sigma!r}; expected 'dig' or "
                              "'lognormal'")
+        if self.precondition not in ("none", "edm"):
+            raise ValueError(f"DiGConfig.precondition = {self.precondition!r}; expected 'none' "
+                             "or 'edm'")
         if self.train_log_sigma_std <= 0:
             raise ValueError(f"DiGConfig.train_log_sigma_std = {self.train_log_sigma_std}; "
                              "expected > 0")

@@ -325,8 +325,13 @@ class DiGModel(nn.Module):
                                                *z_tiles)
         w_BNN = torch.cat([_tile(chunked, self._head_tile, z) for z in z_tiles], dim=1)
         w_BNN = w_BNN * mask_f.unsqueeze(1)
-        eps_BN3 = torch.einsum("bij,bijd->bid", w_BNN / (1 + dist_BNN), diff_BNN3)
-        return centre(eps_BN3, mask_BN)
+        out_BN3 = torch.einsum("bij,bijd->bid", w_BNN / (1 + dist_BNN), diff_BNN3)
+        if cfg.precondition == "edm":
+            # eps = (x - D)/sigma with D = c_skip x + c_out F (EDM): c_in^2 sigma x - sd c_in F;
+            # x_BN3 here is already c_in x (centred).
+            c_B11 = c_in_B[:, None, None]
+            out_BN3 = c_B11 * sigma_B[:, None, None] * x_BN3 - cfg.sigma_data * c_B11 * out_BN3
+        return centre(out_BN3, mask_BN)
 
 
 def initial_value(name: str, shape, generator: torch.Generator) -> torch.Tensor:
