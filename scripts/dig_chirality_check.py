@@ -17,16 +17,6 @@ from ds4sci.data import conformations as conf
 from ds4sci.models.dig.sample import load_checkpoint, sample
 
 
-def signed_volume(xyz: np.ndarray, topology) -> np.ndarray:
-    """``det[N - CA, C - CA, CB - CA]`` of the alanine residue, per frame."""
-    def index(name):
-        return next(a.index for a in topology.atoms if a.residue.name == "ALA" and a.name == name)
-
-    n, ca, c, cb = (index(name) for name in ("N", "CA", "C", "CB"))
-    a, b, d = xyz[:, n] - xyz[:, ca], xyz[:, c] - xyz[:, ca], xyz[:, cb] - xyz[:, ca]
-    return np.einsum("ij,ij->i", np.cross(a, b), d)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True)
@@ -35,12 +25,13 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args(argv)
     ref, top, _ = conf.load_alanine_dipeptide()
-    sign = np.sign(signed_volume(ref, top).mean())
+    sign = np.sign(conf.calpha_signed_volumes(ref, top)[:, 0].mean())
     model = load_checkpoint(args.checkpoint)
     xyz = sample(model, top, args.num_samples, sampler=args.sampler, steps=args.steps, seed=0,
                  batch_size=args.num_samples)
-    same = signed_volume(xyz, top) * sign > 0
-    print(f"MD frames with the reference chirality: {(signed_volume(ref, top) * sign > 0).mean():.3f}")
+    same = conf.calpha_signed_volumes(xyz, top)[:, 0] * sign > 0
+    md_same = (conf.calpha_signed_volumes(ref, top)[:, 0] * sign > 0).mean()
+    print(f"MD frames with the reference chirality: {md_same:.3f}")
     print(f"samples with the reference chirality: {same.mean():.3f} of {len(xyz)}")
     phi, psi = conf.phi_psi(xyz, top)
     print("basins, reference chirality:", conf.basin_populations(phi[same], psi[same]))

@@ -4,7 +4,7 @@ For a trained checkpoint, each sampler setting (``heun:<steps>``: the determinis
 flow ODE; ``ancestral:<steps>``: DiG's ancestral SDE sampler) draws ``--num-samples``
 conformations and is scored against the embedded MD reference: Jensen-Shannon divergence of the
 (phi, psi) histogram (36 x 36 bins, nats), basin populations, fraction with every bond within 10 %
-of the MD mean, samples per second. Each DiG sample is drawn from fresh noise, so every sample is
+of the MD mean, fraction with the MD's C-alpha handedness (L), samples per second. Each DiG sample is drawn from fresh noise, so every sample is
 statistically independent.
 
 MD side: the decorrelation time is measured on the reference trajectory itself (statistical
@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                 row["samples_per_second"] / meta["md_speed"]["independent_samples_per_second"])
         rows.append(row)
         print(f"{sampler:9s} {steps:4d} steps: JS {row['js_divergence_phi_psi_nats']:.3f} "
-              f"valid bonds {row['valid_bond_fraction']:.3f} {row['samples_per_second']:.2f} "
+              f"valid bonds {row['valid_bond_fraction']:.3f} chirality as MD "
+              f"{row['chirality_fraction']} {row['samples_per_second']:.2f} "
               f"samples/s basins {metrics['basins_samples']}", flush=True)
         # Written after every setting: a long run cut short keeps what it measured.
         merged = merge_rows(args.out / f"{args.stem}.json", rows,

@@ -94,6 +94,8 @@ def compare_with_reference(xyz: np.ndarray, ref_xyz: np.ndarray, topology,
         "basins_samples": conf.basin_populations(phi, psi),
         "basins_reference": conf.basin_populations(phi_r, psi_r),
         "valid_bond_fraction": conf.valid_bond_fraction(xyz, pairs, ref_len),
+        # C-alpha handedness as the MD's (L for natural amino acids); None without one
+        "chirality_fraction": conf.chirality_fraction(xyz, ref_xyz, topology),
         "num_samples": len(xyz),
         "num_reference": len(ref_xyz),
     }
@@ -163,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics.update(compare_with_reference(xyz, ref, topology, out / "ramachandran.png"))
         print(f"JS divergence (phi, psi) = {metrics['js_divergence_phi_psi_nats']:.4f} nats; "
               f"valid bonds {metrics['valid_bond_fraction']:.3f}; "
+              f"MD's chirality {metrics['chirality_fraction']}; "
               f"basins {metrics['basins_samples']}")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return 0
