@@ -133,7 +133,8 @@ def test_protein_preset_shapes():
 def test_pair_chunking_and_checkpointing_are_exact(pair_chunk, checkpoint_layers):
     # Protein-style conditioning too (external single/pair representations, relative
     # positions), N = 11 not a multiple of the tile: every op on z runs tile by tile.
-    cfg = CFG.replace(num_layers=3, d_single_in=5, d_pair_in=6, relpos_bins=4)
+    cfg = CFG.replace(num_layers=3, d_single_in=5, d_pair_in=6, relpos_bins=4,
+                      local_chiral_head=True)
     n = 11
     mol = molecule(n)
     g = torch.Generator().manual_seed(0)
@@ -209,6 +210,13 @@ def test_local_chirality_feature_reference_invariance_and_mirror():
         torch.testing.assert_close(model.local_chirality(x @ R.T + 2.5, mol), chi,
                                    rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(model.local_chirality(-x, mol), -chi, rtol=1e-10, atol=1e-12)
+        # The normals of local_chiral_head: v_k2 x v_k3 / (|v_k2||v_k3| + eps), a pseudovector
+        _, nrm = model.local_chirality(x, mol, normals=True)
+        assert nrm.shape == (3, n, 5, 3) and nrm.norm(dim=-1).max() <= 1
+        _, nrm_rot = model.local_chirality(x @ R.T + 2.5, mol, normals=True)
+        torch.testing.assert_close(nrm_rot, nrm @ R.T, rtol=1e-10, atol=1e-12)
+        _, nrm_mirror = model.local_chirality(-x, mol, normals=True)
+        torch.testing.assert_close(nrm_mirror, nrm, rtol=1e-10, atol=1e-12)  # no flip
         perm = torch.randperm(n, generator=g)
         pmol = {"atom_types": mol["atom_types"][:, perm], "mask": mol["mask"][:, perm],
                 "bonds": mol["bonds"][:, perm][:, :, perm],
@@ -217,9 +225,11 @@ def test_local_chirality_feature_reference_invariance_and_mirror():
                                    rtol=1e-10, atol=1e-12)
 
 
-def test_model_with_only_local_chirality_is_se3_not_e3_equivariant():
+@pytest.mark.parametrize("head", [False, True])
+def test_model_with_only_local_chirality_is_se3_not_e3_equivariant(head):
     mol = stereocentre_molecule()
-    model = build_model(CFG.replace(num_chiral=0, num_local_chiral=4), seed=6).double()
+    model = build_model(CFG.replace(num_chiral=0, num_local_chiral=4, local_chiral_head=head),
+                        seed=6).double()
     x = torch.randn(3, 8, 3, dtype=torch.float64) * 1.5
     sigma = torch.tensor([0.05, 0.5, 3.0], dtype=torch.float64)
     eps = model(x, sigma, mol)
@@ -284,3 +294,5 @@ def test_edm_preconditioning_formula_and_loss_weight():
     assert count == 3 * 8 * 3
     with pytest.raises(ValueError, match="precondition = 'karras'; expected 'none' or 'edm'"):
         CFG.replace(precondition="karras")
+    with pytest.raises(ValueError, match="local_chiral_head = True needs num_local_chiral > 0"):
+        CFG.replace(num_local_chiral=0, local_chiral_head=True)

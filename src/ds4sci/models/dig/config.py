@@ -47,6 +47,13 @@ class DiGConfig:
     and sign-flipping under a mirror: it tells the network the handedness at each stereocentre
     (alanine's C-alpha), added to the single track's input. 0 = off (so checkpoints saved
     before this field existed load unchanged); the dig-tiny preset uses 8."""
+    local_chiral_head: bool = False
+    """Add pseudovector terms to the output: ``eps_i += sum_(j,k) g_ijk n_jk`` with
+    ``n_jk = v_k2,j x v_k3,j / (|v_k2,j| |v_k3,j| + eps)`` (the cross product of the local
+    chirality feature's weighted bond vectors at atom j: a unit-bounded normal, which does not
+    flip under a mirror) and invariant weights ``g`` from the pair track. A push along the
+    N-CA-C normal towards L is then a plain learned weight rather than a function of the sign
+    of a pseudoscalar. Needs num_local_chiral > 0; False in checkpoints saved before it."""
     d_single_in: int = 0
     """Width of an external single representation to condition on (proteins: 384); 0 = none."""
     d_pair_in: int = 0
@@ -107,6 +114,9 @@ class DiGConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"DiGConfig.{name} = {value!r}; expected an integer >= 0")
+        if self.local_chiral_head and not self.num_local_chiral:
+            raise ValueError("DiGConfig.local_chiral_head = True needs num_local_chiral > 0 (its "
+                             "bond vectors); got num_local_chiral = 0")
         if self.d_model % self.num_heads:
             raise ValueError(f"DiGConfig.d_model = {self.d_model} is not divisible by "
                              f"num_heads = {self.num_heads}")

@@ -174,6 +174,7 @@ class DiGModel(nn.Module):
         self.head_norm = nn.LayerNorm(C_z)
         self.head_hidden = nn.Linear(C_z, C_z)
         self.head_out = nn.Linear(C_z, 1)
+        self.local_chiral_head = nn.Linear(C_z, K) if cfg.local_chiral_head else None
 
     # ---- conditioning: computed once per molecule, reused by every diffusion step ----
     def condition(self, molecule: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,8 +231,10 @@ class DiGModel(nn.Module):
             z = z + self.relpos_embed(rel + cfg.relpos_bins)
         return z
 
-    def local_chirality(self, x_BN3: torch.Tensor, molecule: dict) -> torch.Tensor:
-        """Local pseudoscalars ``chi [B, N, K]`` (K = ``num_local_chiral``) from bonded neighbours.
+    def local_chirality(self, x_BN3: torch.Tensor, molecule: dict,
+                        normals: bool = False):
+        """Local pseudoscalars ``chi [B, N, K]`` (K = ``num_local_chiral``) from bonded neighbours
+        (and, with ``normals``, the pseudovectors ``n [B, N, K, 3]`` of ``local_chiral_head``).
 
         ``chi_ki = v_k1 . (v_k2 x v_k3) / (|v_k1| |v_k2| |v_k3| + eps)``, ``v_km,i = sum_a
         A_ia w_km(a) (x_a - x_i)`` over bonded neighbours a (adjacency A). The weights depend
@@ -239,7 +242,9 @@ class DiGModel(nn.Module):
         embeddings), so the methyl carbon and the carbonyl carbon around alanine's C-alpha get
         different weights and the sign of chi is the handedness there. Rotation/translation
         invariant, flips sign under a mirror; 0 at atoms with fewer than 3 bonds (their v's are
-        coplanar). Bounded by 1 (Hadamard's inequality).
+        coplanar) or with alike substituents. Bounded by 1 (Hadamard's inequality).
+        ``n_ki = v_k2 x v_k3 / (|v_k2| |v_k3| + eps)``: rotates with x, does not flip under a
+        mirror (a pseudovector), norm <= 1.
         """
         K = self.config.num_local_chiral
         B, N = x_BN3.shape[:2]
@@ -254,9 +259,12 @@ class DiGModel(nn.Module):
         v_BN3K3 = (torch.einsum("bian,bad->bind", aw_1NN3K.expand(B, -1, -1, -1), x_BN3)
                    - aw_1NN3K.sum(2).unsqueeze(-1) * x_BN3.unsqueeze(2))
         v1, v2, v3 = v_BN3K3.view(B, N, 3, K, 3).unbind(2)  # each [B, N, K, 3]
-        det_BNK = (v1 * torch.cross(v2, v3, dim=-1)).sum(-1)
-        norms = v1.norm(dim=-1) * v2.norm(dim=-1) * v3.norm(dim=-1)
-        return det_BNK / (norms + 1e-6)
+        cross_BNK3 = torch.cross(v2, v3, dim=-1)
+        n2, n3 = v2.norm(dim=-1), v3.norm(dim=-1)
+        chi_BNK = (v1 * cross_BNK3).sum(-1) / (v1.norm(dim=-1) * n2 * n3 + 1e-6)
+        if not normals:
+            return chi_BNK
+        return chi_BNK, cross_BNK3 / (n2 * n3 + 1e-6).unsqueeze(-1)
 
     def _embed_tile(self, z0_BtNC, dist_BtN, triple_BtNc):
         centres = torch.linspace(0.0, 6.0, self.num_rbf, device=dist_BtN.device,
@@ -269,8 +277,11 @@ class DiGModel(nn.Module):
         return z
 
     def _head_tile(self, z_BtNC):
-        return self.head_out(torch.nn.functional.silu(
-            self.head_hidden(self.head_norm(z_BtNC)))).squeeze(-1)  # [B, t, N]
+        """Invariant output weights of one tile: ``w [B, t, N]`` and, with
+        ``local_chiral_head``, ``g [B, t, N, K]`` (else None)."""
+        hidden = torch.nn.functional.silu(self.head_hidden(self.head_norm(z_BtNC)))
+        g = self.local_chiral_head(hidden) if self.local_chiral_head is not None else None
+        return self.head_out(hidden).squeeze(-1), g
 
     def _run_layers(self, first: int, last: int, s_BNC, mask_bias_B11N, *z_tiles):
         z_tiles = list(z_tiles)
@@ -297,8 +308,12 @@ class DiGModel(nn.Module):
         diff_BNN3 = x_BN3.unsqueeze(2) - x_BN3.unsqueeze(1)
         dist_BNN = diff_BNN3.pow(2).sum(-1).add(1e-8).sqrt()
         s_BNC = (s0 + self.noise_embed(sigma_B)[:, None, :]).expand(B, N, -1)
-        if self.local_chiral_proj is not None:  # scale-free: raw coordinates will do
-            s_BNC = s_BNC + self.local_chiral_proj(self.local_chirality(x_BN3, molecule))
+        normals_BNK3 = None
+        if self.local_chiral_proj is not None:  # scale-free: scaled coordinates will do
+            chi_BNK = self.local_chirality(x_BN3, molecule, normals=cfg.local_chiral_head)
+            if cfg.local_chiral_head:
+                chi_BNK, normals_BNK3 = chi_BNK
+            s_BNC = s_BNC + self.local_chiral_proj(chi_BNK)
         triples = [None] * len(rows)
         if self.chiral_weight is not None:
             # m_c = mean_k h_kc x_k: learned centroids (equivariant vectors); the triple
@@ -323,9 +338,13 @@ class DiGModel(nn.Module):
         else:
             s_BNC, *z_tiles = self._run_layers(0, len(self.layers), s_BNC, mask_bias_B11N,
                                                *z_tiles)
-        w_BNN = torch.cat([_tile(chunked, self._head_tile, z) for z in z_tiles], dim=1)
-        w_BNN = w_BNN * mask_f.unsqueeze(1)
+        w_tiles, g_tiles = zip(*[_tile(chunked, self._head_tile, z) for z in z_tiles])
+        w_BNN = torch.cat(w_tiles, dim=1) * mask_f.unsqueeze(1)
         out_BN3 = torch.einsum("bij,bijd->bid", w_BNN / (1 + dist_BNN), diff_BNN3)
+        if normals_BNK3 is not None:
+            # pseudovector terms: the local normals at atoms j (0 on padding), invariant weights
+            g_BNNK = torch.cat(g_tiles, dim=1)
+            out_BN3 = out_BN3 + torch.einsum("bijk,bjkd->bid", g_BNNK, normals_BNK3)
         if cfg.precondition == "edm":
             # eps = (x - D)/sigma with D = c_skip x + c_out F (EDM): c_in^2 sigma x - sd c_in F;
             # x_BN3 here is already c_in x (centred).
