@@ -80,6 +80,27 @@ def write_conformations(xyz: np.ndarray, topology, out_dir: Path, fmt: str) -> P
     return path
 
 
+def fix_mirror_images(xyz: np.ndarray, reference: np.ndarray, topology):
+    """Reflect (z -> -z) every sample whose C-alpha handedness is, at most residues, the
+    mirror of the reference's: ``(fixed [S, N, 3], reflected [S] bool)``.
+
+    Post-processing for a model that has not learned chirality (an E(3)-symmetric score draws
+    the racemic mixture, half of it mirror images): the mirror image of a D sample is an L
+    sample, so for a molecule with one stereocentre (alanine dipeptide) this turns the racemic
+    mixture back into the L ensemble exactly. It is a correction of the samples, not of the
+    model; the metrics report the samples with and without it.
+    """
+    vol = conf.calpha_signed_volumes(xyz, topology)
+    if vol.shape[1] == 0:
+        raise ValueError("fix_mirror_images: the topology has no residue with N, CA, C and CB "
+                         "(no C-alpha handedness to fix)")
+    sign = np.sign(np.sign(conf.calpha_signed_volumes(reference, topology)).sum(0))
+    reflected = (vol * sign < 0).mean(1) > 0.5
+    fixed = np.array(xyz, copy=True)
+    fixed[reflected, :, 2] *= -1
+    return fixed, reflected
+
+
 def compare_with_reference(xyz: np.ndarray, ref_xyz: np.ndarray, topology,
                            plot: Path | None = None) -> dict:
     """Metrics of samples against an MD reference (same topology); optional Ramachandran plot."""
@@ -137,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="dig_samples", help="output directory")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile the step")
+    parser.add_argument("--fix-mirror", action="store_true",
+                        help="reflect samples whose C-alpha handedness is the reference's "
+                             "mirror image before writing and scoring them (post-processing)")
     args = parser.parse_args(argv)
 
     topology = conf.load_topology(args.topology)
@@ -147,8 +171,6 @@ def main(argv: list[str] | None = None) -> int:
     xyz = sample(model, topology, args.num_samples, sampler=args.sampler, steps=args.steps,
                  seed=args.seed, batch_size=args.batch_size, compile=args.compile)
     seconds = time.perf_counter() - start
-    path = write_conformations(xyz, topology, out, args.format)
-    print(f"wrote {len(xyz)} conformations to {path} ({len(xyz) / seconds:.1f} samples/s)")
     ref = None
     if args.reference is not None:
         ref_path = Path(args.reference)
@@ -157,7 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     elif Path(args.topology).resolve() == conf.ALA2_PDB.resolve():
         ref = conf.load_alanine_dipeptide()[0]
     metrics = {"sampler": args.sampler, "steps": args.steps, "seconds": seconds,
-               "samples_per_second": len(xyz) / seconds, "device": args.device}
+               "samples_per_second": len(xyz) / seconds, "device": args.device,
+               "mirror_fixed": args.fix_mirror}
+    if args.fix_mirror:
+        if ref is None:
+            raise ValueError("--fix-mirror needs a reference (--reference) for the handedness")
+        xyz, reflected = fix_mirror_images(xyz, ref, topology)
+        metrics["reflected_fraction"] = float(reflected.mean())
+        print(f"reflected {int(reflected.sum())} of {len(xyz)} mirror-image samples")
+    path = write_conformations(xyz, topology, out, args.format)
+    print(f"wrote {len(xyz)} conformations to {path} ({len(xyz) / seconds:.1f} samples/s)")
     if ref is not None:
         if ref.shape[1:] != xyz.shape[1:]:
             raise ValueError(f"reference has {ref.shape[1]} atoms; the topology has "
