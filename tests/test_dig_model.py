@@ -163,7 +163,7 @@ def test_pair_chunk_rejects_negative():
 def local_chirality_reference(model, x_N3, mol):
     """The local pseudoscalar written atom by atom, loops over neighbours (fp64)."""
     bonds, types = mol["bonds"][0], mol["atom_types"][0]
-    emb = model.atom_embed.weight.double()
+    emb = model.local_chiral_atom_embed.weight.double()
     deg = (bonds > 0).sum(-1)
     K = model.config.num_local_chiral
     chi = torch.zeros(len(types), K, dtype=torch.float64)
@@ -196,6 +196,9 @@ def test_local_chirality_feature_reference_invariance_and_mirror():
     n = 8
     mol = stereocentre_molecule()
     model = build_model(CFG.replace(num_local_chiral=5), seed=4).double()
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen == ["local_chiral_atom_embed.weight", "local_chiral_degree_embed.weight",
+                      "local_chiral_weight.weight", "local_chiral_weight.bias"]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, n, 3, generator=g, dtype=torch.float64)
     with torch.no_grad():

@@ -42,7 +42,8 @@ class DiGConfig:
     """Channels of the local chirality feature, one pseudoscalar per atom and channel k:
     ``chi_ki = det[v_k1, v_k2, v_k3] / (|v_k1| |v_k2| |v_k3| + eps)`` with
     ``v_km,i = sum_(a bonded to i) w_km(a) (x_a - x_i)`` and ``w`` a learned function of
-    neighbour a's element, degree and neighbours' elements (fixed per molecule). Rotation- and
+    neighbour a's element, degree and neighbours' elements (fixed per molecule; a fixed random
+    function, not trained: trained, it collapsed to ~0 in 5k steps). Rotation- and
     translation-invariant, permutation-equivariant, in [-1, 1], zero at atoms with < 3 bonds
     and sign-flipping under a mirror: it tells the network the handedness at each stereocentre
     (alanine's C-alpha), added to the single track's input. 0 = off (so checkpoints saved

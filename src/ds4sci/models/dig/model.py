@@ -167,8 +167,17 @@ class DiGModel(nn.Module):
         self.chiral_weight = nn.Linear(C_s, cfg.num_chiral) if cfg.num_chiral else None
         self.chiral_proj = nn.Linear(cfg.num_chiral, C_z) if cfg.num_chiral else None
         K = cfg.num_local_chiral
+        # The local frames' neighbour weights are fixed random functions of the atom
+        # descriptors (requires_grad False): trained, they collapsed (two of the three weighted
+        # bond vectors turned anti-parallel, |chi| at alanine's C-alpha fell from ~0.3 to
+        # ~0.03 in 5k steps, and the normals with it), i.e. the network switched the feature off.
+        self.local_chiral_atom_embed = nn.Embedding(cfg.atom_vocab_size, C_s) if K else None
         self.local_chiral_degree_embed = nn.Embedding(MAX_DEGREE + 1, C_s) if K else None
         self.local_chiral_weight = nn.Linear(C_s, 3 * K) if K else None
+        for module in (self.local_chiral_atom_embed, self.local_chiral_degree_embed,
+                       self.local_chiral_weight):
+            if module is not None:
+                module.requires_grad_(False)
         self.local_chiral_proj = nn.Linear(K, C_s) if K else None
         self.layers = nn.ModuleList(PairBiasedLayer(cfg) for _ in range(cfg.num_layers))
         self.head_norm = nn.LayerNorm(C_z)
@@ -239,7 +248,7 @@ class DiGModel(nn.Module):
         ``chi_ki = v_k1 . (v_k2 x v_k3) / (|v_k1| |v_k2| |v_k3| + eps)``, ``v_km,i = sum_a
         A_ia w_km(a) (x_a - x_i)`` over bonded neighbours a (adjacency A). The weights depend
         only on the molecule (a's element, degree and the sum of its neighbours' element
-        embeddings), so the methyl carbon and the carbonyl carbon around alanine's C-alpha get
+        embeddings, through fixed random embeddings and projection), so the methyl carbon and the carbonyl carbon around alanine's C-alpha get
         different weights and the sign of chi is the handedness there. Rotation/translation
         invariant, flips sign under a mirror; 0 at atoms with fewer than 3 bonds (their v's are
         coplanar) or with alike substituents. Bounded by 1 (Hadamard's inequality).
@@ -251,9 +260,9 @@ class DiGModel(nn.Module):
         adj_1NN = ((molecule["bonds"] > 0) & molecule["mask"].unsqueeze(1)
                    & molecule["mask"].unsqueeze(2)).to(x_BN3.dtype)
         degree = adj_1NN.sum(-1).long().clamp(max=MAX_DEGREE)
-        emb = self.atom_embed(molecule["atom_types"]).to(x_BN3.dtype)
+        emb = self.local_chiral_atom_embed(molecule["atom_types"]).to(x_BN3.dtype)
         h = emb + self.local_chiral_degree_embed(degree).to(x_BN3.dtype) + adj_1NN @ emb
-        w_1N3K = self.local_chiral_weight(h)  # per neighbour a: 3K scalars w_km(a)
+        w_1N3K = self.local_chiral_weight(h)  # per neighbour a: 3K scalars w_km(a), fixed
         aw_1NN3K = adj_1NN.unsqueeze(-1) * w_1N3K.unsqueeze(1)  # [., i, a, 3K]
         # v_i = sum_a A_ia w(a) x_a - (sum_a A_ia w(a)) x_i: bond vectors, weighted
         v_BN3K3 = (torch.einsum("bian,bad->bind", aw_1NN3K.expand(B, -1, -1, -1), x_BN3)
