@@ -46,7 +46,8 @@ class DiGConfig:
     function, not trained: trained, it collapsed to ~0 in 5k steps). Rotation- and
     translation-invariant, permutation-equivariant, in [-1, 1], zero at atoms with < 3 bonds
     and sign-flipping under a mirror: it tells the network the handedness at each stereocentre
-    (alanine's C-alpha), added to the single track's input. 0 = off (so checkpoints saved
+    (alanine's C-alpha), added to the single track's input and, as ``P chi_i + Q chi_j``, to
+    the pair track's. 0 = off (so checkpoints saved
     before this field existed load unchanged); the dig-tiny preset uses 8."""
     local_chiral_head: bool = False
     """Add pseudovector terms to the output: ``eps_i += sum_(j,k) g_ijk n_jk`` with

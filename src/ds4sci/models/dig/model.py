@@ -16,7 +16,7 @@ equivariant head ``eps_i = sum_j w_ij (x_i - x_j) / (1 + |x_i - x_j|)`` with inv
 So the predicted noise rotates with the input, ignores translations and permutes with the
 nodes. Optionally (``num_local_chiral``) a local pseudoscalar per atom from its bonded
 neighbours, ``det[v_1, v_2, v_3]`` of learned weighted sums of bond vectors, enters the single
-track: the handedness at each stereocentre, read directly from the bonds around it. The triple
+track: the handedness at each stereocentre, read directly from the bonds around it (also added to the pair track). The triple
 products flip sign under reflection: the model is deliberately *not*
 reflection-symmetric, because alanine (like every L-amino acid) is chiral and an
 E(3)-invariant model would learn the racemic mixture (phi, psi) -> (-phi, -psi).
@@ -179,6 +179,11 @@ class DiGModel(nn.Module):
             if module is not None:
                 module.requires_grad_(False)
         self.local_chiral_proj = nn.Linear(K, C_s) if K else None
+        # chi also enters the pair track directly (z_ij += P chi_i + Q chi_j): the output head
+        # reads z, so the weights at CB can depend on the handedness at its C-alpha at once
+        # instead of through attention and outer products.
+        self.local_chiral_pair_i = nn.Linear(K, C_z) if K else None
+        self.local_chiral_pair_j = nn.Linear(K, C_z) if K else None
         self.layers = nn.ModuleList(PairBiasedLayer(cfg) for _ in range(cfg.num_layers))
         self.head_norm = nn.LayerNorm(C_z)
         self.head_hidden = nn.Linear(C_z, C_z)
@@ -275,7 +280,7 @@ class DiGModel(nn.Module):
             return chi_BNK
         return chi_BNK, cross_BNK3 / (n2 * n3 + 1e-6).unsqueeze(-1)
 
-    def _embed_tile(self, z0_BtNC, dist_BtN, triple_BtNc):
+    def _embed_tile(self, z0_BtNC, dist_BtN, triple_BtNc, chi_i_BtC=None, chi_j_BNC=None):
         centres = torch.linspace(0.0, 6.0, self.num_rbf, device=dist_BtN.device,
                                  dtype=dist_BtN.dtype)
         width = centres[1] - centres[0]
@@ -283,6 +288,8 @@ class DiGModel(nn.Module):
         z = z0_BtNC + self.rbf_proj(rbf)
         if triple_BtNc is not None:
             z = z + self.chiral_proj(triple_BtNc)
+        if chi_i_BtC is not None:
+            z = z + chi_i_BtC.unsqueeze(2) + chi_j_BNC.unsqueeze(1)
         return z
 
     def _head_tile(self, z_BtNC):
@@ -323,6 +330,10 @@ class DiGModel(nn.Module):
             if cfg.local_chiral_head:
                 chi_BNK, normals_BNK3 = chi_BNK
             s_BNC = s_BNC + self.local_chiral_proj(chi_BNK)
+            chi_i = self.local_chiral_pair_i(chi_BNK).split(sizes, dim=1)
+            chi_j_BNC = self.local_chiral_pair_j(chi_BNK)
+        else:
+            chi_i, chi_j_BNC = [None] * len(rows), None
         triples = [None] * len(rows)
         if self.chiral_weight is not None:
             # m_c = mean_k h_kc x_k: learned centroids (equivariant vectors); the triple
@@ -334,9 +345,9 @@ class DiGModel(nn.Module):
                                      dim=-1)
             triples = [torch.einsum("bid,bjcd->bijc", x_t, cross_BNc3)
                        for x_t in x_BN3.split(sizes, dim=1)]
-        z_tiles = [_tile(chunked, self._embed_tile, z0_t, d_t, tr_t)
-                   for z0_t, d_t, tr_t in zip(z0.split(sizes, dim=1), dist_BNN.split(sizes, dim=1),
-                                              triples)]
+        z_tiles = [_tile(chunked, self._embed_tile, z0_t, d_t, tr_t, ci_t, chi_j_BNC)
+                   for z0_t, d_t, tr_t, ci_t in zip(z0.split(sizes, dim=1),
+                                                    dist_BNN.split(sizes, dim=1), triples, chi_i)]
         mask_bias_B11N = ((~mask_BN).to(s_BNC.dtype) * MASK_BIAS)[:, None, None, :]
         k = cfg.checkpoint_layers
         if k and torch.is_grad_enabled():
