@@ -75,8 +75,10 @@ def test_fix_mirror_images_reflects_only_mirror_samples(tmp_path, checkpoint):
     np.testing.assert_array_equal(fixed[:25], frames[:25])
     assert conf.chirality_fraction(fixed, ref, top) == 1.0
     # the reflected ones are the originals up to a rigid motion: same internal distances
-    d = lambda x: np.linalg.norm(x[:, :, None] - x[:, None], axis=-1)  # noqa: E731
-    np.testing.assert_allclose(d(fixed[25:]), d(frames[25:]), atol=1e-9)
+    def dist(x):
+        return np.linalg.norm(x[:, :, None] - x[:, None], axis=-1)
+
+    np.testing.assert_allclose(dist(fixed[25:]), dist(frames[25:]), atol=1e-9)
     # (phi, psi) of a reflected mirror image are the original's
     np.testing.assert_allclose(np.array(conf.phi_psi(fixed[25:], top)),
                                np.array(conf.phi_psi(frames[25:], top)), atol=1e-3)
