@@ -15,6 +15,7 @@ import copy
 import json
 import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -34,6 +35,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="runs/dig_ala2")
+    parser.add_argument("--save-every", type=float, default=10.0, metavar="MINUTES",
+                        help="also save the EMA checkpoint and log this often (0 = at the end)")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="DiGConfig overrides, e.g. train_sigma=lognormal num_layers=4")
     args = parser.parse_args(argv)
@@ -50,7 +53,12 @@ def main(argv=None) -> None:
         default = getattr(get_config(args.preset), field, None)
         if default is None:
             raise ValueError(f"--set {item!r}: DiGConfig has no field {field!r}")
-        overrides[field] = type(default)(value)
+        if isinstance(default, bool):  # bool("False") would be True
+            if value not in ("True", "False"):
+                raise ValueError(f"--set {item!r}: expected True or False")
+            overrides[field] = value == "True"
+        else:
+            overrides[field] = type(default)(value)
     model = build_model(get_config(args.preset, **overrides), seed=args.seed)
     ema = copy.deepcopy(model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -58,6 +66,15 @@ def main(argv=None) -> None:
     budget = args.minutes * 60
     start = time.time()
     log, step, running = [], 0, None
+    last_save = start
+
+    def save():
+        save_checkpoint(ema, out / "dig_ala2.pt")
+        (out / "train_log.json").write_text(json.dumps(
+            {"preset": args.preset, "overrides": overrides, "config": asdict(model.config),
+             "threads": args.threads, "steps": step, "batch_size": args.batch_size,
+             "lr": args.lr, "minutes_budget": args.minutes, "seconds": time.time() - start,
+             "log": log}, indent=1) + "\n")
     while step < args.max_steps and time.time() - start < budget:
         frac = min(1.0, (time.time() - start) / budget)
         for group in opt.param_groups:  # cosine decay over the wall-time budget
@@ -78,10 +95,10 @@ def main(argv=None) -> None:
         if step % 100 == 0:
             log.append({"step": step, "loss": running, "seconds": time.time() - start})
             print(f"step {step} loss {running:.4f} {time.time() - start:.0f}s", flush=True)
-    save_checkpoint(ema, out / "dig_ala2.pt")
-    (out / "train_log.json").write_text(json.dumps(
-        {"preset": args.preset, "overrides": overrides, "threads": args.threads, "steps": step, "batch_size": args.batch_size, "lr": args.lr,
-         "seconds": time.time() - start, "log": log}, indent=1) + "\n")
+        if args.save_every > 0 and time.time() - last_save > args.save_every * 60:
+            save()  # a run cut short keeps its latest EMA weights
+            last_save = time.time()
+    save()
     print(f"saved {out / 'dig_ala2.pt'} after {step} steps")
 
 

@@ -33,3 +33,25 @@ def test_quadratic_fit_recovers_a_plus_b_L2():
     a, b, Ls = fit_quadratic(rows, "train", "ds4sci", "peak_bytes")
     assert abs(a - 3.0) < 1e-6 and abs(b - 2.0) < 1e-12 and Ls == [256, 512]
     assert fit_quadratic(rows[:1], "train", "ds4sci", "peak_bytes") is None
+
+
+def test_dig_quality_main_on_a_tiny_untrained_checkpoint(tmp_path):
+    import json
+
+    from ds4sci.bench.dig_quality import main
+    from ds4sci.models.dig import build_model, get_config
+    from ds4sci.models.dig.sample import save_checkpoint
+
+    path = tmp_path / "tiny.pt"
+    cfg = get_config("dig-tiny", d_model=16, d_pair=8, num_layers=1, num_heads=2, d_ffn=16,
+                     num_rbf=8, num_chiral=2, max_atoms=32, local_chiral_head=True)
+    save_checkpoint(build_model(cfg, seed=0), path)
+    assert main(["--checkpoint", str(path), "--settings", "heun:2", "ancestral:2",
+                 "--num-samples", "8", "--md-seconds", "0", "--out", str(tmp_path),
+                 "--stem", "q"]) == 0
+    rows = json.loads((tmp_path / "q.json").read_text())["results"]
+    assert [(r["sampler"], r["steps"]) for r in rows] == [("heun", 2), ("ancestral", 2)]
+    for r in rows:
+        assert 0 <= r["chirality_fraction"] <= 1
+        assert r["mirror_fixed_reflected_fraction"] == 1 - r["chirality_fraction"]
+        assert 0 <= r["mirror_fixed_js_nats"] <= 0.7 and 0 <= r["js_divergence_phi_psi_nats"]

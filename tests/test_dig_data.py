@@ -97,3 +97,17 @@ def test_bad_inputs(tmp_path):
         conf.molecule_from_topology(conf.load_topology(pdb))
     with pytest.raises(ValueError, match=r"xyz has shape \(4, 21, 3\); expected \[T, 22, 3\]"):
         conf.ConformationDataset(np.zeros((4, 21, 3)), conf.molecule_from_topology(top))
+
+
+def test_calpha_chirality_of_md_and_its_mirror_image():
+    xyz, top, _ = conf.load_alanine_dipeptide()
+    vol = conf.calpha_signed_volumes(xyz[:200], top)
+    assert vol.shape == (200, 1)  # ALA's C-alpha; ACE and NME have none
+    # Hand-checked on one frame: (N - CA) x (C - CA) . (CB - CA)
+    names = {a.name: a.index for a in top.atoms if a.residue.name == "ALA"}
+    n, ca, c, cb = (xyz[0, names[k]].astype(np.float64) for k in ("N", "CA", "C", "CB"))
+    assert vol[0, 0] == pytest.approx(np.dot(np.cross(n - ca, c - ca), cb - ca))
+    assert conf.chirality_fraction(xyz[:200], xyz, top) == 1.0  # MD: L throughout
+    mirror = xyz[:200] * np.array([1.0, 1.0, -1.0], dtype=np.float32)
+    assert conf.chirality_fraction(mirror, xyz, top) == 0.0
+    assert conf.chirality_fraction(np.concatenate([xyz[:150], mirror[:50]]), xyz, top) == 0.75

@@ -20,10 +20,10 @@ def molecule(n=7, seed=0):
             "path": shortest_paths(bonds)[None], "mask": torch.ones(1, n, dtype=torch.bool)}
 
 
-def random_rotation(seed):
+def random_rotation(seed, dtype=torch.float32):
     q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(seed),
                                        dtype=torch.float64))
-    return (q * torch.linalg.det(q)).float()  # det +1
+    return (q * torch.linalg.det(q)).to(dtype)  # det +1
 
 
 
@@ -81,8 +81,10 @@ def test_rotation_translation_permutation_equivariance_and_chirality():
     # A mirror image is a different molecule for a chiral model: not reflection-equivariant...
     mirrored = model(-x, sigma, mol)
     assert (mirrored - (-eps)).abs().max() > 1e-3
-    # ...and without the pseudoscalar features it is E(3)-equivariant (the racemic model).
-    achiral = build_model(CFG.replace(num_chiral=0), seed=3)
+    # ...and without the pseudoscalar features (global and local) it is E(3)-equivariant
+    # (the racemic model).
+    assert CFG.num_chiral and CFG.num_local_chiral  # both on above
+    achiral = build_model(CFG.replace(num_chiral=0, num_local_chiral=0), seed=3)
     torch.testing.assert_close(achiral(-x, sigma, mol), -achiral(x, sigma, mol), rtol=1e-3,
                                atol=2e-4)
 
@@ -131,7 +133,8 @@ def test_protein_preset_shapes():
 def test_pair_chunking_and_checkpointing_are_exact(pair_chunk, checkpoint_layers):
     # Protein-style conditioning too (external single/pair representations, relative
     # positions), N = 11 not a multiple of the tile: every op on z runs tile by tile.
-    cfg = CFG.replace(num_layers=3, d_single_in=5, d_pair_in=6, relpos_bins=4)
+    cfg = CFG.replace(num_layers=3, d_single_in=5, d_pair_in=6, relpos_bins=4,
+                      local_chiral_head=True)
     n = 11
     mol = molecule(n)
     g = torch.Generator().manual_seed(0)
@@ -155,3 +158,144 @@ def test_pair_chunking_and_checkpointing_are_exact(pair_chunk, checkpoint_layers
 def test_pair_chunk_rejects_negative():
     with pytest.raises(ValueError, match=r"pair_chunk = -1; expected an integer >= 0"):
         DiGConfig(pair_chunk=-1)
+
+
+def local_chirality_reference(model, x_N3, mol):
+    """The local pseudoscalar written atom by atom, loops over neighbours (fp64)."""
+    bonds, types = mol["bonds"][0], mol["atom_types"][0]
+    emb = model.local_chiral_atom_embed.weight.double()
+    deg = (bonds > 0).sum(-1)
+    K = model.config.num_local_chiral
+    chi = torch.zeros(len(types), K, dtype=torch.float64)
+    for i in range(len(types)):
+        v = torch.zeros(3, K, 3, dtype=torch.float64)
+        for a in torch.nonzero(bonds[i] > 0).flatten().tolist():
+            h = (emb[types[a]] + model.local_chiral_degree_embed.weight.double()[min(deg[a], 6)]
+                 + sum(emb[types[b]] for b in torch.nonzero(bonds[a] > 0).flatten().tolist()))
+            w = model.local_chiral_weight(h).view(3, K)
+            v += w[:, :, None] * (x_N3[a] - x_N3[i])
+        for k in range(K):
+            det = torch.linalg.det(v[:, k])  # rows v_k1, v_k2, v_k3
+            chi[i, k] = det / (v[:, k].norm(dim=-1).prod() + 1e-6)
+    return chi
+
+
+def stereocentre_molecule():
+    n = 8
+    bonds = torch.zeros(n, n, dtype=torch.long)
+    for i, j in [(0, 1), (0, 2), (0, 3), (0, 4), (1, 5), (1, 6), (2, 7)]:
+        bonds[i, j] = bonds[j, i] = 1
+    return {"atom_types": torch.tensor([[1, 1, 3, 2, 4, 4, 4, 4]]), "bonds": bonds[None],
+            "path": shortest_paths(bonds)[None], "mask": torch.ones(1, n, dtype=torch.bool)}
+
+
+def test_local_chirality_feature_reference_invariance_and_mirror():
+    # Atom 0 is a stereocentre (4 different neighbours); atom 1 has 3 neighbours, two of them
+    # alike (5 and 6: same element, degree and neighbours), so it is not one; the rest have
+    # fewer than 3 bonds.
+    n = 8
+    mol = stereocentre_molecule()
+    model = build_model(CFG.replace(num_local_chiral=5), seed=4).double()
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen == ["local_chiral_atom_embed.weight", "local_chiral_degree_embed.weight",
+                      "local_chiral_weight.weight", "local_chiral_weight.bias"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, n, 3, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        chi = model.local_chirality(x, mol)
+        assert chi.shape == (3, n, 5)
+        for b in range(3):
+            torch.testing.assert_close(chi[b], local_chirality_reference(model, x[b], mol),
+                                       rtol=1e-10, atol=1e-12)
+        assert chi[:, 0].abs().min() > 1e-5 and chi.abs().max() <= 1
+        assert chi[:, 1:].abs().max() < 1e-12  # alike substituents or coplanar v's: 0
+        R = random_rotation(1, torch.float64)
+        torch.testing.assert_close(model.local_chirality(x @ R.T + 2.5, mol), chi,
+                                   rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(model.local_chirality(-x, mol), -chi, rtol=1e-10, atol=1e-12)
+        # The normals of local_chiral_head: v_k2 x v_k3 / (|v_k2||v_k3| + eps), a pseudovector
+        _, nrm = model.local_chirality(x, mol, normals=True)
+        assert nrm.shape == (3, n, 5, 3) and nrm.norm(dim=-1).max() <= 1
+        _, nrm_rot = model.local_chirality(x @ R.T + 2.5, mol, normals=True)
+        torch.testing.assert_close(nrm_rot, nrm @ R.T, rtol=1e-10, atol=1e-12)
+        _, nrm_mirror = model.local_chirality(-x, mol, normals=True)
+        torch.testing.assert_close(nrm_mirror, nrm, rtol=1e-10, atol=1e-12)  # no flip
+        perm = torch.randperm(n, generator=g)
+        pmol = {"atom_types": mol["atom_types"][:, perm], "mask": mol["mask"][:, perm],
+                "bonds": mol["bonds"][:, perm][:, :, perm],
+                "path": mol["path"][:, perm][:, :, perm]}
+        torch.testing.assert_close(model.local_chirality(x[:, perm], pmol), chi[:, perm],
+                                   rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("head", [False, True])
+def test_model_with_only_local_chirality_is_se3_not_e3_equivariant(head):
+    mol = stereocentre_molecule()
+    model = build_model(CFG.replace(num_chiral=0, num_local_chiral=4, local_chiral_head=head),
+                        seed=6).double()
+    x = torch.randn(3, 8, 3, dtype=torch.float64) * 1.5
+    sigma = torch.tensor([0.05, 0.5, 3.0], dtype=torch.float64)
+    eps = model(x, sigma, mol)
+    R = random_rotation(2, torch.float64)
+    torch.testing.assert_close(model(x @ R.T - 1.0, sigma, mol), eps @ R.T, rtol=1e-9,
+                               atol=1e-11)
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(2))
+    pmol = {"atom_types": mol["atom_types"][:, perm], "mask": mol["mask"][:, perm],
+            "bonds": mol["bonds"][:, perm][:, :, perm], "path": mol["path"][:, perm][:, :, perm]}
+    torch.testing.assert_close(model(x[:, perm], sigma, pmol), eps[:, perm], rtol=1e-9,
+                               atol=1e-11)
+    assert (model(-x, sigma, mol) + eps).abs().max() > 1e-3  # the mirror image differs
+    achiral = build_model(CFG.replace(num_chiral=0, num_local_chiral=0), seed=6).double()
+    torch.testing.assert_close(achiral(-x, sigma, mol), -achiral(x, sigma, mol), rtol=1e-9,
+                               atol=1e-11)
+
+
+def test_checkpoint_without_local_chirality_field_loads_as_off(tmp_path):
+    from pathlib import Path
+
+    from ds4sci.models.dig.sample import load_checkpoint
+
+    committed = Path(__file__).parents[1] / "benchmarks/results/dig_ala2_cpu/dig_ala2.pt"
+    state = torch.load(committed, weights_only=True)
+    assert "num_local_chiral" not in state["config"]  # saved before the field existed
+    model = load_checkpoint(committed)
+    assert model.config.num_local_chiral == 0 and model.local_chiral_proj is None
+    assert get_config("dig-tiny").num_local_chiral > 0
+
+
+def test_edm_preconditioning_formula_and_loss_weight():
+    from ds4sci.models.dig import denoising_loss_sum
+    from ds4sci.models.dig.diffusion import centred_noise, training_sigmas
+    from ds4sci.models.dig.model import centre
+
+    mol = stereocentre_molecule()
+    plain = build_model(CFG, seed=7).double()
+    edm = build_model(CFG.replace(precondition="edm"), seed=7).double()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 8, 3, generator=g, dtype=torch.float64) * 2
+    sigma = torch.tensor([0.02, 0.7, 9.0], dtype=torch.float64)
+    sd = CFG.sigma_data
+    c_in = (sigma ** 2 + sd ** 2).rsqrt()[:, None, None]
+    # D = c_skip x + c_out F with F the plain model's head output; eps = (x - D) / sigma
+    xc = centre(x, mol["mask"].expand(3, 8))
+    c_skip, c_out = sd ** 2 * c_in ** 2, sigma[:, None, None] * sd * c_in
+    D = c_skip * xc + c_out * plain(x, sigma, mol)
+    expected = (xc - D) / sigma[:, None, None]
+    torch.testing.assert_close(edm(x, sigma, mol), expected, rtol=1e-10, atol=1e-12)
+    R = random_rotation(3, torch.float64)
+    torch.testing.assert_close(edm(x @ R.T, sigma, mol), edm(x, sigma, mol) @ R.T, rtol=1e-9,
+                               atol=1e-11)
+    # The loss weights each sample's eps error by (sigma^2 + sd^2)/sd^2: redo its draws.
+    batch = {"x": xc, **mol}
+    loss, count = denoising_loss_sum(edm, batch, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    s_B = training_sigmas(edm.config, 3, g).double()
+    eps = centred_noise(xc.shape, mol["mask"], g, torch.float64)
+    err_B = (edm(xc + s_B[:, None, None] * eps, s_B, mol) - eps).pow(2).sum((1, 2))
+    torch.testing.assert_close(loss.double(), (err_B * (s_B ** 2 + sd ** 2) / sd ** 2).sum(),
+                               rtol=1e-5, atol=0)
+    assert count == 3 * 8 * 3
+    with pytest.raises(ValueError, match="precondition = 'karras'; expected 'none' or 'edm'"):
+        CFG.replace(precondition="karras")
+    with pytest.raises(ValueError, match="local_chiral_head = True needs num_local_chiral > 0"):
+        CFG.replace(num_local_chiral=0, local_chiral_head=True)

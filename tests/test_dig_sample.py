@@ -61,3 +61,29 @@ def test_sample_cli_bad_inputs(tmp_path, checkpoint):
     torch.save({"weights": 1}, bad)
     with pytest.raises(ValueError, match="not a DiG checkpoint"):
         main(["--checkpoint", str(bad)])
+
+
+def test_fix_mirror_images_reflects_only_mirror_samples(tmp_path, checkpoint):
+    from ds4sci.models.dig.sample import fix_mirror_images
+
+    ref, top, _ = conf.load_alanine_dipeptide()
+    frames = ref[:40].astype(np.float64)
+    mirror = frames * np.array([-1.0, 1.0, 1.0])  # any mirror: x -> -x
+    mixed = np.concatenate([frames[:25], mirror[25:]])
+    fixed, reflected = fix_mirror_images(mixed, ref, top)
+    assert reflected.tolist() == [False] * 25 + [True] * 15
+    np.testing.assert_array_equal(fixed[:25], frames[:25])
+    assert conf.chirality_fraction(fixed, ref, top) == 1.0
+    # the reflected ones are the originals up to a rigid motion: same internal distances
+    def dist(x):
+        return np.linalg.norm(x[:, :, None] - x[:, None], axis=-1)
+
+    np.testing.assert_allclose(dist(fixed[25:]), dist(frames[25:]), atol=1e-9)
+    # (phi, psi) of a reflected mirror image are the original's
+    np.testing.assert_allclose(np.array(conf.phi_psi(fixed[25:], top)),
+                               np.array(conf.phi_psi(frames[25:], top)), atol=1e-3)
+    out = tmp_path / "fixed"
+    main(["--checkpoint", str(checkpoint), "--num-samples", "6", "--steps", "2",
+          "--out", str(out), "--fix-mirror"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["mirror_fixed"] and metrics["chirality_fraction"] == 1.0

@@ -4,7 +4,9 @@ For a trained checkpoint, each sampler setting (``heun:<steps>``: the determinis
 flow ODE; ``ancestral:<steps>``: DiG's ancestral SDE sampler) draws ``--num-samples``
 conformations and is scored against the embedded MD reference: Jensen-Shannon divergence of the
 (phi, psi) histogram (36 x 36 bins, nats), basin populations, fraction with every bond within 10 %
-of the MD mean, samples per second. Each DiG sample is drawn from fresh noise, so every sample is
+of the MD mean, fraction with the MD's C-alpha handedness (L), samples per second; and the
+JS and basins of the same samples after reflecting the mirror images (``mirror_fixed_*``,
+:func:`ds4sci.models.dig.sample.fix_mirror_images`: post-processing, reported apart). Each DiG sample is drawn from fresh noise, so every sample is
 statistically independent.
 
 MD side: the decorrelation time is measured on the reference trajectory itself (statistical
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = [parse_setting(s) for s in args.settings]
 
     from ..data import conformations as conf
-    from ..models.dig.sample import compare_with_reference, sample
+    from ..models.dig.sample import compare_with_reference, fix_mirror_images, sample
     from ..train.tasks.dig import load_model
 
     model = load_model(args.checkpoint).eval()
@@ -191,13 +193,22 @@ def main(argv: list[str] | None = None) -> int:
         for name, value in metrics["basins_samples"].items():
             row[f"basin_{name}"] = value
         del row["basins_samples"], row["basins_reference"]
+        # The same samples with mirror images reflected back (post-processing, reported apart)
+        fixed, reflected = fix_mirror_images(xyz, ref_xyz, topology)
+        fixed_metrics = compare_with_reference(fixed, ref_xyz, topology)
+        row["mirror_fixed_reflected_fraction"] = float(reflected.mean())
+        row["mirror_fixed_js_nats"] = fixed_metrics["js_divergence_phi_psi_nats"]
+        for name, value in fixed_metrics["basins_samples"].items():
+            row[f"mirror_fixed_basin_{name}"] = value
         if "md_speed" in meta:
             row["speedup_vs_md_independent"] = (
                 row["samples_per_second"] / meta["md_speed"]["independent_samples_per_second"])
         rows.append(row)
         print(f"{sampler:9s} {steps:4d} steps: JS {row['js_divergence_phi_psi_nats']:.3f} "
-              f"valid bonds {row['valid_bond_fraction']:.3f} {row['samples_per_second']:.2f} "
-              f"samples/s basins {metrics['basins_samples']}", flush=True)
+              f"valid bonds {row['valid_bond_fraction']:.3f} chirality as MD "
+              f"{row['chirality_fraction']} {row['samples_per_second']:.2f} "
+              f"samples/s basins {metrics['basins_samples']}; mirror-fixed JS "
+              f"{row['mirror_fixed_js_nats']:.3f}", flush=True)
         # Written after every setting: a long run cut short keeps what it measured.
         merged = merge_rows(args.out / f"{args.stem}.json", rows,
                             lambda r: (r["sampler"], r["steps"]), dict(meta))

@@ -243,6 +243,35 @@ def valid_bond_fraction(xyz: np.ndarray, pairs: np.ndarray, reference: np.ndarra
     return float(ok.all(axis=1).mean())
 
 
+def calpha_signed_volumes(xyz: np.ndarray, topology) -> np.ndarray:
+    """``det[N - CA, C - CA, CB - CA]`` per frame and residue having N, CA, C and CB:
+    ``[T, R]`` (R = 0 for a topology without such residues, e.g. glycine only).
+
+    Its sign is the residue's C-alpha handedness (L or D): the same in every frame of an MD
+    run, flipped in a mirror-image sample."""
+    xyz = np.asarray(xyz, dtype=np.float64)
+    quads = []
+    for residue in topology.residues:
+        names = {atom.name: atom.index for atom in residue.atoms}
+        if all(n in names for n in ("N", "CA", "C", "CB")):
+            quads.append([names[n] for n in ("N", "CA", "C", "CB")])
+    if not quads:
+        return np.zeros((len(xyz), 0))
+    n, ca, c, cb = np.asarray(quads).T
+    a, b, d = xyz[:, n] - xyz[:, ca], xyz[:, c] - xyz[:, ca], xyz[:, cb] - xyz[:, ca]
+    return np.einsum("trk,trk->tr", np.cross(a, b), d)
+
+
+def chirality_fraction(xyz: np.ndarray, reference: np.ndarray, topology) -> float | None:
+    """Fraction of frames of ``xyz`` whose every C-alpha has the handedness that the majority
+    of ``reference`` frames have (None when the topology has no C-alpha with a CB)."""
+    vol, ref = calpha_signed_volumes(xyz, topology), calpha_signed_volumes(reference, topology)
+    if vol.shape[1] == 0:
+        return None
+    sign = np.sign(np.sign(ref).sum(0))
+    return float((vol * sign > 0).all(axis=1).mean())
+
+
 def autocorrelation_time(signal: np.ndarray, max_lag: int | None = None) -> float:
     """Integrated autocorrelation time (in frames) of a 1-D signal, summed to the first zero."""
     x = np.asarray(signal, dtype=np.float64)

@@ -38,6 +38,24 @@ class DiGConfig:
     """Gaussian radial basis functions expanding pair distances of the scaled coordinates."""
     num_chiral: int = 4
     """Channels of the pseudoscalar (triple-product) pair features that make the model chiral."""
+    num_local_chiral: int = 0
+    """Channels of the local chirality feature, one pseudoscalar per atom and channel k:
+    ``chi_ki = det[v_k1, v_k2, v_k3] / (|v_k1| |v_k2| |v_k3| + eps)`` with
+    ``v_km,i = sum_(a bonded to i) w_km(a) (x_a - x_i)`` and ``w`` a learned function of
+    neighbour a's element, degree and neighbours' elements (fixed per molecule; a fixed random
+    function, not trained: trained, it collapsed to ~0 in 5k steps). Rotation- and
+    translation-invariant, permutation-equivariant, in [-1, 1], zero at atoms with < 3 bonds
+    and sign-flipping under a mirror: it tells the network the handedness at each stereocentre
+    (alanine's C-alpha), added to the single track's input and, as ``P chi_i + Q chi_j``, to
+    the pair track's. 0 = off (so checkpoints saved
+    before this field existed load unchanged); the dig-tiny preset uses 8."""
+    local_chiral_head: bool = False
+    """Add pseudovector terms to the output: ``eps_i += sum_(j,k) g_ijk n_jk`` with
+    ``n_jk = v_k2,j x v_k3,j / (|v_k2,j| |v_k3,j| + eps)`` (the cross product of the local
+    chirality feature's weighted bond vectors at atom j: a unit-bounded normal, which does not
+    flip under a mirror) and invariant weights ``g`` from the pair track. A push along the
+    N-CA-C normal towards L is then a plain learned weight rather than a function of the sign
+    of a pseudoscalar. Needs num_local_chiral > 0; False in checkpoints saved before it."""
     d_single_in: int = 0
     """Width of an external single representation to condition on (proteins: 384); 0 = none."""
     d_pair_in: int = 0
@@ -59,6 +77,15 @@ class DiGConfig:
     """Mean of ln sigma (sigma in coordinate units) for train_sigma = "lognormal"."""
     train_log_sigma_std: float = 1.2
     """Std of ln sigma for train_sigma = "lognormal"."""
+    precondition: str = "none"
+    """Output parametrisation and loss weight. "none" (DiG): the network's equivariant head is
+    eps itself, loss |eps_theta - eps|^2. "edm" (Karras et al. 2022, section 5, written for
+    eps): ``eps_theta = c_in^2 sigma x - sigma_data c_in F`` with ``c_in = 1/sqrt(sigma^2 +
+    sigma_data^2)``, i.e. the denoiser ``D = c_skip x + c_out F``, and the loss weighted by
+    ``(sigma^2 + sigma_data^2)/sigma_data^2`` so that it is |F - F_target|^2 with a unit-scale
+    target at every sigma: at high noise the head only corrects ``x/sigma`` instead of
+    producing it, and the noise levels where the global shape is decided weigh as much as the
+    bond-length ones. Checkpoints saved before this field existed mean "none"."""
     num_steps: int = 500
     """Steps of DiG's ancestral sampler (DiG uses 500)."""
     fast_steps: int = 40
@@ -84,11 +111,14 @@ class DiGConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"DiGConfig.{name} = {value!r}; expected a positive integer")
-        for name in ("num_chiral", "d_single_in", "d_pair_in", "relpos_bins", "pair_chunk",
-                     "checkpoint_layers"):
+        for name in ("num_chiral", "num_local_chiral", "d_single_in", "d_pair_in",
+                     "relpos_bins", "pair_chunk", "checkpoint_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"DiGConfig.{name} = {value!r}; expected an integer >= 0")
+        if self.local_chiral_head and not self.num_local_chiral:
+            raise ValueError("DiGConfig.local_chiral_head = True needs num_local_chiral > 0 (its "
+                             "bond vectors); got num_local_chiral = 0")
         if self.d_model % self.num_heads:
             raise ValueError(f"DiGConfig.d_model = {self.d_model} is not divisible by "
                              f"num_heads = {self.num_heads}")
@@ -98,6 +128,9 @@ class DiGConfig:
         if self.train_sigma not in ("dig", "lognormal"):
             raise ValueError(f"DiGConfig.train_sigma = {self.train_sigma!r}; expected 'dig' or "
                              "'lognormal'")
+        if self.precondition not in ("none", "edm"):
+            raise ValueError(f"DiGConfig.precondition = {self.precondition!r}; expected 'none' "
+                             "or 'edm'")
         if self.train_log_sigma_std <= 0:
             raise ValueError(f"DiGConfig.train_log_sigma_std = {self.train_log_sigma_std}; "
                              "expected > 0")
@@ -110,7 +143,7 @@ class DiGConfig:
 
 
 PRESETS: dict[str, DiGConfig] = {
-    "dig-tiny": DiGConfig(),
+    "dig-tiny": DiGConfig(num_local_chiral=8),
     # DiG's protein model: 768/256/12/32, conditioned on AlphaFold single/pair representations,
     # relative positions in 64 buckets, translations' sigma from 0.1 to 35 Angstrom.
     "dig-protein": DiGConfig(

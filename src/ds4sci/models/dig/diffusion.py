@@ -56,7 +56,8 @@ def denoising_loss_sum(model: DiGModel, batch: dict, generator: torch.Generator 
     """Summed squared noise-prediction error and the number of terms (real coordinates).
 
     ``batch``: a collated batch of :mod:`ds4sci.data.conformations` (``x [B, N, 3]`` and the
-    molecule keys). Loss = sum / count, DiG's objective with antithetic times.
+    molecule keys). Loss = sum / count, DiG's objective with antithetic times (weighted per
+    sigma by ``(sigma^2 + sigma_data^2)/sigma_data^2`` when ``config.precondition == "edm"``).
     """
     cfg = model.config
     x0 = batch["x"]
@@ -67,7 +68,10 @@ def denoising_loss_sum(model: DiGModel, batch: dict, generator: torch.Generator 
     x_t = centre(x0, mask) + sigma[:, None, None] * eps
     pred = model(x_t, sigma, batch)
     real = mask.unsqueeze(-1).to(pred.dtype)
-    sq = ((pred.float() - eps.float()) * real).pow(2).sum()
+    sq_B = ((pred.float() - eps.float()) * real).pow(2).sum((1, 2))
+    if cfg.precondition == "edm":  # EDM's lambda(sigma) c_out^2 = 1 on F, written for eps
+        sq_B = sq_B * (sigma.float().pow(2) + cfg.sigma_data ** 2) / cfg.sigma_data ** 2
+    sq = sq_B.sum()
     return sq, real.sum() * 3
 
 

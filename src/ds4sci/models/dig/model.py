@@ -14,7 +14,10 @@ the centred, scaled coordinates in a radial basis, and pseudoscalar triple produ
 ``det[x_i, x_j, m_c]`` with learned weighted centroids ``m_c``), and leave through an
 equivariant head ``eps_i = sum_j w_ij (x_i - x_j) / (1 + |x_i - x_j|)`` with invariant weights.
 So the predicted noise rotates with the input, ignores translations and permutes with the
-nodes. The triple products flip sign under reflection: the model is deliberately *not*
+nodes. Optionally (``num_local_chiral``) a local pseudoscalar per atom from its bonded
+neighbours, ``det[v_1, v_2, v_3]`` of learned weighted sums of bond vectors, enters the single
+track: the handedness at each stereocentre, read directly from the bonds around it (also added to the pair track). The triple
+products flip sign under reflection: the model is deliberately *not*
 reflection-symmetric, because alanine (like every L-amino acid) is chiral and an
 E(3)-invariant model would learn the racemic mixture (phi, psi) -> (-phi, -psi).
 
@@ -35,6 +38,7 @@ from ...ops.evoformer_attention import evoformer_attention, evoformer_attention_
 from .config import DiGConfig
 
 MASK_BIAS = -1e9  # finite, as OpenFold: a padded key gets zero weight without -inf arithmetic
+MAX_DEGREE = 6  # bond counts above this share one degree embedding (local chirality weights)
 
 
 def centre(x_BN3: torch.Tensor, mask_BN: torch.Tensor) -> torch.Tensor:
@@ -162,10 +166,29 @@ class DiGModel(nn.Module):
         self.rbf_proj = nn.Linear(cfg.num_rbf, C_z)
         self.chiral_weight = nn.Linear(C_s, cfg.num_chiral) if cfg.num_chiral else None
         self.chiral_proj = nn.Linear(cfg.num_chiral, C_z) if cfg.num_chiral else None
+        K = cfg.num_local_chiral
+        # The local frames' neighbour weights are fixed random functions of the atom
+        # descriptors (requires_grad False): trained, they collapsed (two of the three weighted
+        # bond vectors turned anti-parallel, |chi| at alanine's C-alpha fell from ~0.3 to
+        # ~0.03 in 5k steps, and the normals with it), i.e. the network switched the feature off.
+        self.local_chiral_atom_embed = nn.Embedding(cfg.atom_vocab_size, C_s) if K else None
+        self.local_chiral_degree_embed = nn.Embedding(MAX_DEGREE + 1, C_s) if K else None
+        self.local_chiral_weight = nn.Linear(C_s, 3 * K) if K else None
+        for module in (self.local_chiral_atom_embed, self.local_chiral_degree_embed,
+                       self.local_chiral_weight):
+            if module is not None:
+                module.requires_grad_(False)
+        self.local_chiral_proj = nn.Linear(K, C_s) if K else None
+        # chi also enters the pair track directly (z_ij += P chi_i + Q chi_j): the output head
+        # reads z, so the weights at CB can depend on the handedness at its C-alpha at once
+        # instead of through attention and outer products.
+        self.local_chiral_pair_i = nn.Linear(K, C_z) if K else None
+        self.local_chiral_pair_j = nn.Linear(K, C_z) if K else None
         self.layers = nn.ModuleList(PairBiasedLayer(cfg) for _ in range(cfg.num_layers))
         self.head_norm = nn.LayerNorm(C_z)
         self.head_hidden = nn.Linear(C_z, C_z)
         self.head_out = nn.Linear(C_z, 1)
+        self.local_chiral_head = nn.Linear(C_z, K) if cfg.local_chiral_head else None
 
     # ---- conditioning: computed once per molecule, reused by every diffusion step ----
     def condition(self, molecule: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,7 +245,42 @@ class DiGModel(nn.Module):
             z = z + self.relpos_embed(rel + cfg.relpos_bins)
         return z
 
-    def _embed_tile(self, z0_BtNC, dist_BtN, triple_BtNc):
+    def local_chirality(self, x_BN3: torch.Tensor, molecule: dict,
+                        normals: bool = False):
+        """Local pseudoscalars ``chi [B, N, K]`` (K = ``num_local_chiral``) from bonded neighbours
+        (and, with ``normals``, the pseudovectors ``n [B, N, K, 3]`` of ``local_chiral_head``).
+
+        ``chi_ki = v_k1 . (v_k2 x v_k3) / (|v_k1| |v_k2| |v_k3| + eps)``, ``v_km,i = sum_a
+        A_ia w_km(a) (x_a - x_i)`` over bonded neighbours a (adjacency A). The weights depend
+        only on the molecule (a's element, degree and the sum of its neighbours' element
+        embeddings, through fixed random embeddings and projection), so the methyl carbon and the carbonyl carbon around alanine's C-alpha get
+        different weights and the sign of chi is the handedness there. Rotation/translation
+        invariant, flips sign under a mirror; 0 at atoms with fewer than 3 bonds (their v's are
+        coplanar) or with alike substituents. Bounded by 1 (Hadamard's inequality).
+        ``n_ki = v_k2 x v_k3 / (|v_k2| |v_k3| + eps)``: rotates with x, does not flip under a
+        mirror (a pseudovector), norm <= 1.
+        """
+        K = self.config.num_local_chiral
+        B, N = x_BN3.shape[:2]
+        adj_1NN = ((molecule["bonds"] > 0) & molecule["mask"].unsqueeze(1)
+                   & molecule["mask"].unsqueeze(2)).to(x_BN3.dtype)
+        degree = adj_1NN.sum(-1).long().clamp(max=MAX_DEGREE)
+        emb = self.local_chiral_atom_embed(molecule["atom_types"]).to(x_BN3.dtype)
+        h = emb + self.local_chiral_degree_embed(degree).to(x_BN3.dtype) + adj_1NN @ emb
+        w_1N3K = self.local_chiral_weight(h)  # per neighbour a: 3K scalars w_km(a), fixed
+        aw_1NN3K = adj_1NN.unsqueeze(-1) * w_1N3K.unsqueeze(1)  # [., i, a, 3K]
+        # v_i = sum_a A_ia w(a) x_a - (sum_a A_ia w(a)) x_i: bond vectors, weighted
+        v_BN3K3 = (torch.einsum("bian,bad->bind", aw_1NN3K.expand(B, -1, -1, -1), x_BN3)
+                   - aw_1NN3K.sum(2).unsqueeze(-1) * x_BN3.unsqueeze(2))
+        v1, v2, v3 = v_BN3K3.view(B, N, 3, K, 3).unbind(2)  # each [B, N, K, 3]
+        cross_BNK3 = torch.cross(v2, v3, dim=-1)
+        n2, n3 = v2.norm(dim=-1), v3.norm(dim=-1)
+        chi_BNK = (v1 * cross_BNK3).sum(-1) / (v1.norm(dim=-1) * n2 * n3 + 1e-6)
+        if not normals:
+            return chi_BNK
+        return chi_BNK, cross_BNK3 / (n2 * n3 + 1e-6).unsqueeze(-1)
+
+    def _embed_tile(self, z0_BtNC, dist_BtN, triple_BtNc, chi_i_BtC=None, chi_j_BNC=None):
         centres = torch.linspace(0.0, 6.0, self.num_rbf, device=dist_BtN.device,
                                  dtype=dist_BtN.dtype)
         width = centres[1] - centres[0]
@@ -230,11 +288,16 @@ class DiGModel(nn.Module):
         z = z0_BtNC + self.rbf_proj(rbf)
         if triple_BtNc is not None:
             z = z + self.chiral_proj(triple_BtNc)
+        if chi_i_BtC is not None:
+            z = z + chi_i_BtC.unsqueeze(2) + chi_j_BNC.unsqueeze(1)
         return z
 
     def _head_tile(self, z_BtNC):
-        return self.head_out(torch.nn.functional.silu(
-            self.head_hidden(self.head_norm(z_BtNC)))).squeeze(-1)  # [B, t, N]
+        """Invariant output weights of one tile: ``w [B, t, N]`` and, with
+        ``local_chiral_head``, ``g [B, t, N, K]`` (else None)."""
+        hidden = torch.nn.functional.silu(self.head_hidden(self.head_norm(z_BtNC)))
+        g = self.local_chiral_head(hidden) if self.local_chiral_head is not None else None
+        return self.head_out(hidden).squeeze(-1), g
 
     def _run_layers(self, first: int, last: int, s_BNC, mask_bias_B11N, *z_tiles):
         z_tiles = list(z_tiles)
@@ -261,6 +324,16 @@ class DiGModel(nn.Module):
         diff_BNN3 = x_BN3.unsqueeze(2) - x_BN3.unsqueeze(1)
         dist_BNN = diff_BNN3.pow(2).sum(-1).add(1e-8).sqrt()
         s_BNC = (s0 + self.noise_embed(sigma_B)[:, None, :]).expand(B, N, -1)
+        normals_BNK3 = None
+        if self.local_chiral_proj is not None:  # scale-free: scaled coordinates will do
+            chi_BNK = self.local_chirality(x_BN3, molecule, normals=cfg.local_chiral_head)
+            if cfg.local_chiral_head:
+                chi_BNK, normals_BNK3 = chi_BNK
+            s_BNC = s_BNC + self.local_chiral_proj(chi_BNK)
+            chi_i = self.local_chiral_pair_i(chi_BNK).split(sizes, dim=1)
+            chi_j_BNC = self.local_chiral_pair_j(chi_BNK)
+        else:
+            chi_i, chi_j_BNC = [None] * len(rows), None
         triples = [None] * len(rows)
         if self.chiral_weight is not None:
             # m_c = mean_k h_kc x_k: learned centroids (equivariant vectors); the triple
@@ -272,9 +345,9 @@ class DiGModel(nn.Module):
                                      dim=-1)
             triples = [torch.einsum("bid,bjcd->bijc", x_t, cross_BNc3)
                        for x_t in x_BN3.split(sizes, dim=1)]
-        z_tiles = [_tile(chunked, self._embed_tile, z0_t, d_t, tr_t)
-                   for z0_t, d_t, tr_t in zip(z0.split(sizes, dim=1), dist_BNN.split(sizes, dim=1),
-                                              triples)]
+        z_tiles = [_tile(chunked, self._embed_tile, z0_t, d_t, tr_t, ci_t, chi_j_BNC)
+                   for z0_t, d_t, tr_t, ci_t in zip(z0.split(sizes, dim=1),
+                                                    dist_BNN.split(sizes, dim=1), triples, chi_i)]
         mask_bias_B11N = ((~mask_BN).to(s_BNC.dtype) * MASK_BIAS)[:, None, None, :]
         k = cfg.checkpoint_layers
         if k and torch.is_grad_enabled():
@@ -285,10 +358,19 @@ class DiGModel(nn.Module):
         else:
             s_BNC, *z_tiles = self._run_layers(0, len(self.layers), s_BNC, mask_bias_B11N,
                                                *z_tiles)
-        w_BNN = torch.cat([_tile(chunked, self._head_tile, z) for z in z_tiles], dim=1)
-        w_BNN = w_BNN * mask_f.unsqueeze(1)
-        eps_BN3 = torch.einsum("bij,bijd->bid", w_BNN / (1 + dist_BNN), diff_BNN3)
-        return centre(eps_BN3, mask_BN)
+        w_tiles, g_tiles = zip(*[_tile(chunked, self._head_tile, z) for z in z_tiles])
+        w_BNN = torch.cat(w_tiles, dim=1) * mask_f.unsqueeze(1)
+        out_BN3 = torch.einsum("bij,bijd->bid", w_BNN / (1 + dist_BNN), diff_BNN3)
+        if normals_BNK3 is not None:
+            # pseudovector terms: the local normals at atoms j (0 on padding), invariant weights
+            g_BNNK = torch.cat(g_tiles, dim=1)
+            out_BN3 = out_BN3 + torch.einsum("bijk,bjkd->bid", g_BNNK, normals_BNK3)
+        if cfg.precondition == "edm":
+            # eps = (x - D)/sigma with D = c_skip x + c_out F (EDM): c_in^2 sigma x - sd c_in F;
+            # x_BN3 here is already c_in x (centred).
+            c_B11 = c_in_B[:, None, None]
+            out_BN3 = c_B11 * sigma_B[:, None, None] * x_BN3 - cfg.sigma_data * c_B11 * out_BN3
+        return centre(out_BN3, mask_BN)
 
 
 def initial_value(name: str, shape, generator: torch.Generator) -> torch.Tensor:

@@ -80,6 +80,27 @@ def write_conformations(xyz: np.ndarray, topology, out_dir: Path, fmt: str) -> P
     return path
 
 
+def fix_mirror_images(xyz: np.ndarray, reference: np.ndarray, topology):
+    """Reflect (z -> -z) every sample whose C-alpha handedness is, at most residues, the
+    mirror of the reference's: ``(fixed [S, N, 3], reflected [S] bool)``.
+
+    Post-processing for a model that has not learned chirality (an E(3)-symmetric score draws
+    the racemic mixture, half of it mirror images): the mirror image of a D sample is an L
+    sample, so for a molecule with one stereocentre (alanine dipeptide) this turns the racemic
+    mixture back into the L ensemble exactly. It is a correction of the samples, not of the
+    model; the metrics report the samples with and without it.
+    """
+    vol = conf.calpha_signed_volumes(xyz, topology)
+    if vol.shape[1] == 0:
+        raise ValueError("fix_mirror_images: the topology has no residue with N, CA, C and CB "
+                         "(no C-alpha handedness to fix)")
+    sign = np.sign(np.sign(conf.calpha_signed_volumes(reference, topology)).sum(0))
+    reflected = (vol * sign < 0).mean(1) > 0.5
+    fixed = np.array(xyz, copy=True)
+    fixed[reflected, :, 2] *= -1
+    return fixed, reflected
+
+
 def compare_with_reference(xyz: np.ndarray, ref_xyz: np.ndarray, topology,
                            plot: Path | None = None) -> dict:
     """Metrics of samples against an MD reference (same topology); optional Ramachandran plot."""
@@ -94,6 +115,8 @@ def compare_with_reference(xyz: np.ndarray, ref_xyz: np.ndarray, topology,
         "basins_samples": conf.basin_populations(phi, psi),
         "basins_reference": conf.basin_populations(phi_r, psi_r),
         "valid_bond_fraction": conf.valid_bond_fraction(xyz, pairs, ref_len),
+        # C-alpha handedness as the MD's (L for natural amino acids); None without one
+        "chirality_fraction": conf.chirality_fraction(xyz, ref_xyz, topology),
         "num_samples": len(xyz),
         "num_reference": len(ref_xyz),
     }
@@ -135,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="dig_samples", help="output directory")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile the step")
+    parser.add_argument("--fix-mirror", action="store_true",
+                        help="reflect samples whose C-alpha handedness is the reference's "
+                             "mirror image before writing and scoring them (post-processing)")
     args = parser.parse_args(argv)
 
     topology = conf.load_topology(args.topology)
@@ -145,8 +171,6 @@ def main(argv: list[str] | None = None) -> int:
     xyz = sample(model, topology, args.num_samples, sampler=args.sampler, steps=args.steps,
                  seed=args.seed, batch_size=args.batch_size, compile=args.compile)
     seconds = time.perf_counter() - start
-    path = write_conformations(xyz, topology, out, args.format)
-    print(f"wrote {len(xyz)} conformations to {path} ({len(xyz) / seconds:.1f} samples/s)")
     ref = None
     if args.reference is not None:
         ref_path = Path(args.reference)
@@ -155,7 +179,16 @@ def main(argv: list[str] | None = None) -> int:
     elif Path(args.topology).resolve() == conf.ALA2_PDB.resolve():
         ref = conf.load_alanine_dipeptide()[0]
     metrics = {"sampler": args.sampler, "steps": args.steps, "seconds": seconds,
-               "samples_per_second": len(xyz) / seconds, "device": args.device}
+               "samples_per_second": len(xyz) / seconds, "device": args.device,
+               "mirror_fixed": args.fix_mirror}
+    if args.fix_mirror:
+        if ref is None:
+            raise ValueError("--fix-mirror needs a reference (--reference) for the handedness")
+        xyz, reflected = fix_mirror_images(xyz, ref, topology)
+        metrics["reflected_fraction"] = float(reflected.mean())
+        print(f"reflected {int(reflected.sum())} of {len(xyz)} mirror-image samples")
+    path = write_conformations(xyz, topology, out, args.format)
+    print(f"wrote {len(xyz)} conformations to {path} ({len(xyz) / seconds:.1f} samples/s)")
     if ref is not None:
         if ref.shape[1:] != xyz.shape[1:]:
             raise ValueError(f"reference has {ref.shape[1]} atoms; the topology has "
@@ -163,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics.update(compare_with_reference(xyz, ref, topology, out / "ramachandran.png"))
         print(f"JS divergence (phi, psi) = {metrics['js_divergence_phi_psi_nats']:.4f} nats; "
               f"valid bonds {metrics['valid_bond_fraction']:.3f}; "
+              f"MD's chirality {metrics['chirality_fraction']}; "
               f"basins {metrics['basins_samples']}")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return 0
