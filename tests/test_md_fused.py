@@ -46,6 +46,13 @@ def _potential(atoms, model, dtype=torch.float64, compile=False, skin=0.3):
                      compile=compile)
 
 
+def _start(atoms, temperature_K: float):
+    """(positions, masses, Maxwell-Boltzmann velocities with seed 0) of ``atoms``."""
+    masses = torch.as_tensor(atoms.get_masses())
+    v0 = maxwell_boltzmann(masses, temperature_K, torch.Generator().manual_seed(0))
+    return torch.as_tensor(atoms.positions), masses, v0
+
+
 def test_superset_pairs_give_the_cutoff_graph_energy_and_forces():
     """Pairs beyond r_c (all pairs) and padding slots contribute exactly nothing."""
     m = _model().double()
@@ -76,9 +83,7 @@ def test_superset_pairs_give_the_cutoff_graph_energy_and_forces():
 def test_fused_velocity_verlet_equals_eager(system):
     atoms = _molecule() if system == "molecule" else _box()
     m = _model()
-    masses = torch.as_tensor(atoms.get_masses())
-    v0 = maxwell_boltzmann(masses, 3000.0, torch.Generator().manual_seed(0))
-    pos = torch.as_tensor(atoms.positions)
+    pos, masses, v0 = _start(atoms, 3000.0)
     eager = VelocityVerlet(_potential(atoms, m), pos, masses, v0, 2.0)
     pot = _potential(atoms, m)
     fused = VelocityVerlet(pot, pos, masses, v0, 2.0, fused=True)
@@ -124,9 +129,7 @@ def test_compiled_fused_step_equals_eager_to_float32_rounding(monkeypatch):
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     atoms = _molecule()
     m = _model()
-    masses = torch.as_tensor(atoms.get_masses())
-    v0 = maxwell_boltzmann(masses, 300.0, torch.Generator().manual_seed(0))
-    pos = torch.as_tensor(atoms.positions)
+    pos, masses, v0 = _start(atoms, 300.0)
     eager = VelocityVerlet(_potential(atoms, m, torch.float32), pos, masses, v0, 1.0)
     fast = VelocityVerlet(_potential(atoms, m, torch.float32, compile=True), pos, masses, v0, 1.0)
     _assert_same_run(eager, fast, 5, f_rel=2e-5, x_abs=1e-6)
@@ -161,9 +164,7 @@ def test_cuda_graph_step_equals_eager():
     rounding."""
     atoms = _box()
     m = _model()
-    masses = torch.as_tensor(atoms.get_masses())
-    v0 = maxwell_boltzmann(masses, 3000.0, torch.Generator().manual_seed(0))
-    pos = torch.as_tensor(atoms.positions)
+    pos, masses, v0 = _start(atoms, 3000.0)
     eager = VelocityVerlet(_potential(atoms, m, torch.float32), pos, masses, v0, 1.0)
     pot = Potential(m, torch.as_tensor(atoms.numbers), torch.as_tensor(np.asarray(atoms.cell)),
                     torch.as_tensor(atoms.pbc), skin=0.5, device="cuda", compile=True)
