@@ -4,7 +4,8 @@
 #   2. correctness at DeepSpeed's test shapes vs the fp64 truth, then the fwd+bwd benchmark of
 #      triton / torch backend / naive / SDPA / compiled FlexAttention in bf16 and fp16
 #      (starts no new case after --budget-s; results in benchmarks/results/evoformer_attention_gpu.*),
-#   3. every other CUDA-only test of the suite (skipped on CPU machines; <= 120 s),
+#   3. every other CUDA-only test of the suite (skipped on CPU machines; <= 120 s), among them
+#      the force-field MD step replayed as a CUDA graph vs eager (test_cuda_graph_step_equals_eager),
 #   4. DiG's protein-scale sampling/training steps on the GPU at 256 and 1,024 residues, bf16
 #      (benchmarks/results/gpu/dig_cuda.*; written for a GPU session, not yet run on one).
 # Extra arguments go to step 2 (e.g. --shapes ds-test-256 --dtypes bfloat16).
