@@ -84,9 +84,11 @@ class Slabs:
         return torch.clamp(torch.maximum(below, above), min=0.0) * self.width
 
 
-def _all_to_all(rows_nK: Tensor, dest_n: Tensor, world: int, group) -> tuple[Tensor, Tensor, Tensor]:
+def _all_to_all(rows_nK: Tensor, dest_n: Tensor, world: int,
+                group) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Send row i to rank dest[i]. Returns (received rows grouped by source rank, counts received
-    per source [P], the send order: sent rows are rows[order], grouped by destination)."""
+    per source [P], counts sent per destination [P], the send order: sent rows are rows[order],
+    grouped by destination)."""
     order = torch.argsort(dest_n, stable=True)
     send = torch.bincount(dest_n, minlength=world)
     recv = torch.empty_like(send)
@@ -94,7 +96,7 @@ def _all_to_all(rows_nK: Tensor, dest_n: Tensor, world: int, group) -> tuple[Ten
     out = rows_nK.new_empty(int(recv.sum()), rows_nK.shape[1])
     dist.all_to_all_single(out, rows_nK[order].contiguous(), recv.tolist(), send.tolist(),
                            group=group)
-    return out, recv, order
+    return out, recv, send, order
 
 
 def _send_back(rows_mK: Tensor, recv_P: Tensor, send_P: Tensor, group) -> Tensor:
@@ -128,10 +130,9 @@ def sharded_energy_forces(net, z_n: Tensor, x_n3: Tensor, slabs: Slabs, halo: fl
             dest.append(torch.full_like(sel, r))
     idx_h, dest_h = torch.cat(idx), torch.cat(dest)
     rows = torch.cat([x_n3[idx_h].double(), z_n[idx_h].double().unsqueeze(1)], dim=1)
+    got = rows  # one rank: no halo (rows is empty)
     if world > 1:
-        got, recv, order = _all_to_all(rows, dest_h, world, group)
-    else:
-        got, recv, order = rows, torch.zeros(1, dtype=torch.long), idx_h
+        got, recv, send, order = _all_to_all(rows, dest_h, world, group)
     pos_l = torch.cat([x_n3.double(), got[:, :3]]).to(dtype).requires_grad_(True)
     z_l = torch.cat([z_n, got[:, 3].long()])
     ei, sh = neighbor_list(pos_l.detach().double(), net.cfg.cutoff, cell_33, pbc_3)
@@ -143,18 +144,22 @@ def sharded_energy_forces(net, z_n: Tensor, x_n3: Tensor, slabs: Slabs, halo: fl
     f = -g.double()
     f_owned = f[:n].clone()
     if world > 1:
-        back = _send_back(f[n:], recv, torch.bincount(dest_h, minlength=world), group)
+        back = _send_back(f[n:], recv, send, group)
         f_owned.index_add_(0, idx_h[order], back)
     return e_owned.detach().double(), f_owned
+
+
+def _check_decomposable(cfg, who: str) -> None:
+    # a per-molecule mean of atomic energies is not a sum of per-rank parts
+    if cfg.reduce_op == "mean":
+        raise ValueError(f"{who}: reduce_op='mean' is not decomposable; expected 'add' or 'sum'")
 
 
 def domain_energy_forces(model, z_N: Tensor, pos_N3: Tensor, cell_33: Tensor | None = None,
                          pbc_3: Tensor | None = None, group=None) -> tuple[Tensor, Tensor]:
     """Total energy [] and forces [N, 3] of one system given on every rank, computed sharded
     over the process group (each rank keeps its slab's atoms, ``sharded_energy_forces``)."""
-    if model.cfg.reduce_op == "mean":
-        raise ValueError("domain_energy_forces: reduce_op='mean' is not decomposable; expected "
-                         "'add' or 'sum'")
+    _check_decomposable(model.cfg, "domain_energy_forces")
     periodic = cell_33 is not None and pbc_3 is not None and bool(torch.as_tensor(pbc_3).any())
     cell = cell_33.double() if periodic else None
     rank, world = _rank_world(group)
@@ -201,9 +206,7 @@ class DomainMD:
         if potential.num_graphs > 1:
             raise ValueError(f"DomainMD: {potential.num_graphs} molecules in batch_N; expected "
                              "one system")
-        if potential.model.cfg.reduce_op == "mean":
-            raise ValueError("DomainMD: reduce_op='mean' is not decomposable; expected 'add' or "
-                             "'sum'")
+        _check_decomposable(potential.model.cfg, "DomainMD")
         self.pot, self.group = potential, group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         x = torch.as_tensor(positions_N3, dtype=torch.float64)
@@ -239,7 +242,7 @@ class DomainMD:
         if self.world > 1:
             rows = torch.cat([self.gid.double().unsqueeze(1), self.z.double().unsqueeze(1),
                               self.m, self.xo, self.vo], dim=1)
-            got, _, _ = _all_to_all(rows, owner, self.world, self.group)
+            got = _all_to_all(rows, owner, self.world, self.group)[0]
             self.gid, self.z, self.m = got[:, 0].long(), got[:, 1].long(), got[:, 2:3]
             self.xo, self.vo = got[:, 3:6].contiguous(), got[:, 6:9].contiguous()
 

@@ -107,7 +107,7 @@ class Integrator:
         # The first evaluation of a fused run on a padded Verlet list runs eagerly (same model,
         # the exact pair list; edge chunks apply): func.grad outside the compiled graph would
         # keep every edge intermediate with autograd's bookkeeping (9 GiB at 10k atoms).
-        if self.fused and not (initial and not self.pot.all_pairs):
+        if self.fused and (self.pot.all_pairs or not initial):
             ei, off, _ = self.pot.static_pairs(self.x)
             with torch.no_grad():
                 e_B, f = self._forces(self.x, ei, off)

@@ -171,11 +171,12 @@ def run_md(structure, model="preset:visnet-tiny", ensemble: str = "nvt", dt_fs: 
             integ.run(n)
             dt_wall = time.perf_counter() - t0
             ns_day = n * dt_fs * 1e-6 / max(dt_wall, 1e-12) * 86400.0
-            if integ.step % traj_every == 0 or integ.step == steps:
+            write_frame = _frame_due(integ.step, traj_every, steps)
+            if write_frame:
                 gather()
             if integ.step % log_every == 0 or integ.step == steps:
                 record(ns_day)
-            if integ.step % traj_every == 0 or integ.step == steps:
+            if write_frame:
                 snapshot()
             if bar is not None:
                 bar.update(n)
@@ -205,6 +206,11 @@ def run_md(structure, model="preset:visnet-tiny", ensemble: str = "nvt", dt_fs: 
     return summary
 
 
+def _frame_due(step: int, traj_every: int, steps: int) -> bool:
+    """A trajectory frame is written at this step (rank 0; the others gather for it)."""
+    return step % traj_every == 0 or step == steps
+
+
 def _follow(integ, steps: int, log_every: int, traj_every: int, gather) -> dict:
     """A non-zero rank of a domain-decomposed run: the same steps in the same chunks as rank 0
     and the same collectives (force evaluations, gathers before output), no files."""
@@ -213,7 +219,7 @@ def _follow(integ, steps: int, log_every: int, traj_every: int, gather) -> dict:
         gather()
         while integ.step < steps:
             integ.run(min(chunk, steps - integ.step))
-            if integ.step % traj_every == 0 or integ.step == steps:
+            if _frame_due(integ.step, traj_every, steps):
                 gather()
     except MDInstabilityError:
         return {"status": "unstable", "steps_done": integ.step}
