@@ -80,6 +80,16 @@ def system(name: str):
     return atoms
 
 
+def _potential(model, atoms, **kwargs):
+    """``md.Potential`` of an ASE ``atoms`` (its cell only when periodic)."""
+    from ds4sci.md.potential import Potential
+
+    periodic = bool(atoms.pbc.any())
+    return Potential(model, torch.as_tensor(atoms.numbers),
+                     torch.as_tensor(np.asarray(atoms.cell)) if periodic else None,
+                     torch.as_tensor(atoms.pbc) if periodic else None, **kwargs)
+
+
 def _cap_address_space() -> None:
     limit = os.environ.get("DS4SCI_BENCH_AS_LIMIT_GIB")
     if limit:  # address-space cap: a contender that needs more fails with "oom", not the machine
@@ -105,8 +115,6 @@ def worker(contender: str, sys_name: str, preset_name: str, steps: int, threads:
     if contender in ("ours-eval", "ours-eval-ckpt", "ours-eval-chunk", "ours-eval-chunk-only"):
         # One energy+force evaluation: peak memory of large systems (with/without per-layer
         # activation checkpointing), extrapolated linearly in N by the reader.
-        from ds4sci.md.potential import Potential
-
         if contender == "ours-eval-ckpt":
             model.cfg = model.cfg.replace(activation_checkpointing=True)
         if contender == "ours-eval-chunk-only":  # edge chunks without per-layer checkpointing
@@ -114,10 +122,7 @@ def worker(contender: str, sys_name: str, preset_name: str, steps: int, threads:
         if contender == "ours-eval-chunk":  # edge chunks of 32k, each recomputed in backward
             model.cfg = model.cfg.replace(activation_checkpointing=True)
             model.set_edge_chunk_size(CHUNK)
-        periodic = bool(atoms.pbc.any())
-        pot = Potential(model, torch.as_tensor(atoms.numbers),
-                        torch.as_tensor(np.asarray(atoms.cell)) if periodic else None,
-                        torch.as_tensor(atoms.pbc) if periodic else None, skin=0.0)
+        pot = _potential(model, atoms, skin=0.0)
         pos = torch.as_tensor(atoms.positions)
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         t0 = time.perf_counter()
@@ -129,17 +134,11 @@ def worker(contender: str, sys_name: str, preset_name: str, steps: int, threads:
                 "peak_rss_mib": peak, "rss_before_eval_mib": rss0,
                 "peak_minus_before_mib": peak - rss0}
     if contender in ("ours", "ours-compiled", "ours-chunked"):
-        from ds4sci.md.potential import Potential
-
         if contender == "ours-chunked":  # memory-lean eager path for the largest systems
             # edge chunks only: per-layer checkpointing on top saves nothing more (10k water:
             # 634 vs 639 MiB) and costs a third forward (45 vs 66 s per evaluation)
             model.set_edge_chunk_size(CHUNK)
-        periodic = bool(atoms.pbc.any())
-        pot = Potential(model, torch.as_tensor(atoms.numbers),
-                        torch.as_tensor(np.asarray(atoms.cell)) if periodic else None,
-                        torch.as_tensor(atoms.pbc) if periodic else None, skin=1.0,
-                        compile=contender == "ours-compiled")
+        pot = _potential(model, atoms, skin=1.0, compile=contender == "ours-compiled")
         t0 = time.perf_counter()
         integ = VelocityVerlet(pot, torch.as_tensor(atoms.positions), masses, v0, 1.0)
         integ.run(warm)  # includes torch.compile's compilation for ours-compiled
@@ -147,9 +146,7 @@ def worker(contender: str, sys_name: str, preset_name: str, steps: int, threads:
                  "warmup_steps": warm}
         if contender == "ours-compiled":
             # Inductor's forces at the current state vs the eager model (float32 both).
-            ref = Potential(model, torch.as_tensor(atoms.numbers),
-                            torch.as_tensor(np.asarray(atoms.cell)) if periodic else None,
-                            torch.as_tensor(atoms.pbc) if periodic else None).compute(integ.x)
+            ref = _potential(model, atoms).compute(integ.x)
             extra["max_force_diff_vs_eager"] = float((ref.forces.double() - integ.f).abs().max())
             extra["max_abs_force"] = float(integ.f.abs().max())
         e0 = integ.epot + integ.ekin
@@ -291,7 +288,7 @@ def _domain_rank(rank: int, world: int, init_file: str, sys_name: str, preset_na
 
     from ds4sci.md.domain import DomainMD
     from ds4sci.md.integrators import maxwell_boltzmann
-    from ds4sci.md.potential import Potential, load_model
+    from ds4sci.md.potential import load_model
 
     torch.set_num_threads(1)
     _cap_address_space()  # per process
@@ -299,11 +296,7 @@ def _domain_rank(rank: int, world: int, init_file: str, sys_name: str, preset_na
                             world_size=world)
     atoms = system(sys_name)
     masses = torch.as_tensor(atoms.get_masses())
-    periodic = bool(atoms.pbc.any())
-    pot = Potential(load_model(f"preset:{preset_name}"), torch.as_tensor(atoms.numbers),
-                    torch.as_tensor(np.asarray(atoms.cell)) if periodic else None,
-                    torch.as_tensor(atoms.pbc) if periodic else None,
-                    edge_chunk_size=chunk or None)
+    pot = _potential(load_model(f"preset:{preset_name}"), atoms, edge_chunk_size=chunk or None)
     v0 = maxwell_boltzmann(masses, 300.0, torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
     integ = DomainMD(pot, torch.as_tensor(atoms.positions), masses, v0, 1.0)
