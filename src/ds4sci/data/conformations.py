@@ -262,14 +262,18 @@ def calpha_signed_volumes(xyz: np.ndarray, topology) -> np.ndarray:
     return np.einsum("trk,trk->tr", np.cross(a, b), d)
 
 
+def reference_handedness(reference: np.ndarray, topology) -> np.ndarray:
+    """[R] the sign of each C-alpha's signed volume in the majority of ``reference`` frames."""
+    return np.sign(np.sign(calpha_signed_volumes(reference, topology)).sum(0))
+
+
 def chirality_fraction(xyz: np.ndarray, reference: np.ndarray, topology) -> float | None:
     """Fraction of frames of ``xyz`` whose every C-alpha has the handedness that the majority
     of ``reference`` frames have (None when the topology has no C-alpha with a CB)."""
-    vol, ref = calpha_signed_volumes(xyz, topology), calpha_signed_volumes(reference, topology)
+    vol = calpha_signed_volumes(xyz, topology)
     if vol.shape[1] == 0:
         return None
-    sign = np.sign(np.sign(ref).sum(0))
-    return float((vol * sign > 0).all(axis=1).mean())
+    return float((vol * reference_handedness(reference, topology) > 0).all(axis=1).mean())
 
 
 def autocorrelation_time(signal: np.ndarray, max_lag: int | None = None) -> float:

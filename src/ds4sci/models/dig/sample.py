@@ -94,8 +94,7 @@ def fix_mirror_images(xyz: np.ndarray, reference: np.ndarray, topology):
     if vol.shape[1] == 0:
         raise ValueError("fix_mirror_images: the topology has no residue with N, CA, C and CB "
                          "(no C-alpha handedness to fix)")
-    sign = np.sign(np.sign(conf.calpha_signed_volumes(reference, topology)).sum(0))
-    reflected = (vol * sign < 0).mean(1) > 0.5
+    reflected = (vol * conf.reference_handedness(reference, topology) < 0).mean(1) > 0.5
     fixed = np.array(xyz, copy=True)
     fixed[reflected, :, 2] *= -1
     return fixed, reflected
@@ -165,34 +164,34 @@ def main(argv: list[str] | None = None) -> int:
 
     topology = conf.load_topology(args.topology)
     model = load_checkpoint(args.checkpoint, args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    xyz = sample(model, topology, args.num_samples, sampler=args.sampler, steps=args.steps,
-                 seed=args.seed, batch_size=args.batch_size, compile=args.compile)
-    seconds = time.perf_counter() - start
-    ref = None
+    ref = None  # checked before sampling: a bad reference should not cost a sampling run
     if args.reference is not None:
         ref_path = Path(args.reference)
         ref = (conf.load_alanine_dipeptide(ref_path)[0] if ref_path.suffix == ".npz"
                else conf.load_trajectory(ref_path, args.topology))
     elif Path(args.topology).resolve() == conf.ALA2_PDB.resolve():
         ref = conf.load_alanine_dipeptide()[0]
+    if ref is not None and ref.shape[1] != topology.n_atoms:
+        raise ValueError(f"reference has {ref.shape[1]} atoms; the topology has "
+                         f"{topology.n_atoms}")
+    if args.fix_mirror and ref is None:
+        raise ValueError("--fix-mirror needs a reference (--reference) for the handedness")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    xyz = sample(model, topology, args.num_samples, sampler=args.sampler, steps=args.steps,
+                 seed=args.seed, batch_size=args.batch_size, compile=args.compile)
+    seconds = time.perf_counter() - start
     metrics = {"sampler": args.sampler, "steps": args.steps, "seconds": seconds,
                "samples_per_second": len(xyz) / seconds, "device": args.device,
                "mirror_fixed": args.fix_mirror}
     if args.fix_mirror:
-        if ref is None:
-            raise ValueError("--fix-mirror needs a reference (--reference) for the handedness")
         xyz, reflected = fix_mirror_images(xyz, ref, topology)
         metrics["reflected_fraction"] = float(reflected.mean())
         print(f"reflected {int(reflected.sum())} of {len(xyz)} mirror-image samples")
     path = write_conformations(xyz, topology, out, args.format)
     print(f"wrote {len(xyz)} conformations to {path} ({len(xyz) / seconds:.1f} samples/s)")
     if ref is not None:
-        if ref.shape[1:] != xyz.shape[1:]:
-            raise ValueError(f"reference has {ref.shape[1]} atoms; the topology has "
-                             f"{xyz.shape[1]}")
         metrics.update(compare_with_reference(xyz, ref, topology, out / "ramachandran.png"))
         print(f"JS divergence (phi, psi) = {metrics['js_divergence_phi_psi_nats']:.4f} nats; "
               f"valid bonds {metrics['valid_bond_fraction']:.3f}; "
