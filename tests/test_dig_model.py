@@ -299,3 +299,71 @@ def test_edm_preconditioning_formula_and_loss_weight():
         CFG.replace(precondition="karras")
     with pytest.raises(ValueError, match="local_chiral_head = True needs num_local_chiral > 0"):
         CFG.replace(num_local_chiral=0, local_chiral_head=True)
+
+
+def test_torsion_quadruples_of_a_chain_a_branch_and_a_ring():
+    from ds4sci.data.conformations import torsion_quadruples
+
+    def bonds_of(n, edges):
+        b = torch.zeros(1, n, n, dtype=torch.long)
+        for i, j in edges:
+            b[0, i, j] = b[0, j, i] = 1
+        return b
+
+    chain = torsion_quadruples(bonds_of(5, [(0, 1), (1, 2), (2, 3), (3, 4)]))
+    assert sorted(map(tuple, chain[:, 1:].tolist())) == [
+        (0, 1, 2, 3), (1, 2, 3, 4), (3, 2, 1, 0), (4, 3, 2, 1)]
+    assert (chain[:, 0] == 0).all()
+    # A three-membered ring closes on itself (i == l), a four-membered one does not.
+    assert len(torsion_quadruples(bonds_of(3, [(0, 1), (1, 2), (2, 0)]))) == 0
+    ring4 = torsion_quadruples(bonds_of(4, [(0, 1), (1, 2), (2, 3), (3, 0)]))
+    assert len(ring4) == 8 and (ring4[:, 1] != ring4[:, 4]).all()
+    assert torsion_quadruples(bonds_of(2, [(0, 1)])).shape == (0, 5)
+
+
+def test_torsion_features_are_mdtraj_dihedrals_and_se3_not_e3_invariant():
+    import mdtraj
+
+    from ds4sci.data.conformations import alanine_dipeptide_dataset, load_alanine_dipeptide
+
+    ds = alanine_dipeptide_dataset()
+    mol = ds.molecule
+    model = build_model(CFG.replace(num_torsion=2), seed=1).double()
+    x = torch.stack([ds[i] for i in range(0, 400, 50)]).double()
+    T = model.torsion_features(x, mol)
+    assert T.shape == (8, 22, 22, 4)
+    _, top, _ = load_alanine_dipeptide()
+    quads = mol["torsions"][:, 1:].numpy()
+    traj = mdtraj.Trajectory(x.numpy().astype("float32") / 10, top)
+    theta = torch.from_numpy(mdtraj.compute_dihedrals(traj, quads)).double()  # [8, Q]
+    i, l = mol["torsions"][:, 1], mol["torsions"][:, 4]
+    torch.testing.assert_close(T[:, i, l, 0], theta.cos(), rtol=0, atol=2e-5)  # m = 1
+    torch.testing.assert_close(T[:, i, l, 2], theta.sin(), rtol=0, atol=2e-5)
+    torch.testing.assert_close(T[:, i, l, 1], (2 * theta).cos(), rtol=0, atol=4e-5)  # m = 2
+    torch.testing.assert_close(T[:, i, l, 3], (2 * theta).sin(), rtol=0, atol=4e-5)
+    one_four = torch.zeros(22, 22, dtype=torch.bool)
+    one_four[i, l] = True
+    assert (mol["path"][0][one_four] == 3).all()  # no rings: every chain is a 3-bond path
+    assert T[:, ~one_four].abs().max() == 0  # zero off the 1-4 pairs, symmetric in i, l
+    torch.testing.assert_close(T, T.transpose(1, 2), rtol=0, atol=1e-12)
+    R = random_rotation(5, torch.float64)
+    torch.testing.assert_close(model.torsion_features(x @ R.T + 3.0, mol), T, rtol=0,
+                               atol=1e-12)
+    mirrored = model.torsion_features(-x, mol)  # cosines stay, sines flip
+    torch.testing.assert_close(mirrored, torch.cat([T[..., :2], -T[..., 2:]], -1), rtol=0,
+                               atol=1e-12)
+    perm = torch.randperm(22, generator=torch.Generator().manual_seed(0))
+    pmol = {"atom_types": mol["atom_types"][:, perm], "mask": mol["mask"][:, perm],
+            "bonds": mol["bonds"][:, perm][:, :, perm], "path": mol["path"][:, perm][:, :, perm]}
+    torch.testing.assert_close(model.torsion_features(x[:, perm], pmol),  # chains derived
+                               T[:, perm][:, :, perm], rtol=0, atol=1e-12)
+    # the network with torsions as its only pseudoscalar: SE(3)- but not E(3)-equivariant
+    net = build_model(CFG.replace(num_chiral=0, num_local_chiral=0, num_torsion=2),
+                      seed=2).double()
+    sigma = torch.full((8,), 0.5, dtype=torch.float64)
+    eps = net(x, sigma, mol)
+    torch.testing.assert_close(net(x @ R.T + 3.0, sigma, mol), eps @ R.T, rtol=1e-9,
+                               atol=1e-11)
+    torch.testing.assert_close(net(x[:, perm], sigma, pmol), eps[:, perm], rtol=1e-9,
+                               atol=1e-11)
+    assert (net(-x, sigma, mol) + eps).abs().max() > 1e-3

@@ -147,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--md-seconds", type=float, default=30.0,
                         help="wall time of the OpenMM speed measurement (0 = skip)")
+    parser.add_argument("--device", default="cpu", help="where DiG samples (cpu, cuda)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="network under bfloat16 autocast (sampler state fp32)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the step (CUDA: replayed as a CUDA graph); the "
+                             "first batch, which compiles, is drawn once before timing")
     parser.add_argument("--label", default="", help="what the checkpoint is (for the record)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--stem", default="dig_ala2_samplers_cpu")
@@ -157,12 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     from ..models.dig.sample import compare_with_reference, fix_mirror_images, sample
     from ..train.tasks.dig import load_model
 
-    model = load_model(args.checkpoint).eval()
+    model = load_model(args.checkpoint).eval().to(args.device)
+    fast = {"compile": args.compile, "autocast": torch.bfloat16 if args.bf16 else None}
     ref_xyz, topology, dt_ps = conf.load_alanine_dipeptide()
     meta = machine_info()
     meta.update(checkpoint=str(args.checkpoint), checkpoint_label=args.label,
                 checkpoint_config=vars(model.config) if hasattr(model.config, "__dict__")
-                else None, num_samples=args.num_samples)
+                else None, num_samples=args.num_samples, device=args.device, bf16=args.bf16,
+                compile=args.compile)
     g = md_decorrelation(ref_xyz, topology)
     slowest = max(g, key=g.get)
     meta["md_statistical_inefficiency_frames"] = g
@@ -181,9 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     meta["basins_reference"] = conf.basin_populations(*conf.phi_psi(ref_xyz, topology))
     rows = []
     for sampler, steps in settings:
+        if args.compile:  # compilation (and CUDA-graph capture) outside the timed run
+            sample(model, topology, min(args.batch_size, args.num_samples), sampler=sampler,
+                   steps=steps, seed=args.seed + 1, batch_size=args.batch_size, **fast)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
         start = time.perf_counter()
         xyz = sample(model, topology, args.num_samples, sampler=sampler, steps=steps,
-                     seed=args.seed, batch_size=args.batch_size)
+                     seed=args.seed, batch_size=args.batch_size, **fast)
         seconds = time.perf_counter() - start
         metrics = compare_with_reference(xyz, ref_xyz, topology)
         row = {"sampler": sampler, "steps": steps,

@@ -82,8 +82,24 @@ def shortest_paths(bonds_NN: torch.Tensor) -> torch.Tensor:
     return dist
 
 
+def torsion_quadruples(bonds_BNN: torch.Tensor) -> torch.Tensor:
+    """Every bonded chain ``i-j-k-l`` (four distinct atoms) of each molecule in the batch:
+    ``[Q, 5]`` rows ``(b, i, j, k, l)``, each chain in both directions (so the pair features
+    built on them are symmetric in i and l). Empty ``[0, 5]`` if there is none."""
+    adj = bonds_BNN > 0
+    N = adj.shape[-1]
+    b, j, k = torch.nonzero(adj, as_tuple=True)  # directed bonds j -> k
+    ends = adj[b, j].unsqueeze(2) & adj[b, k].unsqueeze(1)  # [E, i, l]: i-j and k-l bonded
+    n = torch.arange(N, device=adj.device)
+    ends &= (n != k[:, None]).unsqueeze(2) & (n != j[:, None]).unsqueeze(1)
+    ends &= (n[:, None] != n[None, :]).unsqueeze(0)  # i != l (three-membered rings)
+    e, i, l = torch.nonzero(ends, as_tuple=True)
+    return torch.stack([b[e], i, j[e], k[e], l], dim=1)
+
+
 def molecule_from_topology(topology, max_atoms: int | None = None) -> dict:
-    """Small-molecule conditioning (batch dim 1): element types, bonds, graph distances, mask.
+    """Small-molecule conditioning (batch dim 1): element types, bonds, graph distances, mask
+    and the bonded chains of :func:`torsion_quadruples` (``"torsions"``).
 
     Raises ValueError for an element outside :data:`ELEMENTS` or more atoms than ``max_atoms``.
     """
@@ -113,6 +129,7 @@ def molecule_from_topology(topology, max_atoms: int | None = None) -> dict:
         "bonds": bonds.unsqueeze(0),
         "path": shortest_paths(bonds).unsqueeze(0),
         "mask": torch.ones(1, N, dtype=torch.bool),
+        "torsions": torsion_quadruples(bonds.unsqueeze(0)),
     }
 
 

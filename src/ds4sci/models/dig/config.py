@@ -56,6 +56,14 @@ class DiGConfig:
     flip under a mirror) and invariant weights ``g`` from the pair track. A push along the
     N-CA-C normal towards L is then a plain learned weight rather than a function of the sign
     of a pseudoscalar. Needs num_local_chiral > 0; False in checkpoints saved before it."""
+    num_torsion: int = 0
+    """Harmonics M of the torsion pair feature: for every bonded chain i-j-k-l (the molecule's
+    ``"torsions"``, or derived from its bonds), ``cos(m theta), sin(m theta)`` (m = 1..M) of
+    its dihedral theta, summed over the chains joining i and l, projected into z_il (zero for
+    pairs not three bonds apart). The Ramachandran angles are such dihedrals: the network reads
+    them directly instead of inferring them from 1-4 distances, which cannot tell theta from
+    -theta. SE(3)-invariant; the sines flip under a mirror (a pseudoscalar, like the chirality
+    features). 0 = off (checkpoints saved before this field existed)."""
     d_single_in: int = 0
     """Width of an external single representation to condition on (proteins: 384); 0 = none."""
     d_pair_in: int = 0
@@ -111,7 +119,7 @@ class DiGConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"DiGConfig.{name} = {value!r}; expected a positive integer")
-        for name in ("num_chiral", "num_local_chiral", "d_single_in", "d_pair_in",
+        for name in ("num_chiral", "num_local_chiral", "num_torsion", "d_single_in", "d_pair_in",
                      "relpos_bins", "pair_chunk", "checkpoint_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:

@@ -95,30 +95,57 @@ def edm_sigmas(cfg, steps: int | None = None, rho: float = 7.0, device=None) -> 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _denoiser(model: DiGModel, molecule: dict, compile: bool) -> Denoiser:
+def _denoiser(model: DiGModel, molecule: dict, compile: bool,
+              autocast: torch.dtype | None = None) -> Denoiser:
     cond = model.condition(molecule)  # molecule features once, reused by every step
+    device_type = molecule["mask"].device.type
 
     def eps_fn(x, sigma_scalar):
         sigma = sigma_scalar.expand(x.shape[0]).to(x.dtype)
-        return model(x, sigma, molecule, cond)
+        if autocast is None:
+            return model(x, sigma, molecule, cond)
+        # The network in reduced precision; the sampler's state x stays in its own dtype.
+        with torch.autocast(device_type, dtype=autocast):
+            return model(x, sigma, molecule, cond).to(x.dtype)
 
-    # Every step has the same shapes, so one compiled graph serves all of them.
-    return torch.compile(eps_fn, dynamic=False) if compile else eps_fn
+    if not compile:
+        return eps_fn
+    # Every step has the same shapes, so one compiled graph serves all of them; on CUDA
+    # "reduce-overhead" replays it as a CUDA graph (one launch per step).
+    cuda = device_type == "cuda"
+    compiled = torch.compile(eps_fn, dynamic=False, mode="reduce-overhead" if cuda else None)
+    if not cuda:
+        return compiled
+
+    def replayed(x, sigma_scalar):
+        torch.compiler.cudagraph_mark_step_begin()
+        # A replay overwrites the previous output; Heun holds two at once, so copy it out.
+        return compiled(x, sigma_scalar).clone()
+
+    return replayed
 
 
 @torch.no_grad()
 def sample(model: DiGModel, molecule: dict, num_samples: int, *, sampler: str = "heun",
            steps: int | None = None, seed: int = 0, batch_size: int = 1024,
-           compile: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+           compile: bool = False, dtype: torch.dtype = torch.float32,
+           autocast: torch.dtype | None = None) -> torch.Tensor:
     """Draw ``num_samples`` conformations ``[S, N, 3]`` of one molecule (batch dim 1).
 
     ``sampler``: ``"ancestral"`` (DiG, default ``config.num_steps`` steps) or ``"heun"``
     (deterministic, default ``config.fast_steps``). Same seed and batch_size -> same samples.
+    ``dtype``: the sampler's state (and the model's parameters' dtype); ``autocast``: run the
+    network under ``torch.autocast`` in this dtype (e.g. ``torch.bfloat16`` on GPUs) while
+    the state stays in ``dtype``. ``compile``: ``torch.compile`` the fixed-shape step (on
+    CUDA as a replayed CUDA graph).
     """
+    if autocast not in (None, torch.bfloat16, torch.float16):
+        raise ValueError(f"sample: autocast={autocast}; expected None, torch.bfloat16 or "
+                         "torch.float16")
     mask = molecule["mask"]
     if mask.shape[0] != 1:
         raise ValueError(f"sample: molecule batch dim is {mask.shape[0]}; expected 1 molecule")
-    eps_fn = _denoiser(model, molecule, compile)
+    eps_fn = _denoiser(model, molecule, compile, autocast)
     return sample_eps(eps_fn, mask, model.config, num_samples, sampler=sampler, steps=steps,
                       seed=seed, batch_size=batch_size, dtype=dtype)
 

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ...data.conformations import torsion_quadruples
 from ...ops.evoformer_attention import evoformer_attention, evoformer_attention_naive
 from .config import DiGConfig
 
@@ -184,6 +185,7 @@ class DiGModel(nn.Module):
         # instead of through attention and outer products.
         self.local_chiral_pair_i = nn.Linear(K, C_z) if K else None
         self.local_chiral_pair_j = nn.Linear(K, C_z) if K else None
+        self.torsion_proj = nn.Linear(2 * cfg.num_torsion, C_z) if cfg.num_torsion else None
         self.layers = nn.ModuleList(PairBiasedLayer(cfg) for _ in range(cfg.num_layers))
         self.head_norm = nn.LayerNorm(C_z)
         self.head_hidden = nn.Linear(C_z, C_z)
@@ -280,7 +282,43 @@ class DiGModel(nn.Module):
             return chi_BNK
         return chi_BNK, cross_BNK3 / (n2 * n3 + 1e-6).unsqueeze(-1)
 
-    def _embed_tile(self, z0_BtNC, dist_BtN, triple_BtNc, chi_i_BtC=None, chi_j_BNC=None):
+    def torsion_features(self, x_BN3: torch.Tensor, molecule: dict) -> torch.Tensor:
+        """Dihedral harmonics on 1-4 pairs: ``T [B, N, N, 2M]`` (M = ``num_torsion``).
+
+        For every bonded chain i-j-k-l, theta = atan2(|b2| b1 . (b2 x b3), (b1 x b2) . (b2 x b3))
+        with b1 = x_j - x_i, b2 = x_k - x_j, b3 = x_l - x_k (IUPAC sign, as mdtraj's), and
+        ``T_il += [cos(theta) .. cos(M theta), sin(theta) .. sin(M theta)]``; zero elsewhere. Chains come from
+        ``molecule["torsions"]`` (:func:`torsion_quadruples`; derived from the bonds if absent).
+        A chain whose atoms are nearly collinear gives a feature near 0 (normalised with an
+        eps), not noise.
+        """
+        M = self.config.num_torsion
+        B, N = x_BN3.shape[:2]
+        quads = molecule.get("torsions")
+        if quads is None:
+            quads = torsion_quadruples(molecule["bonds"])
+        b, i, j, k, l = quads.to(x_BN3.device).unbind(1)
+        if molecule["bonds"].shape[0] == 1 and B > 1:  # one molecule for every sample
+            b = torch.arange(B, device=x_BN3.device).repeat_interleave(len(i))
+            i, j, k, l = (a.repeat(B) for a in (i, j, k, l))
+        flat = x_BN3.reshape(B * N, 3)
+        p0, p1, p2, p3 = (flat[b * N + a] for a in (i, j, k, l))
+        b1, b2, b3 = p1 - p0, p2 - p1, p3 - p2
+        n2 = torch.cross(b2, b3, dim=-1)
+        cos_ = (torch.cross(b1, b2, dim=-1) * n2).sum(-1)
+        sin_ = b2.norm(dim=-1) * (b1 * n2).sum(-1)
+        r = (cos_.square() + sin_.square() + 1e-12).sqrt()
+        c1, s1 = cos_ / r, sin_ / r
+        feats, c, s = [], c1, s1
+        for _ in range(M):  # (c + i s)^m by repeated multiplication
+            feats += [c, s]
+            c, s = c * c1 - s * s1, s * c1 + c * s1
+        T = x_BN3.new_zeros(B * N * N, 2 * M)
+        T.index_add_(0, b * N * N + i * N + l, torch.stack(feats[0::2] + feats[1::2], dim=-1))
+        return T.view(B, N, N, 2 * M)
+
+    def _embed_tile(self, z0_BtNC, dist_BtN, triple_BtNc, chi_i_BtC=None, chi_j_BNC=None,
+                    torsion_BtNF=None):
         centres = torch.linspace(0.0, 6.0, self.num_rbf, device=dist_BtN.device,
                                  dtype=dist_BtN.dtype)
         width = centres[1] - centres[0]
@@ -290,6 +328,8 @@ class DiGModel(nn.Module):
             z = z + self.chiral_proj(triple_BtNc)
         if chi_i_BtC is not None:
             z = z + chi_i_BtC.unsqueeze(2) + chi_j_BNC.unsqueeze(1)
+        if torsion_BtNF is not None:
+            z = z + self.torsion_proj(torsion_BtNF)
         return z
 
     def _head_tile(self, z_BtNC):
@@ -345,9 +385,13 @@ class DiGModel(nn.Module):
                                      dim=-1)
             triples = [torch.einsum("bid,bjcd->bijc", x_t, cross_BNc3)
                        for x_t in x_BN3.split(sizes, dim=1)]
-        z_tiles = [_tile(chunked, self._embed_tile, z0_t, d_t, tr_t, ci_t, chi_j_BNC)
-                   for z0_t, d_t, tr_t, ci_t in zip(z0.split(sizes, dim=1),
-                                                    dist_BNN.split(sizes, dim=1), triples, chi_i)]
+        torsions = [None] * len(rows)
+        if self.torsion_proj is not None:
+            torsions = self.torsion_features(x_BN3, molecule).split(sizes, dim=1)
+        z_tiles = [_tile(chunked, self._embed_tile, z0_t, d_t, tr_t, ci_t, chi_j_BNC, to_t)
+                   for z0_t, d_t, tr_t, ci_t, to_t in zip(
+                       z0.split(sizes, dim=1), dist_BNN.split(sizes, dim=1), triples, chi_i,
+                       torsions)]
         mask_bias_B11N = ((~mask_BN).to(s_BNC.dtype) * MASK_BIAS)[:, None, None, :]
         k = cfg.checkpoint_layers
         if k and torch.is_grad_enabled():

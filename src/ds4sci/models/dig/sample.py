@@ -47,7 +47,7 @@ def sample(model: DiGModel, topology, num_samples: int, **kwargs) -> np.ndarray:
     """Conformations ``[S, N, 3]`` (Angstrom) of the molecule described by an mdtraj topology.
 
     ``kwargs`` go to :func:`ds4sci.models.dig.diffusion.sample` (sampler, steps, seed,
-    batch_size, compile). Raises ValueError for unsupported elements or too many atoms.
+    batch_size, compile, autocast). Raises ValueError for unsupported elements or too many atoms.
     """
     device = next(model.parameters()).device
     mol = conf.molecule_from_topology(topology, max_atoms=model.config.max_atoms)
@@ -156,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=("pdb", "dcd", "extxyz"), default="pdb")
     parser.add_argument("--out", default="dig_samples", help="output directory")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the step")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the step (on CUDA: replayed as a CUDA graph)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="run the network in bfloat16 (torch.autocast; for GPUs)")
     parser.add_argument("--fix-mirror", action="store_true",
                         help="reflect samples whose C-alpha handedness is the reference's "
                              "mirror image before writing and scoring them (post-processing)")
@@ -180,10 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     xyz = sample(model, topology, args.num_samples, sampler=args.sampler, steps=args.steps,
-                 seed=args.seed, batch_size=args.batch_size, compile=args.compile)
+                 seed=args.seed, batch_size=args.batch_size, compile=args.compile,
+                 autocast=torch.bfloat16 if args.bf16 else None)
     seconds = time.perf_counter() - start
     metrics = {"sampler": args.sampler, "steps": args.steps, "seconds": seconds,
                "samples_per_second": len(xyz) / seconds, "device": args.device,
+               "bf16": args.bf16, "compile": args.compile,
                "mirror_fixed": args.fix_mirror}
     if args.fix_mirror:
         xyz, reflected = fix_mirror_images(xyz, ref, topology)

@@ -203,6 +203,10 @@ def evoformer_attention(
     if tile < 1:
         raise ValueError(f"evoformer_attention: tile_elements={tile_elements}; expected >= 1")
     chosen = dispatch.select(backend, q, biases)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *biases))):
+        # Nothing to differentiate (e.g. sampling): the forward op alone, which also keeps
+        # torch.compile away from tracing the autograd.Function without autograd.
+        return _fwd_op(q, k, v, biases, chosen.name, tile)[0]
     return EvoformerAttentionFunction.apply(q, k, v, chosen.name, tile, *biases)
 
 
