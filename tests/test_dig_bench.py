@@ -11,7 +11,8 @@ from ds4sci.data import conformations as conf
 def test_sampler_settings_and_evaluations():
     assert parse_setting("heun:40") == ("heun", 40)
     assert network_evaluations("heun", 40) == 79 and network_evaluations("ancestral", 500) == 500
-    with pytest.raises(ValueError, match="'euler:10'; expected 'heun:<steps>'"):
+    assert parse_setting("edm:10") == ("edm", 10) and network_evaluations("edm", 10) == 19
+    with pytest.raises(ValueError, match="'euler:10'; expected 'heun:<steps>', 'edm:<steps>'"):
         parse_setting("euler:10")
 
 

@@ -39,7 +39,7 @@ def mixture_stats(r):
     return w0, std0, mean0
 
 
-@pytest.mark.parametrize("sampler,steps", [("ancestral", 500), ("heun", 40)])
+@pytest.mark.parametrize("sampler,steps", [("ancestral", 500), ("heun", 40), ("edm", 40)])
 def test_samplers_reproduce_analytic_density_with_exact_score(sampler, steps):
     cfg = get_config("dig-tiny", sigma_min=0.005, sigma_max=10.0)
     mask = torch.ones(1, 2, dtype=torch.bool)
@@ -77,6 +77,9 @@ def test_sampler_determinism_and_seed():
     h1 = sample(model, mol, 3, sampler="heun", steps=4, seed=3)
     h2 = sample(model, mol, 3, sampler="heun", steps=4, seed=3)
     assert torch.equal(h1, h2) and torch.isfinite(h1).all()
+    e1 = sample(model, mol, 3, sampler="edm", steps=4, seed=3)
+    e2 = sample(model, mol, 3, sampler="edm", steps=4, seed=3)
+    assert torch.equal(e1, e2) and not torch.equal(e1, h1)
     with pytest.raises(ValueError, match="sampler='ddpm'"):
         sample(model, mol, 2, sampler="ddpm")
     with pytest.raises(ValueError, match="num_samples=0"):

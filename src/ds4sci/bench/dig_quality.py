@@ -1,8 +1,8 @@
 """DiG on alanine dipeptide: sample quality and speed of the samplers vs running MD itself.
 
-For a trained checkpoint, each sampler setting (``heun:<steps>``: the deterministic probability-
-flow ODE; ``ancestral:<steps>``: DiG's ancestral SDE sampler) draws ``--num-samples``
-conformations and is scored against the embedded MD reference: Jensen-Shannon divergence of the
+For a trained checkpoint, each sampler setting (``heun:<steps>``: the deterministic
+probability-flow ODE; ``edm:<steps>``: EDM's stochastic Heun; ``ancestral:<steps>``: DiG's
+ancestral SDE sampler) draws ``--num-samples`` conformations and is scored against the embedded MD reference: Jensen-Shannon divergence of the
 (phi, psi) histogram (36 x 36 bins, nats), basin populations, fraction with every bond within 10 %
 of the MD mean, fraction with the MD's C-alpha handedness (L), samples per second; and the
 JS and basins of the same samples after reflecting the mirror images (``mirror_fixed_*``,
@@ -37,15 +37,15 @@ from .common import machine_info, merge_rows, save_figure, subplots, write_rows
 
 def parse_setting(text: str) -> tuple[str, int]:
     sampler, _, steps = text.partition(":")
-    if sampler not in ("heun", "ancestral") or not steps.isdigit() or int(steps) < 1:
-        raise ValueError(f"sampler setting {text!r}; expected 'heun:<steps>' or "
-                         "'ancestral:<steps>' with steps >= 1")
+    if sampler not in ("heun", "edm", "ancestral") or not steps.isdigit() or int(steps) < 1:
+        raise ValueError(f"sampler setting {text!r}; expected 'heun:<steps>', 'edm:<steps>' "
+                         "or 'ancestral:<steps>' with steps >= 1")
     return sampler, int(steps)
 
 
 def network_evaluations(sampler: str, steps: int) -> int:
     """Score-network calls per sample: Heun skips its correction on the last step."""
-    return 2 * steps - 1 if sampler == "heun" else steps
+    return 2 * steps - 1 if sampler in ("heun", "edm") else steps
 
 
 def md_decorrelation(xyz: np.ndarray, topology) -> dict:
@@ -113,7 +113,7 @@ def md_noise_floor(xyz: np.ndarray, topology, n: int, repeats: int = 5, seed: in
 
 def plot(rows: list[dict], meta: dict, path: Path) -> Path:
     fig, axes = subplots(1, 2, figsize=(10, 4))
-    for sampler, colour in (("heun", "C0"), ("ancestral", "C1")):
+    for sampler, colour in (("heun", "C0"), ("edm", "C2"), ("ancestral", "C1")):
         pts = sorted((r["network_evaluations"], r["js_divergence_phi_psi_nats"],
                       r["valid_bond_fraction"]) for r in rows if r["sampler"] == sampler)
         if pts:

@@ -22,6 +22,7 @@ import torch
 
 from ...data import conformations as conf
 from .config import DiGConfig
+from .diffusion import SAMPLERS
 from .diffusion import sample as _sample
 from .model import DiGModel
 
@@ -149,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="MD reference .npz (xyz in Angstrom) or trajectory for metrics; "
                              "default: the embedded MD when sampling alanine dipeptide")
     parser.add_argument("--num-samples", type=int, default=1000)
-    parser.add_argument("--sampler", choices=("ancestral", "heun"), default="heun")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="heun",
+                        help="heun: deterministic ODE; edm: stochastic Heun (EDM); "
+                             "ancestral: DiG's")
     parser.add_argument("--steps", type=int, default=None, help="default: the config's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=1024)
