@@ -7,7 +7,10 @@
 #   3. every other CUDA-only test of the suite (skipped on CPU machines; <= 120 s), among them
 #      the force-field MD step replayed as a CUDA graph vs eager (test_cuda_graph_step_equals_eager),
 #   4. DiG's protein-scale sampling/training steps on the GPU at 256 and 1,024 residues, bf16
-#      (benchmarks/results/gpu/dig_cuda.*; written for a GPU session, not yet run on one).
+#      (benchmarks/results/gpu/dig_cuda.*; written for a GPU session, not yet run on one),
+#   5. DiG sampling throughput and quality on alanine dipeptide on the GPU: the committed v3
+#      checkpoint, 20,000 samples, bf16 autocast + compiled step replayed as a CUDA graph, Heun-10
+#      and EDM-10 (benchmarks/results/gpu/dig_ala2_samplers_cuda.*; not yet run on a GPU).
 # Extra arguments go to step 2 (e.g. --shapes ds-test-256 --dtypes bfloat16).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,4 +29,8 @@ timeout 120 python3 -m pytest -q tests -k "cuda" --ignore=tests/test_evoformer_a
 rc=$?
 [ $rc -ne 0 ] && [ $rc -ne 5 ] && status=1   # 5: nothing selected
 timeout 300 python3 -m ds4sci.bench.dig --device cuda --residues 256 1024 --timeout 120 --out benchmarks/results/gpu || status=1
+timeout 240 python3 -m ds4sci.bench.dig_quality \
+  --checkpoint benchmarks/results/dig_ala2_cpu_v3/dig_ala2.pt --device cuda --bf16 --compile \
+  --settings heun:10 edm:10 --num-samples 20000 --batch-size 10000 --md-seconds 0 \
+  --out benchmarks/results/gpu --stem dig_ala2_samplers_cuda || status=1
 exit $status

@@ -134,7 +134,7 @@ def test_pair_chunking_and_checkpointing_are_exact(pair_chunk, checkpoint_layers
     # Protein-style conditioning too (external single/pair representations, relative
     # positions), N = 11 not a multiple of the tile: every op on z runs tile by tile.
     cfg = CFG.replace(num_layers=3, d_single_in=5, d_pair_in=6, relpos_bins=4,
-                      local_chiral_head=True)
+                      local_chiral_head=True, num_torsion=2)
     n = 11
     mol = molecule(n)
     g = torch.Generator().manual_seed(0)
