@@ -37,6 +37,9 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="runs/dig_ala2")
     parser.add_argument("--save-every", type=float, default=10.0, metavar="MINUTES",
                         help="also save the EMA checkpoint and log this often (0 = at the end)")
+    parser.add_argument("--init", default=None, metavar="CHECKPOINT",
+                        help="start from these weights and their config (e.g. a previous "
+                             "run's EMA dig_ala2.pt, to continue it; --set still applies)")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="DiGConfig overrides, e.g. train_sigma=lognormal num_layers=4")
     args = parser.parse_args(argv)
@@ -59,7 +62,13 @@ def main(argv=None) -> None:
             overrides[field] = value == "True"
         else:
             overrides[field] = type(default)(value)
-    model = build_model(get_config(args.preset, **overrides), seed=args.seed)
+    if args.init:
+        from ds4sci.models.dig.sample import load_checkpoint
+
+        model = load_checkpoint(args.init).train()
+        model.config = model.config.replace(**overrides)
+    else:
+        model = build_model(get_config(args.preset, **overrides), seed=args.seed)
     ema = copy.deepcopy(model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
@@ -71,7 +80,7 @@ def main(argv=None) -> None:
     def save():
         save_checkpoint(ema, out / "dig_ala2.pt")
         (out / "train_log.json").write_text(json.dumps(
-            {"preset": args.preset, "overrides": overrides, "config": asdict(model.config),
+            {"preset": args.preset, "init": args.init, "overrides": overrides, "config": asdict(model.config),
              "threads": args.threads, "steps": step, "batch_size": args.batch_size,
              "lr": args.lr, "minutes_budget": args.minutes, "seconds": time.time() - start,
              "log": log}, indent=1) + "\n")

@@ -367,3 +367,12 @@ def test_torsion_features_are_mdtraj_dihedrals_and_se3_not_e3_invariant():
     torch.testing.assert_close(net(x[:, perm], sigma, pmol), eps[:, perm], rtol=1e-9,
                                atol=1e-11)
     assert (net(-x, sigma, mol) + eps).abs().max() > 1e-3
+
+
+def test_dig_ala2_preset_is_the_committed_v3_model():
+    from pathlib import Path
+
+    from ds4sci.models.dig.sample import load_checkpoint
+
+    committed = Path(__file__).parents[1] / "benchmarks/results/dig_ala2_cpu_v3/dig_ala2.pt"
+    assert load_checkpoint(committed).config == get_config("dig-ala2")

@@ -1,6 +1,8 @@
 """Configuration of the DiG-style conformation diffusion model (Distributional Graphormer).
 
-Presets: ``dig-tiny`` (tests and the default CPU run on alanine dipeptide) and ``dig-protein``
+Presets: ``dig-tiny`` (tests and the default CPU run on alanine dipeptide), ``dig-ala2`` (the
+configuration of the committed alanine-dipeptide model, ``benchmarks/results/dig_ala2_cpu_v3``:
+wider, torsion features, EDM) and ``dig-protein``
 (the protein configuration of DiG, Zheng et al. 2024, Nat. Mach. Intell.: d_model 768,
 d_pair 256, 12 layers, 32 heads; conditioning on AlphaFold-style single (384) and pair (128)
 representations).
@@ -152,6 +154,11 @@ class DiGConfig:
 
 PRESETS: dict[str, DiGConfig] = {
     "dig-tiny": DiGConfig(num_local_chiral=8),
+    # The committed alanine-dipeptide model (v3): 4 layers 96/48, torsion and local chirality
+    # features, EDM preconditioning and log-normal training noise.
+    "dig-ala2": DiGConfig(d_model=96, d_pair=48, num_layers=4, num_heads=6, d_ffn=192,
+                          num_local_chiral=8, local_chiral_head=True, num_torsion=3,
+                          precondition="edm", train_sigma="lognormal"),
     # DiG's protein model: 768/256/12/32, conditioned on AlphaFold single/pair representations,
     # relative positions in 64 buckets, translations' sigma from 0.1 to 35 Angstrom.
     "dig-protein": DiGConfig(
